@@ -1,0 +1,30 @@
+# Set-up commands: each creates .venv and installs what it needs on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO := demo-out
+
+.PHONY: install test demo serve clean
+
+$(BIN)/refiner: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/refiner
+
+test: install
+	$(BIN)/python -m pytest -q
+
+# The main job on the embedded default: two base nets on scikit-learn's digits, then a build.
+demo: install
+	$(BIN)/refiner train --arch small_vgg --task digits --seed 0 --epochs 15 --out $(DEMO)/a.pt
+	$(BIN)/refiner train --arch small_vgg --task digits --seed 1 --epochs 15 --out $(DEMO)/b.pt
+	$(BIN)/refiner build --a $(DEMO)/a.pt --b $(DEMO)/b.pt --task digits --name digits-refined --models models
+
+serve: install
+	$(BIN)/refiner serve --models models
+
+clean:
+	rm -rf $(VENV) $(DEMO)

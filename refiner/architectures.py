@@ -1,0 +1,168 @@
+"""Name-based registry of classifier architectures, with each one's default split layer.
+
+torchvision's ImageNet models, small nets for 32x32 inputs (practical on CPU),
+and tiny ones for tests. `create_model(name, num_classes, in_chans)` builds one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torchvision
+from torch import nn
+
+from refiner.errors import ConfigError
+
+__all__ = ["ArchSpec", "register_arch", "create_model", "get_arch", "list_archs"]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How to build an architecture and where its classifier and default layer are."""
+
+    name: str
+    build: Callable[[int, int], nn.Module]  # (num_classes, in_chans) -> model
+    classifier: str  # state_dict prefix of the last linear layer, e.g. "fc"
+    default_layer: str  # the paper's choice of split layer
+    input_size: tuple[int, int, int]  # natural (C, H, W)
+
+
+_REGISTRY: dict[str, ArchSpec] = {}
+
+
+def register_arch(spec: ArchSpec) -> ArchSpec:
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_archs() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_arch(name: str) -> ArchSpec:
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown architecture {name!r}; valid names: {', '.join(list_archs())}")
+    return _REGISTRY[name]
+
+
+def create_model(name: str, num_classes: int, in_chans: int = 3) -> nn.Module:
+    """Build an untrained classifier of the named architecture."""
+    spec = get_arch(name)
+    if num_classes < 2:
+        raise ConfigError(f"num_classes must be at least 2, got {num_classes}")
+    return spec.build(num_classes, in_chans)
+
+
+def _torchvision(name: str) -> Callable[[int, int], nn.Module]:
+    def build(num_classes: int, in_chans: int) -> nn.Module:
+        if in_chans != 3:
+            raise ConfigError(f"{name} takes 3-channel images, got in_chans={in_chans}")
+        return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+
+    return build
+
+
+def _vgg_block4_relu(cfg: str, batch_norm: bool) -> str:
+    """Node of the ReLU closing VGG's 4th block (conv4-3 for VGG-16), as in the paper."""
+    index, pools = 0, 0
+    for item in torchvision.models.vgg.cfgs[cfg]:
+        if item == "M":
+            pools += 1
+            if pools == 4:
+                return f"features.{index - 1}"
+            index += 1
+        else:
+            index += 3 if batch_norm else 2
+    raise AssertionError(f"VGG config {cfg} has fewer than 4 blocks")
+
+
+# --- small architectures for 32x32 inputs --------------------------------------------
+
+
+class SmallVGG(nn.Module):
+    """VGG-style net: `blocks` of `convs` conv-BN-ReLU layers, each block halving H x W."""
+
+    def __init__(self, widths: tuple[int, ...], convs: int, num_classes: int, in_chans: int, hidden: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_chans
+        for width in widths:
+            for _ in range(convs):
+                layers += [nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+                c = width
+            layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(2)
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(c * 4, hidden), nn.ReLU(inplace=True), nn.Dropout(0.3), nn.Linear(hidden, num_classes)
+        )
+
+    def forward(self, x):
+        return self.classifier(self.avgpool(self.features(x)))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class CifarResNet(nn.Module):
+    """ResNet for 32x32 inputs (He et al., 2016, Section 4.2): 3 stages of `depth` blocks."""
+
+    def __init__(self, widths: tuple[int, ...], depth: int, num_classes: int, in_chans: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        c = widths[0]
+        for i, width in enumerate(widths):
+            blocks = [_BasicBlock(c if j == 0 else width, width, 2 if (i > 0 and j == 0) else 1) for j in range(depth)]
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+            c = width
+        self.num_stages = len(widths)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        for i in range(self.num_stages):
+            x = getattr(self, f"layer{i + 1}")(x)
+        return self.fc(self.avgpool(x).flatten(1))
+
+
+def _register_all() -> None:
+    for name in ("alexnet",):
+        register_arch(ArchSpec(name, _torchvision(name), "classifier.6", "features.11", (3, 224, 224)))
+    for name, cfg in (("vgg11", "A"), ("vgg13", "B"), ("vgg16", "D")):
+        for bn in (False, True):
+            full = name + ("_bn" if bn else "")
+            register_arch(ArchSpec(full, _torchvision(full), "classifier.6", _vgg_block4_relu(cfg, bn), (3, 224, 224)))
+    for name in ("resnet18", "resnet34", "resnet50"):
+        register_arch(ArchSpec(name, _torchvision(name), "fc", "layer3", (3, 224, 224)))
+    # SmallVGG(32, 64, 128) x 2 convs: features.12 is block 2's last ReLU (64 x 16 x 16 at 32 px).
+    register_arch(
+        ArchSpec("small_vgg", lambda n, c: SmallVGG((32, 64, 128), 2, n, c, 256), "classifier.4", "features.12", (3, 32, 32))
+    )
+    register_arch(
+        ArchSpec("cifar_resnet20", lambda n, c: CifarResNet((16, 32, 64), 3, n, c), "fc", "layer2", (3, 32, 32))
+    )
+    # Tiny nets for tests: one conv per block, a few channels.
+    register_arch(ArchSpec("tiny_vgg", lambda n, c: SmallVGG((8, 16, 16), 1, n, c, 32), "classifier.4", "features.5", (3, 16, 16)))
+    register_arch(ArchSpec("tiny_resnet", lambda n, c: CifarResNet((8, 16), 1, n, c), "fc", "layer1", (3, 16, 16)))
+
+
+_register_all()

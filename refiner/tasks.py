@@ -1,0 +1,314 @@
+"""Task registry: which dataset, which classes for base nets and for the target, which splits.
+
+Each task reads the dataset's standard layout from a user-given folder (nothing
+is downloaded). Splits are deterministic; validation is carved from training
+data per class, never from test data.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from refiner.datasets import ArraySample, FileSample, Preprocess, Sample
+from refiner.errors import ConfigError, DataError, DataLayoutError
+
+__all__ = ["TaskSpec", "TaskData", "SplitOptions", "get_task", "list_tasks", "load_task"]
+
+IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+CIFAR = dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+VOC_CLASSES = [
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+]  # fmt: skip
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
+
+Loader = Callable[[Path | None], dict[str, list[Sample]]]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task: its loader, base classes (None: all found), target classes and preprocessing."""
+
+    name: str
+    description: str
+    load: Loader  # data dir -> {"train": [...], "test": [...]}
+    base_classes: tuple[str, ...] | None
+    target_classes: tuple[str, ...] | Callable[[list[str]], list[str]] | None  # None: all found
+    preprocess: Preprocess
+    needs_data: bool = True
+
+
+class SplitOptions(BaseModel):
+    """How to carve splits from a task's data."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)  # share of each class's training data held out
+    subset: str | None = Field(None, pattern="^half-[ab]$")  # disjoint halves of training data, as in the paper
+    train_per_class: int | None = Field(None, ge=1)  # keep at most this many training images per class
+    seed: int = 0  # fixed: the same data always gives the same splits
+
+
+@dataclass
+class TaskData:
+    """Deterministic train/val/test samples for a class list."""
+
+    task: str
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample]
+    preprocess: Preprocess
+
+    def split(self, name: str) -> list[Sample]:
+        return {"train": self.train, "val": self.val, "test": self.test}[name]
+
+
+_REGISTRY: dict[str, TaskSpec] = {}
+
+
+def _register(spec: TaskSpec) -> None:
+    _REGISTRY[spec.name] = spec
+
+
+def list_tasks() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_task(name: str) -> TaskSpec:
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown task {name!r}; valid tasks: {', '.join(list_tasks())}")
+    return _REGISTRY[name]
+
+
+def load_task(
+    name: str,
+    data: Path | None,
+    *,
+    target: bool,
+    classes: list[str] | None = None,
+    options: SplitOptions | None = None,
+) -> TaskData:
+    """Load a task's splits for its base classes (target=False) or target classes (target=True).
+
+    `classes` overrides the task's class list (required for `imagefolder` targets).
+    """
+    spec = get_task(name)
+    options = options or SplitOptions()
+    if spec.needs_data and data is None:
+        raise ConfigError(f"task {name!r} reads a dataset from disk: pass --data DIR")
+    if data is not None and not Path(data).is_dir():
+        raise DataLayoutError(f"data folder {str(data)!r} does not exist")
+    raw = spec.load(Path(data) if data is not None else None)
+    found = sorted({s.label for s in raw["train"]})
+    chosen = spec.target_classes if target else spec.base_classes
+    wanted = classes or list((chosen(found) if callable(chosen) else chosen) or found)
+    missing = [c for c in wanted if c not in found]
+    if missing:
+        raise DataError(
+            f"classes {missing} are not in the {name!r} training data; found {len(found)} classes: {', '.join(found)}"
+        )
+    keep = set(wanted)
+    train = [s for s in raw["train"] if s.label in keep]
+    test = [s for s in raw["test"] if s.label in keep]
+    train, val = _carve(train, options.val_fraction, options.seed)
+    if options.subset:
+        train = _half(train, options.subset, options.seed)
+    if options.train_per_class:
+        train = _per_class(train, options.train_per_class)
+    for split_name, split in (("train", train), ("val", val), ("test", test)):
+        have = {s.label for s in split}
+        if not split or (missing := [c for c in wanted if c not in have]):
+            raise DataError(f"the {split_name} split of task {name!r} has no images of classes {missing or wanted}")
+    return TaskData(name, wanted, train, val, test, spec.preprocess)
+
+
+def _by_class(samples: list[Sample]) -> dict[str, list[Sample]]:
+    groups: dict[str, list[Sample]] = {}
+    for s in samples:
+        groups.setdefault(s.label, []).append(s)
+    return groups
+
+
+def _shuffled(items: list[Sample], seed: int, label: str) -> list[Sample]:
+    rng = np.random.default_rng([seed, sum(label.encode())])
+    return [items[i] for i in rng.permutation(len(items))]
+
+
+def _carve(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Per class, hold out `fraction` (at least one image) as the second list."""
+    keep, held = [], []
+    for label, group in _by_class(samples).items():
+        group = _shuffled(group, seed, label)
+        n_held = max(1, round(len(group) * fraction)) if len(group) > 1 else 0
+        held += group[:n_held]
+        keep += group[n_held:]
+    return keep, held
+
+
+def _half(samples: list[Sample], which: str, seed: int) -> list[Sample]:
+    out = []
+    for label, group in _by_class(samples).items():
+        group = _shuffled(group, seed + 1, label)
+        mid = len(group) // 2
+        out += group[:mid] if which == "half-a" else group[mid:]
+    return out
+
+
+def _per_class(samples: list[Sample], n: int) -> list[Sample]:
+    return [s for group in _by_class(samples).values() for s in group[:n]]
+
+
+# --- loaders -----------------------------------------------------------------------------
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise DataLayoutError(f"expected {what} at {str(path)!r}, but it does not exist")
+    return path
+
+
+def _load_digits(_: Path | None) -> dict[str, list[Sample]]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+    samples: list[Sample] = [ArraySample(img, str(int(t))) for img, t in zip(images, digits.target)]
+    train, test = _carve(samples, 0.2, seed=7)
+    return {"train": train, "test": test}
+
+
+def _folder_samples(root: Path) -> list[Sample]:
+    classes = sorted(p for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise DataLayoutError(f"expected one sub-folder per class in {str(root)!r}, found none")
+    return [
+        FileSample(f, c.name)
+        for c in classes
+        for f in sorted(c.iterdir())
+        if f.suffix.lower() in IMAGE_SUFFIXES
+    ]
+
+
+def _load_imagefolder(data: Path | None) -> dict[str, list[Sample]]:
+    assert data is not None
+    if (data / "train").is_dir():
+        return {"train": _folder_samples(data / "train"), "test": _folder_samples(_require(data / "test", "a test/ folder beside train/"))}
+    train, test = _carve(_folder_samples(data), 0.2, seed=7)
+    return {"train": train, "test": test}
+
+
+def _load_cifar10(data: Path | None) -> dict[str, list[Sample]]:
+    assert data is not None
+    root = data / "cifar10" if (data / "cifar10").is_dir() else data
+    out = {}
+    for split in ("train", "test"):
+        folder = _require(root / split, f"CIFAR-10's {split}/<class>/ folders")
+        for c in CIFAR10_CLASSES:
+            _require(folder / c, f"the CIFAR-10 class folder {split}/{c}/")
+        out[split] = _folder_samples(folder)
+    return out
+
+
+def _voc_objects(root: Path, image_set: str, classes: list[str]) -> list[Sample]:
+    ids = _require(root / "ImageSets" / "Main" / f"{image_set}.txt", "VOC's image set list").read_text().split()
+    samples: list[Sample] = []
+    for image_id in ids:
+        tree = ET.parse(_require(root / "Annotations" / f"{image_id}.xml", "a VOC annotation"))
+        for obj in tree.findall("object"):
+            name = obj.findtext("name", "").strip()
+            if name not in classes or obj.findtext("difficult", "0").strip() == "1":
+                continue
+            box = obj.find("bndbox")
+            xyxy = tuple(int(float(box.findtext(k))) for k in ("xmin", "ymin", "xmax", "ymax"))
+            samples.append(FileSample(root / "JPEGImages" / f"{image_id}.jpg", name, (xyxy[0] - 1, xyxy[1] - 1, xyxy[2], xyxy[3])))
+    return samples
+
+
+def _load_voc(data: Path | None) -> dict[str, list[Sample]]:
+    assert data is not None
+    root = next((p for p in (data / "VOCdevkit" / "VOC2012", data / "VOC2012", data) if (p / "Annotations").is_dir()), data)
+    _require(root / "Annotations", "VOC2012's Annotations/ folder")
+    # VOC's test annotations are not public: its "val" list serves as the test split.
+    return {"train": _voc_objects(root, "train", VOC_CLASSES), "test": _voc_objects(root, "val", VOC_CLASSES)}
+
+
+def _cub_root(data: Path) -> Path:
+    return data / "CUB_200_2011" if (data / "CUB_200_2011").is_dir() else data
+
+
+def _load_cub(data: Path | None) -> dict[str, list[Sample]]:
+    assert data is not None
+    root = _cub_root(data)
+
+    def table(name: str) -> dict[str, list[str]]:
+        lines = _require(root / name, f"CUB-200-2011's {name}").read_text().splitlines()
+        return {parts[0]: parts[1:] for parts in (line.split() for line in lines if line.strip())}
+
+    images, labels, is_train = table("images.txt"), table("image_class_labels.txt"), table("train_test_split.txt")
+    boxes, classes = table("bounding_boxes.txt"), table("classes.txt")
+    out: dict[str, list[Sample]] = {"train": [], "test": []}
+    for image_id, (rel,) in images.items():
+        x, y, w, h = (float(v) for v in boxes[image_id])
+        box = (int(x), int(y), int(x + w), int(y + h))
+        label = classes[labels[image_id][0]][0]
+        out["train" if is_train[image_id][0] == "1" else "test"].append(FileSample(root / "images" / rel, label, box))
+    return out
+
+
+def _load_dogs(data: Path | None) -> dict[str, list[Sample]]:
+    assert data is not None
+    from scipy.io import loadmat
+
+    root = data / "StanfordDogs" if (data / "StanfordDogs").is_dir() else data
+    out: dict[str, list[Sample]] = {}
+    for split in ("train", "test"):
+        mat = loadmat(_require(root / f"{split}_list.mat", f"Stanford Dogs' {split}_list.mat"))
+        out[split] = []
+        for entry in mat["file_list"]:
+            rel = str(entry[0][0])  # e.g. n02085620-Chihuahua/n02085620_10074.jpg
+            ann = ET.parse(_require(root / "Annotation" / rel.removesuffix(".jpg"), "a Stanford Dogs annotation"))
+            bb = ann.find("object/bndbox")
+            box = tuple(int(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+            out[split].append(FileSample(root / "Images" / rel, rel.split("/")[0], box))
+    return out
+
+
+def _load_mix(data: Path | None) -> dict[str, list[Sample]]:
+    assert data is not None
+    cub = _load_cub(_require(data / "CUB_200_2011", "the CUB_200_2011/ folder of the mix").parent)
+    dogs = _load_dogs(_require(data / "StanfordDogs", "the StanfordDogs/ folder of the mix"))
+    return {split: cub[split] + dogs[split] for split in ("train", "test")}
+
+
+def _cub_classes(found: list[str]) -> list[str]:
+    return [c for c in found if c[:3].isdigit() and c[3:4] == "."]  # "001.Black_footed_Albatross"
+
+
+def _dog_classes(found: list[str]) -> list[str]:
+    return [c for c in found if c.startswith("n") and "-" in c]  # "n02085620-Chihuahua"
+
+
+_224 = Preprocess(input_size=(3, 224, 224), **IMAGENET)
+_register(TaskSpec("digits", "scikit-learn's bundled 8x8 handwritten digits (no download); target: digits 0-5",
+                   _load_digits, None, tuple("012345"), Preprocess(input_size=(3, 16, 16), mean=(0.3,) * 3, std=(0.37,) * 3), needs_data=False))
+_register(TaskSpec("cifar10", "CIFAR-10 as ImageFolder (train/, test/); target: all 10 classes",
+                   _load_cifar10, tuple(CIFAR10_CLASSES), tuple(CIFAR10_CLASSES), Preprocess(input_size=(3, 32, 32), **CIFAR)))
+_register(TaskSpec("cifar-animal", "CIFAR-10; base nets on 10 classes, target: the 6 animal classes",
+                   _load_cifar10, tuple(CIFAR10_CLASSES), ("bird", "cat", "deer", "dog", "frog", "horse"), Preprocess(input_size=(3, 32, 32), **CIFAR)))
+_register(TaskSpec("voc-animal", "Pascal VOC 2012 objects cropped by box; base: 20 classes, target: 6 animals",
+                   _load_voc, tuple(VOC_CLASSES), ("bird", "cat", "cow", "dog", "horse", "sheep"), _224))
+_register(TaskSpec("cub200", "CUB-200-2011 birds cropped by box; 200 classes", _load_cub, None, None, _224))
+_register(TaskSpec("mix-cub", "CUB-200-2011 + Stanford Dogs (320 classes); target: the 200 birds",
+                   _load_mix, None, _cub_classes, _224))
+_register(TaskSpec("mix-dogs", "CUB-200-2011 + Stanford Dogs (320 classes); target: the 120 dogs",
+                   _load_mix, None, _dog_classes, _224))
+_register(TaskSpec("imagefolder", "any folder tree <class>/<image> (optionally train/ and test/); choose classes with --classes",
+                   _load_imagefolder, None, None, _224))

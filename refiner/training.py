@@ -1,0 +1,110 @@
+"""Training recipe for base classifiers (and the shared evaluate / train-one-epoch loops)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+__all__ = ["TrainConfig", "train_classifier", "train_one_epoch", "evaluate", "augment"]
+
+
+class TrainConfig(BaseModel):
+    """SGD with Nesterov momentum and a one-cycle (cosine) learning-rate schedule."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.05, gt=0)  # peak learning rate
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    augment: bool = False  # random crop (pad 4) and horizontal flip; off as in the paper
+    seed: int = 0
+    num_workers: int = Field(0, ge=0)  # DataLoader worker processes
+
+
+def augment(x: Tensor) -> Tensor:
+    """Random 4-pixel-padded crop and horizontal flip of a normalised batch."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
+    i, j = torch.randint(0, 9, (2,)).tolist()
+    x = padded[:, :, i : i + h, j : j + w]
+    flip = torch.rand(n) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    optimizer: torch.optim.Optimizer,
+    transform: Callable[[Tensor], Tensor] | None = None,
+    desc: str = "train",
+) -> dict[str, float]:
+    """One pass of cross-entropy training; returns mean loss and accuracy."""
+    model.train()
+    total, correct, loss_sum = 0, 0, 0.0
+    bar = tqdm(batches, desc=desc, unit="batch", leave=False)
+    for x, y in bar:
+        if transform is not None:
+            x = transform(x)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        loss_sum += loss.item() * len(y)
+        bar.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{correct / total:.3f}")
+    return {"loss": loss_sum / max(total, 1), "acc": correct / max(total, 1)}
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
+    """Loss and top-1 accuracy in eval mode; restores the model's mode after."""
+    was_training = model.training
+    model.eval()
+    total, correct, loss_sum = 0, 0, 0.0
+    for x, y in batches:
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        total += len(y)
+    model.train(was_training)
+    return {"loss": loss_sum / max(total, 1), "acc": correct / max(total, 1)}
+
+
+def train_classifier(model: nn.Module, train: Dataset, val: Dataset, config: TrainConfig) -> list[dict[str, float]]:
+    """Train from scratch; returns per-epoch train/val figures (model is left in eval mode)."""
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    train_loader = DataLoader(
+        train, batch_size=config.batch_size, shuffle=True, generator=generator, num_workers=config.num_workers, drop_last=len(train) > config.batch_size
+    )
+    val_loader = DataLoader(val, batch_size=256, num_workers=config.num_workers)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=config.epochs * len(train_loader), pct_start=0.15
+    )
+    history = []
+    epochs = tqdm(range(config.epochs), desc="epochs", unit="epoch")
+    for epoch in epochs:
+        stats = train_one_epoch(model, _stepping(train_loader, scheduler), optimizer, augment if config.augment else None)
+        val_stats = evaluate(model, val_loader)
+        history.append({"epoch": epoch + 1, "train_loss": stats["loss"], "train_acc": stats["acc"], "val_loss": val_stats["loss"], "val_acc": val_stats["acc"]})
+        epochs.set_postfix(train_acc=f"{stats['acc']:.3f}", val_acc=f"{val_stats['acc']:.3f}")
+    model.eval()
+    return history
+
+
+def _stepping(loader: DataLoader, scheduler: torch.optim.lr_scheduler.LRScheduler) -> Iterable[tuple[Tensor, Tensor]]:
+    """Yield the loader's batches, advancing the per-step scheduler after each one."""
+    for batch in loader:
+        yield batch
+        scheduler.step()
