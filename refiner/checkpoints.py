@@ -123,10 +123,16 @@ def _read(path: Path, trust: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = lines[-2] if len(lines) >= 3 else lines[-1]  # torch wraps the reason in boilerplate
         if not trust:
+            what = (
+                "it needs arbitrary unpickling, which can run code hidden in the file"
+                if "GLOBAL" in reason
+                else "the safe loader cannot read it: it is not a torch checkpoint, or a pickle that needs arbitrary unpickling"
+            )
             raise UnsafeCheckpointError(
-                f"refusing to load {str(path)!r}: it needs arbitrary unpickling, which can run code "
-                f"hidden in the file ({str(e).splitlines()[0]}). Save a state_dict or a refiner "
+                f"refusing to load {str(path)!r}: {what} ({reason}). Save a state_dict or a refiner "
                 "checkpoint instead, or pass --trust-checkpoint if you trust where it came from"
             ) from e
     except Exception as e:  # zip/EOF/format errors: the file is not a torch checkpoint

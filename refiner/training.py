@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-__all__ = ["TrainConfig", "train_classifier", "train_one_epoch", "evaluate", "augment"]
+from refiner.architectures import create_model
+from refiner.checkpoints import CheckpointMeta, save_checkpoint
+from refiner.datasets import ImageDataset
+from refiner.tasks import SplitOptions, load_task
+
+__all__ = ["TrainConfig", "train_base", "train_classifier", "train_one_epoch", "evaluate", "augment"]
 
 
 class TrainConfig(BaseModel):
@@ -108,3 +114,32 @@ def _stepping(loader: DataLoader, scheduler: torch.optim.lr_scheduler.LRSchedule
     for batch in loader:
         yield batch
         scheduler.step()
+
+
+def train_base(
+    arch: str, task: str, data: Path | None, config: TrainConfig, out: Path, split: SplitOptions | None = None
+) -> CheckpointMeta:
+    """Train a base classifier on a task's base classes from scratch and save a refiner checkpoint."""
+    task_data = load_task(task, data, target=False, options=split)
+    pre = task_data.preprocess
+    datasets = {name: ImageDataset(task_data.split(name), task_data.classes, pre) for name in ("train", "val", "test")}
+    torch.manual_seed(config.seed)
+    model = create_model(arch, len(task_data.classes), pre.input_size[0])
+    history = train_classifier(model, datasets["train"], datasets["val"], config)
+    test = evaluate(model, DataLoader(datasets["test"], batch_size=256, num_workers=config.num_workers))
+    meta = CheckpointMeta(
+        arch=arch,
+        num_classes=len(task_data.classes),
+        class_names=task_data.classes,
+        preprocess=pre,
+        task=task,
+        info={
+            "train": config.model_dump(),
+            "split": (split or SplitOptions()).model_dump(),
+            "images": {name: len(d) for name, d in datasets.items()},
+            "history": history,
+            "test_acc": test["acc"],
+        },
+    )
+    save_checkpoint(out, model, meta)
+    return meta

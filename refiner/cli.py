@@ -1,0 +1,221 @@
+"""The `refiner` command line: parses arguments and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from refiner.errors import RefinerError
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="refiner",
+        description="Compare what two trained networks know and build refined, deployable models from it.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `refiner COMMAND --help` for each command's options and examples.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in (_train_args, _fit_args, _build_args, _serve_args):
+        register(sub)
+    return parser
+
+
+def _command(sub, name: str, help: str, examples: str) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name, help=help, description=help, epilog="examples:\n" + examples, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+def _add_task(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, help="task name (digits, cifar10, cifar-animal, voc-animal, cub200, mix-cub, mix-dogs, imagefolder)")
+    p.add_argument("--data", type=Path, help="dataset folder in the task's standard layout (not needed for digits)")
+    p.add_argument("--classes", help="comma-separated class subset (overrides the task's target classes)")
+    p.add_argument("--cache", type=Path, help="feature cache folder (default: $REFINER_CACHE or ~/.cache/refiner/features)")
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default: 0)")
+
+
+def _add_pair(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--a", required=True, type=Path, help="checkpoint of net A (its features are the input of g)")
+    p.add_argument("--b", required=True, type=Path, help="checkpoint of net B (its features are the target of g)")
+    p.add_argument("--arch-a", help="architecture of A when --a is a bare state_dict")
+    p.add_argument("--arch-b", help="architecture of B when --b is a bare state_dict")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need arbitrary unpickling (runs code from the file!)")
+    p.add_argument("--layer-a", help="layer of A (default: the architecture's default, e.g. VGG-16 conv4-3)")
+    p.add_argument("--layer-b", help="layer of B (default: the architecture's default)")
+    p.add_argument("--orders", type=int, default=2, help="K, the highest order of non-linearity in g (default: 2)")
+    p.add_argument("--lambda", dest="lam", type=float, default=0.1, help="weight of the penalty on p^(k) (default: 0.1)")
+    p.add_argument("--kernel", type=int, default=3, help="kernel size of g's convolutions (default: 3)")
+    p.add_argument("--normalizer", choices=["auto", "sample", "batch"], default="auto", help="Sigma in Eq. 1 (default: auto)")
+    p.add_argument("--g-epochs", type=int, default=30, help="epochs to fit g (default: 30)")
+    p.add_argument("--g-lr", type=float, nargs=2, default=(1e-3, 1e-5), metavar=("START", "END"), help="log-spaced learning rate of g (default: 1e-3 1e-5)")
+    p.add_argument("--g-batch", type=int, default=64, help="batch size to fit g (default: 64)")
+    _add_task(p)
+
+
+def _train_args(sub) -> None:
+    p = _command(
+        sub,
+        "train",
+        "Train a base classifier from scratch and write a refiner checkpoint.",
+        "  refiner train --arch small_vgg --task digits --seed 0 --out a.pt\n"
+        "  refiner train --arch small_vgg --task cifar10 --data cifar10/ --seed 1 --subset half-b --out b.pt\n",
+    )
+    p.add_argument("--arch", required=True, help="architecture name (e.g. small_vgg, cifar_resnet20, vgg16, resnet18)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (A and B: different seeds)")
+    p.add_argument("--subset", choices=["half-a", "half-b"], help="train on one of two disjoint halves of the training data")
+    p.add_argument("--train-per-class", type=int, help="keep at most N training images per class")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--augment", action="store_true", help="random crop and flip (off by default, as in the paper)")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint to write")
+    _add_task(p)
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args) -> None:
+    from refiner.tasks import SplitOptions
+    from refiner.training import TrainConfig, train_base
+
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, augment=args.augment, seed=args.seed, num_workers=args.workers)
+    split = SplitOptions(subset=args.subset, train_per_class=args.train_per_class)
+    meta = train_base(args.arch, args.task, args.data, config, args.out, split)
+    last = meta.info["history"][-1]
+    print(f"{args.out}: {meta.arch} on {args.task} ({meta.num_classes} classes) "
+          f"train acc {last['train_acc']:.3f}, val acc {last['val_acc']:.3f}, test acc {meta.info['test_acc']:.3f}")
+
+
+def _fit_args(sub) -> None:
+    p = _command(
+        sub,
+        "fit",
+        "Fit g: x_A -> x_B, print and save the Var table and instability (paper Sections 3, 4.2).",
+        "  refiner fit --a a.pt --b b.pt --task digits --out g.pt\n"
+        "  refiner fit --a a.pt --b b.pt --task cifar10 --data cifar10/ --layer-a features.19 --layer-b features.19 --orders 3 --out g.pt\n",
+    )
+    _add_pair(p)
+    p.add_argument("--on", choices=["base", "target"], default="base", help="fit on the task's base classes or its target classes")
+    p.add_argument("--out", required=True, type=Path, help="g file to write; the report goes beside it as .json")
+    p.set_defaults(run=_run_fit)
+
+
+def _load_pair(args, data_task: str):
+    from refiner.checkpoints import load_checkpoint
+    from refiner.tasks import get_task
+
+    pre = get_task(data_task).preprocess
+    a = load_checkpoint(args.a, arch=args.arch_a, preprocess=pre, trust=args.trust_checkpoint)
+    b = load_checkpoint(args.b, arch=args.arch_b, preprocess=pre, trust=args.trust_checkpoint)
+    return a, b
+
+
+def _compare_config(args):
+    from refiner.comparison import CompareConfig
+    from refiner.fitting import FitConfig
+    from refiner.isomorphism import IsomorphismConfig
+
+    return CompareConfig(
+        layer_a=args.layer_a,
+        layer_b=args.layer_b,
+        g=IsomorphismConfig(orders=args.orders, lam=args.lam, kernel_size=args.kernel, normalizer=args.normalizer),
+        fit=FitConfig(epochs=args.g_epochs, lr_start=args.g_lr[0], lr_end=args.g_lr[1], batch_size=args.g_batch),
+        num_workers=args.workers,
+    )
+
+
+def _classes(args) -> list[str] | None:
+    return [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+
+
+def _run_fit(args) -> None:
+    from refiner.atomic import atomic_file
+    from refiner.checkpoints import save_isomorphism
+    from refiner.comparison import compare
+    from refiner.reporting import format_variance_table
+    from refiner.tasks import load_task
+
+    a, b = _load_pair(args, args.task)
+    data = load_task(args.task, args.data, target=args.on == "target", classes=_classes(args))
+    g, report, _ = compare(a, b, data, _compare_config(args), args.cache)
+    save_isomorphism(args.out, g, {"report": report.model_dump(mode="json")})
+    with atomic_file(args.out.with_suffix(".json")) as tmp:
+        tmp.write_text(report.model_dump_json(indent=2))
+    print(format_variance_table(report.tables))
+    print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
+
+
+def _build_args(sub) -> None:
+    p = _command(
+        sub,
+        "build",
+        "Fit g, build and fine-tune the refined model, compare with and without Delta removal, export ONNX.",
+        "  refiner build --a a.pt --b b.pt --task digits --name digits-refined\n"
+        "  refiner build --a a.pt --b b.pt --task cifar-animal --data cifar10/ --seeds 3 --models models/\n",
+    )
+    _add_pair(p)
+    p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per variant (default: 3)")
+    p.add_argument("--head-epochs", type=int, default=20, help="fine-tuning epochs of the upper layers (default: 20)")
+    p.add_argument("--head-lr", type=float, default=1e-3, help="Adam learning rate of the upper layers (default: 1e-3)")
+    p.add_argument("--no-ablations", action="store_true", help="skip the order ablations x^(0), x^(0)+x^(1), ...")
+    p.add_argument("--name", help="model name in the repository (default: <task>-refined)")
+    p.add_argument("--models", type=Path, default=Path("models"), help="model repository folder (default: models/)")
+    p.set_defaults(run=_run_build)
+
+
+def _run_build(args) -> None:
+    from refiner.build import BuildConfig, build
+
+    a, b = _load_pair(args, args.task)
+    config = BuildConfig(
+        compare=_compare_config(args),
+        seeds=args.seeds,
+        head_epochs=args.head_epochs,
+        head_lr=args.head_lr,
+        ablations=not args.no_ablations,
+        name=args.name or f"{args.task}-refined",
+    )
+    result = build(a, b, args.task, args.data, config, models=args.models, classes=_classes(args), cache_dir=args.cache)
+    print(result.summary())
+
+
+def _serve_args(sub) -> None:
+    p = _command(
+        sub,
+        "serve",
+        "Serve the model repository over HTTP (KServe v2 + image classification).",
+        "  refiner serve --models models/\n  refiner serve --models models/ --host 0.0.0.0 --port 8080\n",
+    )
+    p.add_argument("--models", type=Path, default=Path("models"), help="model repository folder (default: models/)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args) -> None:
+    import os
+
+    import uvicorn
+
+    os.environ["REFINER_SERVE_MODELS"] = str(args.models)
+    uvicorn.run("serving.app:app", host=args.host, port=args.port, timeout_graceful_shutdown=30)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        args.run(args)
+    except RefinerError as e:
+        print(f"refiner {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"refiner {args.command}: interrupted; no partial output was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

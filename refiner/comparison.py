@@ -1,0 +1,117 @@
+"""Compare two classifiers on a task: fit g between their features, then measure the Var table."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from refiner.architectures import get_arch
+from refiner.checkpoints import Classifier
+from refiner.errors import ConfigError
+from refiner.features import FeatureSet, classifier_features, iter_batches
+from refiner.fitting import FitConfig, FitResult, fit_isomorphism
+from refiner.isomorphism import IsomorphismConfig, IsomorphismNet
+from refiner.layers import feature_shape, split_model
+from refiner.metrics import VarianceTable, measure_isomorphism
+from refiner.tasks import TaskData
+
+__all__ = ["CompareConfig", "NetSide", "ComparisonReport", "compare", "default_layer", "measure_split"]
+
+
+class CompareConfig(BaseModel):
+    """Which layers to compare and how to fit g."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    layer_a: str | None = None  # None: the architecture's default layer
+    layer_b: str | None = None
+    g: IsomorphismConfig = Field(default_factory=IsomorphismConfig)
+    fit: FitConfig = Field(default_factory=FitConfig)
+    num_workers: int = Field(0, ge=0)  # DataLoader workers for feature extraction
+
+
+class NetSide(BaseModel):
+    """One side of a comparison, for the record."""
+
+    path: str
+    sha256: str
+    arch: str
+    layer: str
+    feature_shape: list[int]
+
+
+class ComparisonReport(BaseModel):
+    """Provenance, fit history and the Var table per split (paper Section 4.2)."""
+
+    task: str
+    classes: list[str]
+    a: NetSide
+    b: NetSide
+    g: IsomorphismConfig
+    fit: FitResult
+    tables: dict[str, VarianceTable]  # split name -> Var table
+    seconds: dict[str, float]
+
+
+def default_layer(clf: Classifier) -> str:
+    return get_arch(clf.meta.arch).default_layer
+
+
+def measure_split(g: IsomorphismNet, fa: FeatureSet, fb: FeatureSet) -> VarianceTable:
+    return measure_isomorphism(g, iter_batches(fa.x, fb.x, batch_size=128))
+
+
+def compare(
+    clf_a: Classifier,
+    clf_b: Classifier,
+    data: TaskData,
+    config: CompareConfig | None = None,
+    cache_dir: Path | None = None,
+    measure: tuple[str, ...] = ("train", "test"),
+) -> tuple[IsomorphismNet, ComparisonReport, dict[str, tuple[FeatureSet, FeatureSet]]]:
+    """Fit g: x_A -> x_B on the training split and measure the Var table on `measure` splits.
+
+    Returns g, the report, and the cached feature pairs of every split touched.
+    """
+    config = config or CompareConfig()
+    layer_a = config.layer_a or default_layer(clf_a)
+    layer_b = config.layer_b or default_layer(clf_b)
+    shapes = []
+    for clf, layer in ((clf_a, layer_a), (clf_b, layer_b)):
+        trunk, _ = split_model(clf.model, layer)
+        shapes.append(feature_shape(trunk, clf.meta.preprocess.input_size))
+    if len(shapes[0]) != len(shapes[1]):
+        raise ConfigError(
+            f"layer {layer_a!r} of A gives shape {shapes[0]} but layer {layer_b!r} of B gives {shapes[1]}: "
+            "both must be feature maps or both vectors"
+        )
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    pairs = {
+        split: (
+            classifier_features(clf_a, layer_a, data, split, cache_dir, num_workers=config.num_workers),
+            classifier_features(clf_b, layer_b, data, split, cache_dir, num_workers=config.num_workers),
+        )
+        for split in dict.fromkeys(("train", *measure))
+    }
+    seconds["features"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fa, fb = pairs["train"]
+    g, fit = fit_isomorphism(fa.x, fb.x, config.g, config.fit)
+    seconds["fit"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tables = {split: measure_split(g, *pairs[split]) for split in measure}
+    seconds["measure"] = time.perf_counter() - t0
+    report = ComparisonReport(
+        task=data.task,
+        classes=data.classes,
+        a=NetSide(path=clf_a.path.name, sha256=clf_a.sha256, arch=clf_a.meta.arch, layer=layer_a, feature_shape=list(shapes[0])),
+        b=NetSide(path=clf_b.path.name, sha256=clf_b.sha256, arch=clf_b.meta.arch, layer=layer_b, feature_shape=list(shapes[1])),
+        g=config.g,
+        fit=fit,
+        tables=tables,
+        seconds=seconds,
+    )
+    return g, report, pairs

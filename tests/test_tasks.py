@@ -1,0 +1,115 @@
+"""Task registry: deterministic splits, dataset layouts made in fixtures, clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from refiner.datasets import ImageDataset, Preprocess
+from refiner.errors import ConfigError, DataError, DataLayoutError
+from refiner.tasks import CIFAR10_CLASSES, SplitOptions, load_task
+
+
+def _png(path, size=(20, 16), value=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size[1], size[0], 3), value, dtype=np.uint8)).save(path)
+
+
+def _ids(samples):
+    return {s.ident() for s in samples}
+
+
+def test_digits_splits_are_deterministic_and_disjoint():
+    a = load_task("digits", None, target=False)
+    b = load_task("digits", None, target=False)
+    assert [s.ident() for s in a.train] == [s.ident() for s in b.train]
+    assert not (_ids(a.train) & _ids(a.val)) and not (_ids(a.train) & _ids(a.test)) and not (_ids(a.val) & _ids(a.test))
+    assert a.classes == [str(i) for i in range(10)]
+    target = load_task("digits", None, target=True)
+    assert target.classes == list("012345") and {s.label for s in target.test} == set("012345")
+    half_a = load_task("digits", None, target=False, options=SplitOptions(subset="half-a"))
+    half_b = load_task("digits", None, target=False, options=SplitOptions(subset="half-b"))
+    assert not (_ids(half_a.train) & _ids(half_b.train))
+    assert _ids(half_a.train) | _ids(half_b.train) == _ids(a.train)
+    few = load_task("digits", None, target=False, options=SplitOptions(train_per_class=5))
+    assert len(few.train) == 50
+
+
+def test_dataset_preprocessing():
+    data = load_task("digits", None, target=True)
+    ds = ImageDataset(data.test, data.classes, Preprocess(input_size=(3, 16, 16), mean=(0.3,) * 3, std=(0.37,) * 3))
+    x, y = ds[0]
+    assert x.shape == (3, 16, 16) and 0 <= y < 6
+
+
+def test_cifar10_layout(tmp_path):
+    root = tmp_path / "cifar10"
+    for split in ("train", "test"):
+        for i, c in enumerate(CIFAR10_CLASSES):
+            for j in range(3):
+                _png(root / split / c / f"{j:04d}.jpg", (32, 32), i * 20)
+    data = load_task("cifar-animal", tmp_path, target=True)
+    assert data.classes == ["bird", "cat", "deer", "dog", "frog", "horse"]
+    assert len(data.test) == 18 and len(data.val) == 6 and len(data.train) == 12
+    (root / "test" / "frog").rename(root / "test" / "frogs")
+    with pytest.raises(DataLayoutError, match="test/frog/"):
+        load_task("cifar10", tmp_path, target=False)
+
+
+def test_voc_layout_crops_boxes(tmp_path):
+    root = tmp_path / "VOC2012"
+    for image_set, ids in (("train", ["a", "b"]), ("val", ["c"])):
+        (root / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
+        (root / "ImageSets" / "Main" / f"{image_set}.txt").write_text("\n".join(ids))
+        for i in ids:
+            _png(root / "JPEGImages" / f"{i}.jpg", (50, 40))
+            objs = "".join(
+                f"<object><name>{name}</name><difficult>0</difficult><bndbox><xmin>5</xmin><ymin>6</ymin><xmax>25</xmax><ymax>30</ymax></bndbox></object>"
+                for name in ("cat", "dog", "car", "bird", "cow", "horse", "sheep")
+            )
+            (root / "Annotations").mkdir(exist_ok=True)
+            (root / "Annotations" / f"{i}.xml").write_text(f"<annotation>{objs}</annotation>")
+    data = load_task("voc-animal", tmp_path, target=True)
+    assert set(data.classes) == {"bird", "cat", "cow", "dog", "horse", "sheep"}
+    assert data.test[0].load().size == (21, 25)
+    with pytest.raises(DataError, match=r"classes \['aeroplane'"):
+        load_task("voc-animal", tmp_path, target=False)
+
+
+def test_cub_layout(tmp_path):
+    root = tmp_path / "CUB_200_2011"
+    lines = {"images.txt": [], "image_class_labels.txt": [], "train_test_split.txt": [], "bounding_boxes.txt": []}
+    for i in range(1, 9):
+        cls = 1 + i % 2
+        rel = f"{cls:03d}.Bird_{cls}/img_{i}.jpg"
+        _png(root / "images" / rel, (40, 40))
+        lines["images.txt"].append(f"{i} {rel}")
+        lines["image_class_labels.txt"].append(f"{i} {cls}")
+        lines["train_test_split.txt"].append(f"{i} {int(i <= 6)}")
+        lines["bounding_boxes.txt"].append(f"{i} 2.0 3.0 10.0 12.0")
+    for name, content in lines.items():
+        (root / name).write_text("\n".join(content))
+    (root / "classes.txt").write_text("1 001.Bird_1\n2 002.Bird_2\n")
+    data = load_task("cub200", tmp_path, target=True)
+    assert data.classes == ["001.Bird_1", "002.Bird_2"]
+    assert data.train[0].load().size == (10, 12)
+    (root / "bounding_boxes.txt").unlink()
+    with pytest.raises(DataLayoutError, match="bounding_boxes.txt"):
+        load_task("cub200", tmp_path, target=True)
+
+
+def test_imagefolder_and_errors(tmp_path):
+    for c in ("x", "y", "z"):
+        for j in range(6):
+            _png(tmp_path / "imgs" / c / f"{j}.png")
+    data = load_task("imagefolder", tmp_path / "imgs", target=True, classes=["x", "z"])
+    assert data.classes == ["x", "z"] and {s.label for s in data.test} == {"x", "z"}
+    with pytest.raises(DataError, match=r"classes \['w'\] are not in"):
+        load_task("imagefolder", tmp_path / "imgs", target=True, classes=["w"])
+    with pytest.raises(ConfigError, match="unknown task 'voc'; valid tasks:"):
+        load_task("voc", tmp_path, target=True)
+    with pytest.raises(ConfigError, match="pass --data DIR"):
+        load_task("cifar10", None, target=True)
+    with pytest.raises(DataLayoutError, match="does not exist"):
+        load_task("cifar10", tmp_path / "missing", target=True)
