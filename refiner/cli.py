@@ -168,13 +168,13 @@ def _build_args(sub) -> None:
 
 def _run_build(args) -> None:
     from refiner.build import BuildConfig, build
+    from refiner.finetune import HeadConfig
 
     a, b = _load_pair(args, args.task)
     config = BuildConfig(
         compare=_compare_config(args),
         seeds=args.seeds,
-        head_epochs=args.head_epochs,
-        head_lr=args.head_lr,
+        head=HeadConfig(epochs=args.head_epochs, lr=args.head_lr),
         ablations=not args.no_ablations,
         name=args.name or f"{args.task}-refined",
     )
@@ -205,10 +205,12 @@ def _run_serve(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
     args = _parser().parse_args(argv)
     try:
         args.run(args)
-    except RefinerError as e:
+    except (RefinerError, ValidationError) as e:
         print(f"refiner {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,278 @@
+"""`refiner build`: fit g, fine-tune the refined model and its baselines, export a versioned artifact.
+
+Paper Section 4.3: the refined model is A's trunk -> g (frozen) -> B's upper
+layers, fine-tuned on the target task; it drops x^Delta. Baselines get the same
+budget and seeds: A's and B's own features, and the order ablations
+x^(0), x^(0)+x^(1), ... (Tables 3 and 4). Heads train on cached features, so
+the frozen trunks run once per image, not once per epoch.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from refiner.checkpoints import Classifier, file_sha256
+from refiner.comparison import CompareConfig, ComparisonReport, compare
+from refiner.datasets import ImageDataset
+from refiner.errors import CheckpointError
+from refiner.export import INPUT_NAME, OUTPUT_NAME, ExportCheck, export_onnx, validate_onnx
+from refiner.features import FeatureSet, default_cache_dir, iter_batches
+from refiner.finetune import HeadConfig, finetune_head
+from refiner.isomorphism import IsomorphismNet
+from refiner.layers import split_model
+from refiner.refined import RefinedModel, replace_classifier
+from refiner.reporting import format_accuracy_table, write_build_report
+from refiner.repository import ArtifactMetadata, TensorSpec, new_version, now_iso, write_model_files
+from refiner.tasks import get_task, load_task
+
+__all__ = ["BuildConfig", "VariantResult", "BuildReport", "BuildResult", "build"]
+
+
+class BuildConfig(BaseModel):
+    """Everything `refiner build` does besides choosing its inputs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str  # model name in the repository
+    compare: CompareConfig = Field(default_factory=CompareConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    seeds: int = Field(3, ge=1)  # fine-tuning seeds per variant
+    ablations: bool = True  # also fine-tune on x^(0), x^(0)+x^(1), ...
+    max_batch_size: int = Field(32, ge=1)  # written into config.pbtxt and metadata.json
+    atol: float = Field(1e-4, gt=0)  # ONNX vs PyTorch tolerance on logits
+    validation_images: int = Field(16, ge=3)  # real validation images used to check the export
+
+
+class VariantResult(BaseModel):
+    """Test accuracy of one feature source over seeds (epoch chosen on validation data)."""
+
+    name: str
+    features: str  # what the upper layers were fed
+    head_from: str  # whose upper layers were fine-tuned
+    val_acc: list[float]
+    test_acc: list[float]
+    mean: float
+    std: float
+
+
+class BuildReport(BaseModel):
+    """report.json: the accuracy table, the Var table and provenance."""
+
+    name: str
+    version: int
+    task: str
+    classes: list[str]
+    config: BuildConfig
+    variants: list[VariantResult]
+    comparison: ComparisonReport
+    export: ExportCheck
+    seconds: dict[str, float]
+
+
+@dataclass
+class BuildResult:
+    report: BuildReport
+    path: Path  # models/<name>/<version>
+    model: RefinedModel
+
+    def summary(self) -> str:
+        r = self.report
+        return (
+            f"{format_accuracy_table(r.variants)}\n\n"
+            f"instability Var(x^D)/Var(x_B) on test: {r.comparison.tables['test'].instability:.4f}\n"
+            f"ONNX max |logit diff| {r.export.max_abs_diff:.2e} at batch {r.export.batch_size}\n"
+            f"artifact: {self.path}"
+        )
+
+
+@dataclass
+class _Variant:
+    name: str
+    features: str
+    head_from: str
+    sets: dict[str, np.ndarray]  # split -> head input features
+    labels: dict[str, np.ndarray]
+
+
+def build(
+    clf_a: Classifier,
+    clf_b: Classifier,
+    task: str,
+    data_dir: Path | None,
+    config: BuildConfig,
+    *,
+    models: Path = Path("models"),
+    classes: list[str] | None = None,
+    cache_dir: Path | None = None,
+) -> BuildResult:
+    """Run the whole build and write models/<name>/<version>; nothing is written on failure."""
+    _check_sources(clf_a, clf_b, task)
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    data = load_task(task, data_dir, target=True, classes=classes)
+    g, comparison, pairs = compare(clf_a, clf_b, data, config.compare, cache_dir, measure=("val", "test"))
+    seconds["features_and_g"] = time.perf_counter() - start
+    layer_a, layer_b = comparison.a.layer, comparison.b.layer
+    trunk_a, head_a = split_model(clf_a.model, layer_a)
+    _, head_b = split_model(clf_b.model, layer_b)
+    work = Path(tempfile.mkdtemp(prefix="build-", dir=_work_root(cache_dir)))
+    try:
+        t0 = time.perf_counter()
+        variants = _variants(g, pairs, config, work)
+        seconds["refined_features"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        results, refined_head = _finetune_all(variants, {"A": (head_a, clf_a.meta.arch), "B": (head_b, clf_b.meta.arch)}, len(data.classes), config)
+        seconds["finetune"] = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    model = RefinedModel(trunk_a, g, refined_head).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    t0 = time.perf_counter()
+    val_images = _images(clf_a, data.val, data.classes, config.validation_images)
+    with new_version(models, config.name) as (version, folder):
+        export_onnx(model, clf_a.meta.preprocess.input_size, folder / "model.onnx")
+        check = validate_onnx(folder / "model.onnx", model, val_images, config.atol)
+        seconds["export"] = time.perf_counter() - t0
+        seconds["total"] = time.perf_counter() - start
+        report = BuildReport(
+            name=config.name, version=version, task=task, classes=data.classes, config=config,
+            variants=results, comparison=comparison, export=check, seconds=seconds,
+        )  # fmt: skip
+        meta = _metadata(config, version, data.classes, clf_a, clf_b, comparison, folder / "model.onnx", check)
+        (folder / "metadata.json").write_text(meta.model_dump_json(indent=2))
+        write_build_report(folder, report)
+    write_model_files(models, meta)
+    return BuildResult(report=report, path=Path(models) / config.name / str(version), model=model)
+
+
+def _check_sources(clf_a: Classifier, clf_b: Classifier, task: str) -> None:
+    """A and B must come from the build task's dataset (when their checkpoints say)."""
+    dataset = get_task(task).load
+    for side, clf in (("A", clf_a), ("B", clf_b)):
+        if clf.meta.task is not None and get_task(clf.meta.task).load is not dataset:
+            raise CheckpointError(
+                f"net {side} ({clf.path.name}) was trained on task {clf.meta.task!r}, whose data differ from "
+                f"the build task {task!r}; build nets trained on the same dataset"
+            )
+
+
+def _work_root(cache_dir: Path | None) -> Path:
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _variants(g: IsomorphismNet, pairs: dict[str, tuple[FeatureSet, FeatureSet]], config: BuildConfig, work: Path) -> list[_Variant]:
+    """Feature sources of every variant: x_A, x_B, and prefix sums of g's orders (on disk)."""
+    k_max = g.orders
+    orders = list(range(k_max + 1)) if config.ablations else [k_max]
+    splits = ("train", "val", "test")
+    labels = {s: pairs[s][0].y for s in splits}
+    derived = {s: _order_sums(g, pairs[s][0].x, orders, work / s) for s in splits}
+    out = [
+        _Variant("features from A", "x_A", "A", {s: pairs[s][0].x for s in splits}, labels),
+        _Variant("features from B (no Delta removal)", "x_B", "B", {s: pairs[s][1].x for s in splits}, labels),
+        _Variant("refined: g(x_A) (Delta removed)", "g(x_A)", "B", {s: derived[s][k_max] for s in splits}, labels),
+    ]
+    for m in orders[:-1]:
+        name = " + ".join(f"x^({k})" for k in range(m + 1))
+        out.append(_Variant(f"ablation: {name}", name, "B", {s: derived[s][m] for s in splits}, labels))
+    return out
+
+
+@torch.no_grad()
+def _order_sums(g: IsomorphismNet, x_a: np.ndarray, orders: list[int], folder: Path) -> dict[int, np.ndarray]:
+    """x^(0) + ... + x^(m) in B's feature space for each m in `orders`, as memory maps."""
+    folder.mkdir(parents=True)
+    shape = (len(x_a), *g.shape_b)
+    arrays = {m: np.lib.format.open_memmap(folder / f"order{m}.npy", mode="w+", dtype=np.float32, shape=shape) for m in orders}
+    start = 0
+    for (xa,) in iter_batches(x_a, batch_size=256):
+        sums = torch.stack(g.decompose(xa).components).cumsum(0)
+        for m, arr in arrays.items():
+            arr[start : start + len(xa)] = g.unstandardize(sums[m]).numpy()
+        start += len(xa)
+    for arr in arrays.values():
+        arr.flush()
+    return arrays
+
+
+def _finetune_all(
+    variants: list[_Variant], heads: dict[str, tuple[nn.Module, str]], num_classes: int, config: BuildConfig
+) -> tuple[list[VariantResult], nn.Module]:
+    """Fine-tune every variant for every seed; return results and the best refined head."""
+    results, best = [], (-1.0, None)
+    for variant in variants:
+        val_accs, test_accs = [], []
+        for seed in range(config.seeds):
+            torch.manual_seed(seed)
+            base, arch = heads[variant.head_from]
+            head = replace_classifier(base, arch, num_classes)
+            for p in head.parameters():
+                p.requires_grad_(True)
+            rng = np.random.default_rng(seed)
+
+            def loader(split: str, shuffle: bool = False):
+                x, y = variant.sets[split], variant.labels[split]
+                return lambda: iter_batches(x, y, indices=rng.permutation(len(y)) if shuffle else None, batch_size=config.head.batch_size)
+
+            head, res = finetune_head(
+                head, loader("train", True), loader("val"), loader("test"), config.head, seed, desc=f"{variant.features} seed {seed}"
+            )
+            val_accs.append(res.val_acc)
+            test_accs.append(res.test_acc)
+            if variant.features == "g(x_A)" and res.val_acc > best[0]:
+                best = (res.val_acc, head)
+        results.append(
+            VariantResult(
+                name=variant.name, features=variant.features, head_from=variant.head_from, val_acc=val_accs, test_acc=test_accs,
+                mean=statistics.fmean(test_accs), std=statistics.pstdev(test_accs),
+            )  # fmt: skip
+        )
+    assert best[1] is not None
+    return results, best[1]
+
+
+def _images(clf: Classifier, samples: list, classes: list[str], n: int) -> torch.Tensor:
+    """Up to n real images of a split, preprocessed as the refined model expects (A's preprocessing)."""
+    dataset = ImageDataset(samples[:n], classes, clf.meta.preprocess)
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+def _metadata(
+    config: BuildConfig, version: int, classes: list[str], clf_a: Classifier, clf_b: Classifier,
+    comparison: ComparisonReport, onnx_path: Path, check: ExportCheck,
+) -> ArtifactMetadata:  # fmt: skip
+    pre = clf_a.meta.preprocess
+    return ArtifactMetadata(
+        name=config.name,
+        version=version,
+        created=now_iso(),
+        class_names=classes,
+        input=TensorSpec(name=INPUT_NAME, shape=list(pre.input_size)),
+        output=TensorSpec(name=OUTPUT_NAME, shape=[len(classes)]),
+        preprocess=pre,
+        max_batch_size=config.max_batch_size,
+        onnx_sha256=file_sha256(onnx_path),
+        refined={
+            "layer_a": comparison.a.layer,
+            "layer_b": comparison.b.layer,
+            "orders": comparison.g.orders,
+            "lambda": comparison.g.lam,
+            "a": {"file": comparison.a.path, "sha256": comparison.a.sha256, "arch": comparison.a.arch},
+            "b": {"file": comparison.b.path, "sha256": comparison.b.sha256, "arch": comparison.b.arch},
+            "instability_test": comparison.tables["test"].instability,
+        },
+        export_check=check.model_dump(),
+    )
