@@ -33,3 +33,35 @@ def _seeded_rng():
 def _cache_dir(tmp_path, monkeypatch):
     """Keep each test's feature cache in its own temporary folder."""
     monkeypatch.setenv("REFINER_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def digit_nets(tmp_path_factory):
+    """Two tiny base nets trained briefly on scikit-learn's digits with different seeds."""
+    from refiner.checkpoints import load_checkpoint
+    from refiner.tasks import SplitOptions
+    from refiner.training import TrainConfig, train_base
+
+    folder = tmp_path_factory.mktemp("nets")
+    split = SplitOptions(train_per_class=40)
+    for name, seed in (("a.pt", 0), ("b.pt", 1)):
+        train_base("tiny_vgg", "digits", None, TrainConfig(epochs=3, batch_size=32, lr=0.05, seed=seed), folder / name, split)
+    return load_checkpoint(folder / "a.pt"), load_checkpoint(folder / "b.pt")
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory, digit_nets):
+    """A real `refiner build` on digits with tiny nets; returns the BuildResult (artifact under result.path)."""
+    from refiner.build import BuildConfig, build
+    from refiner.comparison import CompareConfig
+    from refiner.finetune import HeadConfig
+    from refiner.fitting import FitConfig
+
+    models = tmp_path_factory.mktemp("models")
+    config = BuildConfig(
+        name="digits-tiny",
+        compare=CompareConfig(fit=FitConfig(epochs=3, lr_start=1e-2, lr_end=1e-3)),
+        head=HeadConfig(epochs=2),
+        seeds=1,
+    )
+    return build(*digit_nets, "digits", None, config, models=models, cache_dir=tmp_path_factory.mktemp("cache"))

@@ -1,0 +1,126 @@
+"""`refiner build`: composition, ONNX parity, artifact layout, atomicity, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from refiner.build import BuildConfig, build
+from refiner.checkpoints import file_sha256, load_checkpoint
+from refiner.comparison import CompareConfig
+from refiner.datasets import ImageDataset
+from refiner.errors import CheckpointError, ConfigError, DataError
+from refiner.finetune import HeadConfig
+from refiner.fitting import FitConfig
+from refiner.layers import split_model
+from refiner.tasks import load_task
+
+FAST = dict(compare=CompareConfig(fit=FitConfig(epochs=1)), head=HeadConfig(epochs=1), seeds=1, ablations=False)
+
+
+def _val_images(clf, n=7):
+    data = load_task("digits", None, target=True)
+    ds = ImageDataset(data.val[:n], data.classes, clf.meta.preprocess)
+    return torch.stack([ds[i][0] for i in range(len(ds))])
+
+
+def test_refined_model_is_trunk_g_head(tiny_build, digit_nets):
+    a, _ = digit_nets
+    model = tiny_build.model
+    layer = tiny_build.report.comparison.a.layer
+    trunk, _ = split_model(a.model, layer)
+    x = _val_images(a)
+    with torch.no_grad():
+        manual = model.head(model.g(trunk(x)))
+        assert torch.allclose(model(x), manual, atol=1e-6)
+        assert torch.allclose(model.forward_features(x), model.g(trunk(x)))
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_onnx_matches_pytorch(tiny_build, digit_nets):
+    import onnxruntime as ort
+
+    x = _val_images(digit_nets[0], 9)  # export used batch 2: this exercises the dynamic axis
+    session = ort.InferenceSession(str(tiny_build.path / "model.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        expected = tiny_build.model(x).numpy()
+    assert np.abs(got - expected).max() < 1e-4
+    assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+def test_artifact_layout_and_metadata(tiny_build, digit_nets):
+    folder = tiny_build.path
+    model_dir = folder.parent
+    assert folder.name == "1"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "accuracy.png", "metadata.json", "model.onnx", "report.html", "report.json", "variance.png",
+    ]  # fmt: skip
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt", "labels.txt"]
+    meta = json.loads((folder / "metadata.json").read_text())
+    a, b = digit_nets
+    assert meta["onnx_sha256"] == file_sha256(folder / "model.onnx")
+    assert meta["class_names"] == list("012345")
+    assert meta["input"] == {"name": "input", "datatype": "FP32", "shape": [3, 16, 16]}
+    assert meta["output"]["shape"] == [6]
+    assert meta["preprocess"]["mean"] == list(a.meta.preprocess.mean)
+    assert meta["refined"]["a"]["sha256"] == a.sha256 and meta["refined"]["b"]["sha256"] == b.sha256
+    assert meta["refined"]["orders"] == 2 and meta["refined"]["lambda"] == 0.1
+    report = json.loads((folder / "report.json").read_text())
+    names = [v["name"] for v in report["variants"]]
+    assert names[:3] == ["features from A", "features from B (no Delta removal)", "refined: g(x_A) (Delta removed)"]
+    assert names[3:] == ["ablation: x^(0)", "ablation: x^(0) + x^(1)"]
+    test_table = report["comparison"]["tables"]["test"]
+    assert len(test_table["var_orders"]) == 3 and 0 <= test_table["instability"]
+    assert "<table>" in (folder / "report.html").read_text()
+    assert (model_dir / "labels.txt").read_text().split() == list("012345")
+
+
+def test_config_pbtxt_is_a_valid_triton_config(tiny_build):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse((tiny_build.path.parent / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.name == "digits-tiny" and config.platform == "onnxruntime_onnx"
+    assert config.max_batch_size == 32
+    assert [i.name for i in config.input] == ["input"] and list(config.input[0].dims) == [3, 16, 16]
+    assert config.input[0].data_type == model_config_pb2.TYPE_FP32
+    assert [o.name for o in config.output] == ["logits"] and list(config.output[0].dims) == [6]
+    assert config.dynamic_batching.max_queue_delay_microseconds > 0
+
+
+def test_versions_increase_and_failures_leave_nothing(tmp_path, digit_nets, monkeypatch):
+    models = tmp_path / "models"
+    first = build(*digit_nets, "digits", None, BuildConfig(name="m", **FAST), models=models)
+    assert first.path.name == "1"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure during export validation")
+
+    monkeypatch.setattr("refiner.build.validate_onnx", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        build(*digit_nets, "digits", None, BuildConfig(name="m", **FAST), models=models)
+    assert sorted(p.name for p in (models / "m").iterdir()) == ["1", "config.pbtxt", "labels.txt"]
+    monkeypatch.undo()
+    second = build(*digit_nets, "digits", None, BuildConfig(name="m", **FAST), models=models)
+    assert second.path.name == "2"
+
+
+def test_bad_inputs(tmp_path, digit_nets):
+    a, b = digit_nets
+    config = BuildConfig(name="m", **FAST)
+    with pytest.raises(ConfigError, match="unknown task 'digitz'"):
+        build(a, b, "digitz", None, config, models=tmp_path / "models")
+    with pytest.raises(DataError, match=r"classes \['11'\] are not in"):
+        build(a, b, "digits", None, config, models=tmp_path / "models", classes=["1", "11"])
+    with pytest.raises(CheckpointError, match="was trained on task 'digits'"):
+        build(a, b, "cifar10", None, config, models=tmp_path / "models")
+    vector = BuildConfig(name="m", **{**FAST, "compare": CompareConfig(layer_a="classifier.1", fit=FitConfig(epochs=1))})
+    with pytest.raises(ConfigError, match="both must be feature maps or both vectors"):
+        build(a, b, "digits", None, vector, models=tmp_path / "models")
+    with pytest.raises(ConfigError, match="model name"):
+        build(a, b, "digits", None, BuildConfig(name="../evil", **FAST), models=tmp_path / "models")
+    assert not (tmp_path / "models").exists()
