@@ -1,0 +1,173 @@
+"""Dynamic batching: concurrent requests for one model coalesce into one inference run.
+
+A worker task takes the oldest waiting request, then adds more until the batch
+holds max_batch_size rows or the oldest request has waited max_delay (as
+Triton's max_queue_delay_microseconds). The batch runs on a dedicated thread,
+never on the event loop. The waiting queue is bounded: when it is full, new
+requests are refused with 503 at once instead of piling up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.errors import InferenceFailed, Unavailable
+
+__all__ = ["BatchStats", "DynamicBatcher"]
+
+log = logging.getLogger("serving.batching")
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What one run did, for the metrics."""
+
+    rows: int  # batch size actually run
+    queue_waits: list[float]  # seconds each request waited before the run started
+    run_seconds: float  # time in the inference function
+
+
+@dataclass
+class _Pending:
+    x: np.ndarray
+    future: asyncio.Future[np.ndarray]
+    enqueued: float
+
+
+class DynamicBatcher:
+    """Runs `infer` (a blocking, batch-in batch-out function) on coalesced requests.
+
+    Args:
+        infer: (N, ...) float32 -> (N, ...) outputs; called on the batcher's own thread.
+        max_batch_size: most rows per run; a single request may not carry more.
+        max_delay_s: longest time the oldest request waits for a fuller batch.
+        queue_size: most requests waiting; more are refused with Unavailable (503).
+        coalesce: False runs every request alone (for comparison with batching on).
+        on_batch: called with each run's BatchStats.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        infer: Callable[[np.ndarray], np.ndarray],
+        max_batch_size: int,
+        max_delay_s: float,
+        queue_size: int,
+        coalesce: bool = True,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self._infer = infer
+        self._max_delay_s = max_delay_s
+        self._queue_size = queue_size
+        self._coalesce = coalesce
+        self._on_batch = on_batch
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
+        self._closing = False
+        self._busy = False
+
+    def start(self) -> None:
+        """Start the worker on the running event loop."""
+        self._queue = asyncio.Queue(self._queue_size)
+        self._task = asyncio.get_running_loop().create_task(self._work(), name=f"batcher-{self.name}")
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting (not counting the batch running now)."""
+        return self._queue.qsize() if self._queue else 0
+
+    async def infer(self, x: np.ndarray) -> np.ndarray:
+        """Outputs for `x` (N rows, 1 <= N <= max_batch_size), run in some batch."""
+        assert self._queue is not None, "DynamicBatcher.start() was not called"
+        assert 1 <= len(x) <= self.max_batch_size, f"batch of {len(x)} rows, limit {self.max_batch_size}"
+        if self._closing:
+            raise Unavailable(f"model {self.name!r} is shutting down; retry on another replica")
+        loop = asyncio.get_running_loop()
+        pending = _Pending(x, loop.create_future(), loop.time())
+        try:
+            self._queue.put_nowait(pending)
+        except asyncio.QueueFull:
+            raise Unavailable(
+                f"model {self.name!r} has {self._queue_size} requests waiting (the queue limit); retry later"
+            ) from None
+        return await pending.future
+
+    async def close(self, timeout_s: float) -> None:
+        """Refuse new requests, let waiting ones finish for up to `timeout_s`, then fail the rest."""
+        self._closing = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (self.depth or self._busy) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        while self._queue and not self._queue.empty():
+            pending = self._queue.get_nowait()
+            if not pending.future.done():
+                pending.future.set_exception(Unavailable(f"model {self.name!r} shut down before running the request"))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _work(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        carry: _Pending | None = None
+        while True:
+            first = carry or await self._queue.get()
+            carry = None
+            batch, rows = [first], len(first.x)
+            deadline = first.enqueued + self._max_delay_s
+            while self._coalesce and rows < self.max_batch_size:
+                try:
+                    item = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        item = await asyncio.wait_for(self._queue.get(), remaining)
+                    except TimeoutError:
+                        break
+                if rows + len(item.x) > self.max_batch_size:
+                    carry = item  # starts the next batch
+                    break
+                batch.append(item)
+                rows += len(item.x)
+            self._busy = True
+            try:
+                await self._run(batch)
+            finally:
+                self._busy = False
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        live = [p for p in batch if not p.future.done()]  # a client that went away cancelled its future
+        if not live:
+            return
+        loop = asyncio.get_running_loop()
+        x = live[0].x if len(live) == 1 else np.concatenate([p.x for p in live])
+        started = loop.time()
+        try:
+            y = await loop.run_in_executor(self._executor, self._infer, x)
+        except Exception as e:
+            log.exception("model %r: inference failed on a batch of %d rows", self.name, len(x))
+            for p in live:
+                if not p.future.done():
+                    p.future.set_exception(InferenceFailed(f"model {self.name!r}: inference failed: {e}"))
+            return
+        if self._on_batch:
+            self._on_batch(BatchStats(len(x), [started - p.enqueued for p in live], loop.time() - started))
+        offset = 0
+        for p in live:
+            n = len(p.x)
+            if not p.future.done():
+                p.future.set_result(y[offset : offset + n])
+            offset += n

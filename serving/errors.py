@@ -1,0 +1,54 @@
+"""Errors the server answers with: each carries its HTTP status and a message for the client."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ServingError",
+    "BadRequest",
+    "NotFound",
+    "PayloadTooLarge",
+    "UnsupportedMediaType",
+    "Unavailable",
+    "InferenceFailed",
+    "ArtifactError",
+]
+
+
+class ServingError(Exception):
+    """A request the server refuses; answered as {"error": message} with `status_code`."""
+
+    status_code = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(ServingError):
+    status_code = 400
+
+
+class NotFound(ServingError):
+    status_code = 404
+
+
+class PayloadTooLarge(ServingError):
+    status_code = 413
+
+
+class UnsupportedMediaType(ServingError):
+    status_code = 415
+
+
+class Unavailable(ServingError):
+    """The server cannot take the request now (queue full, shutting down); retry later."""
+
+    status_code = 503
+
+
+class InferenceFailed(ServingError):
+    status_code = 500
+
+
+class ArtifactError(Exception):
+    """A model version in the repository cannot be served (bad metadata, sha256 mismatch, unreadable ONNX)."""
