@@ -19,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Run `refiner COMMAND --help` for each command's options and examples.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for register in (_train_args, _fit_args, _build_args, _serve_args):
+    for register in (_train_args, _fit_args, _build_args, _serve_args, _analyze_args):
         register(sub)
     return parser
 
@@ -202,6 +202,19 @@ def _run_serve(args) -> None:
 
     os.environ["REFINER_SERVE_MODELS"] = str(args.models)
     uvicorn.run("serving.app:app", host=args.host, port=args.port, timeout_graceful_shutdown=30)
+
+
+def _analyze_args(sub) -> None:
+    from refiner.analyses.commands import register
+
+    p = _command(
+        sub,
+        "analyze",
+        "The paper's other applications as reports: diagnose, stability, compression, distillation.",
+        "  refiner analyze stability --models a.pt b.pt c.pt --task digits --out reports/stability\n"
+        "  refiner analyze diagnose --weak a.pt --strong b.pt --task digits --out reports/diagnose\n",
+    )
+    register(p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS"), _command, _add_task)
 
 
 def main(argv: list[str] | None = None) -> int:

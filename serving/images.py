@@ -1,0 +1,59 @@
+"""Untrusted image bytes -> the normalised array the model expects.
+
+`preprocess` is the same arithmetic as refiner.datasets.preprocess_image (RGB,
+bilinear resize to (W, H) if the size differs, /255, (x - mean) / std, HWC ->
+CHW), re-implemented here because the server depends on the artifact format
+only; tests check that both give identical arrays.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from serving.artifact import Preprocess
+from serving.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+
+__all__ = ["ACCEPTED_FORMATS", "decode_image", "preprocess"]
+
+ACCEPTED_FORMATS = ("JPEG", "PNG")
+_EXPECTED = "expected a JPEG or PNG image"
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode a JPEG/PNG of at most `max_pixels` pixels; the size is checked before any pixel is decoded."""
+    if not data:
+        raise BadRequest(f"the request body is empty; {_EXPECTED}")
+    try:
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except Image.DecompressionBombError as e:
+        raise PayloadTooLarge(f"image refused as a decompression bomb ({e}); at most {max_pixels} pixels allowed") from e
+    except UnidentifiedImageError as e:
+        raise UnsupportedMediaType(f"the body is not a JPEG or PNG image ({len(data)} bytes, starting {data[:8]!r}); {_EXPECTED}") from e
+    except (OSError, ValueError, SyntaxError) as e:  # Pillow's parsers raise these on corrupt headers
+        raise BadRequest(f"the image header is corrupt ({e}); {_EXPECTED}") from e
+    width, height = image.size
+    if width * height > max_pixels:
+        raise PayloadTooLarge(
+            f"image is {width}x{height} = {width * height} pixels; at most {max_pixels} pixels allowed"
+        )
+    if width == 0 or height == 0:
+        raise BadRequest(f"image is {width}x{height} pixels; {_EXPECTED} with at least one pixel")
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated or corrupt pixel data
+        raise BadRequest(f"the {image.format} image data is truncated or corrupt ({e}); {_EXPECTED}") from e
+    return image
+
+
+def preprocess(image: Image.Image, pre: Preprocess) -> np.ndarray:
+    """PIL image -> normalised float32 array (3, H, W)."""
+    _, h, w = pre.input_size
+    image = image.convert("RGB")
+    if image.size != (w, h):
+        image = image.resize((w, h), Image.BILINEAR)
+    x = np.asarray(image, dtype=np.float32) / 255.0
+    x = (x - np.asarray(pre.mean, dtype=np.float32)) / np.asarray(pre.std, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))

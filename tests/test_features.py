@@ -1,0 +1,68 @@
+"""Feature cache: reuse, safety against partial writes, batch iteration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from refiner.atomic import atomic_dir
+from refiner.features import cached_features, iter_batches
+
+
+class _Counting(torch.nn.Module):
+    def __init__(self, fail_after: int | None = None):
+        super().__init__()
+        self.calls, self.fail_after = 0, fail_after
+
+    def forward(self, x):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise KeyboardInterrupt
+        return x * 2
+
+
+def _dataset(n=10):
+    return TensorDataset(torch.arange(n * 4, dtype=torch.float32).reshape(n, 4), torch.arange(n) % 3)
+
+
+def test_cache_is_reused(tmp_path):
+    trunk = _Counting()
+    first = cached_features(trunk, _dataset(), {"k": 1}, tmp_path, batch_size=4)
+    calls = trunk.calls
+    second = cached_features(trunk, _dataset(), {"k": 1}, tmp_path, batch_size=4)
+    assert trunk.calls == calls == 3
+    assert isinstance(second.x, np.memmap)
+    np.testing.assert_array_equal(first.x, np.arange(40, dtype=np.float32).reshape(10, 4) * 2)
+    np.testing.assert_array_equal(second.y, np.arange(10) % 3)
+    cached_features(trunk, _dataset(), {"k": 2}, tmp_path, batch_size=4)
+    assert trunk.calls == 6  # another key computes anew
+
+
+def test_interrupted_extraction_leaves_no_entry(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        cached_features(_Counting(fail_after=1), _dataset(), {"k": 1}, tmp_path, batch_size=4)
+    assert list(tmp_path.iterdir()) == []
+    full = cached_features(_Counting(), _dataset(), {"k": 1}, tmp_path, batch_size=4)
+    assert len(full) == 10
+
+
+def test_atomic_dir_never_overwrites(tmp_path):
+    target = tmp_path / "v1"
+    with atomic_dir(target) as tmp:
+        (tmp / "f").write_text("x")
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        with atomic_dir(target) as tmp:
+            (tmp / "f").write_text("y")
+    assert (target / "f").read_text() == "x"
+    assert [p.name for p in tmp_path.iterdir()] == ["v1"]
+
+
+def test_iter_batches_keeps_requested_order():
+    a = np.arange(20).reshape(10, 2)
+    b = np.arange(10)
+    order = np.array([7, 2, 9, 0, 5])
+    xs, ys = zip(*iter_batches(a, b, indices=order, batch_size=3))
+    np.testing.assert_array_equal(torch.cat(ys).numpy(), order)
+    np.testing.assert_array_equal(torch.cat(xs).numpy(), a[order])
