@@ -1,0 +1,124 @@
+"""The FastAPI app: `uvicorn serving.app:app` (settings from REFINER_SERVE_* variables) or `create_app(settings)`.
+
+Models are loaded in the lifespan, not at import; every refused request is
+answered {"error": "..."} with a 4xx status saying what was wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from serving import routes_classify, routes_metrics, routes_v2
+from serving.errors import ServingError
+from serving.metrics import Metrics
+from serving.middleware import RequestMetricsMiddleware
+from serving.settings import ServeSettings
+from serving.state import ServerState
+
+__all__ = ["create_app", "serve", "app"]
+
+log = logging.getLogger("serving.app")
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _serving_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServingError)
+    if exc.status_code >= 500:
+        log.error("%s %s: %s", request.method, request.url.path, exc.message)
+    return _error(exc.status_code, exc.message)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    parts = [f"{' '.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+    return _error(422, "invalid request parameters: " + "; ".join(parts))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    message = str(exc.detail)
+    if exc.status_code == 404:
+        message = f"no such endpoint {request.url.path!r}; the API is listed at /docs"
+    elif exc.status_code == 405:
+        message = f"method {request.method} is not allowed on {request.url.path!r}; the API is listed at /docs"
+    return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return _error(500, "internal server error; the server log has the details")
+
+
+def _configure_logging() -> None:
+    """Show the serving logs (models loaded, providers, refusals) when nothing else configured logging."""
+    logger = logging.getLogger("serving")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def create_app(settings: ServeSettings | None = None) -> FastAPI:
+    """A new app serving the repository of `settings` (default: from the environment)."""
+    settings = settings or ServeSettings()
+    state = ServerState(settings, Metrics())
+    _configure_logging()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await state.start()
+        try:
+            yield
+        finally:
+            await state.stop()
+
+    application = FastAPI(
+        title="refiner serving",
+        summary="Refined models over HTTP: KServe v2 / Open Inference Protocol and an image endpoint",
+        lifespan=lifespan,
+    )
+    application.state.server = state
+    application.add_middleware(RequestMetricsMiddleware, state=state)
+    application.add_exception_handler(ServingError, _serving_error)
+    application.add_exception_handler(RequestValidationError, _validation_error)
+    application.add_exception_handler(HTTPException, _http_error)
+    application.add_exception_handler(Exception, _unexpected_error)
+    for module in (routes_v2, routes_classify, routes_metrics):
+        application.include_router(module.router)
+    return application
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, made not ready at the first shutdown signal (before connections drain)."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self._state = state
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        self._state.draining = True
+        super().handle_exit(sig, frame)
+
+
+def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the server until SIGINT/SIGTERM; in-flight requests get `drain_timeout_s` to finish."""
+    application = create_app(settings)
+    config = uvicorn.Config(
+        application, host=host, port=port, timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s))
+    )
+    _DrainingServer(config, application.state.server).run()
+
+
+app = create_app()

@@ -1,0 +1,83 @@
+"""POST /v1/models/{name}/classify: a JPEG or PNG in, top-k class names and probabilities out."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel
+
+from serving.artifact import Preprocess
+from serving.body import multipart_file, read_body
+from serving.deps import ServerDep
+from serving.errors import BadRequest
+from serving.images import decode_image, preprocess
+
+__all__ = ["router", "Prediction", "Classification"]
+
+router = APIRouter(prefix="/v1", tags=["classify"])
+
+
+class Prediction(BaseModel):
+    label: str  # class name from the artifact's metadata
+    index: int  # position in the model's output
+    probability: float  # softmax of the logits
+
+
+class Classification(BaseModel):
+    model_name: str
+    model_version: str
+    predictions: list[Prediction]  # most probable first
+
+
+_BODY_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "The image as the raw body, or as the one file part of a multipart/form-data body.",
+        "content": {
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
+            },
+        },
+    }
+}
+
+
+def _image_array(data: bytes, pre: Preprocess, max_pixels: int) -> np.ndarray:
+    with decode_image(data, max_pixels) as image:
+        return preprocess(image, pre)[None]
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits.astype(np.float64) - logits.max())
+    return z / z.sum()
+
+
+@router.post("/models/{name}/classify", summary="Classify an image", openapi_extra=_BODY_DOC)
+@router.post("/models/{name}/versions/{version}/classify", summary="Classify with one version", openapi_extra=_BODY_DOC)
+async def classify(
+    name: str,
+    request: Request,
+    server: ServerDep,
+    top_k: Annotated[int | None, Query(ge=1, description="classes to return (default: the server's top_k)")] = None,
+    version: str | None = None,
+) -> Classification:
+    model = server.repository.get(name, version)
+    classes = model.meta.class_names
+    if top_k is not None and top_k > len(classes):
+        raise BadRequest(f"top_k is {top_k}; model {name!r} has {len(classes)} classes, so expected 1 to {len(classes)}")
+    k = top_k or min(server.settings.top_k, len(classes))
+    body = await read_body(request, server.settings.max_body_bytes)
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        body = await multipart_file(request, body)
+    x = await server.to_thread(_image_array, body, model.meta.preprocess, server.settings.max_image_pixels)
+    probs = _softmax((await model.batcher.infer(x))[0])
+    order = np.argsort(-probs, kind="stable")[:k]
+    return Classification(
+        model_name=name,
+        model_version=str(model.meta.version),
+        predictions=[Prediction(label=classes[i], index=int(i), probability=float(probs[i])) for i in order],
+    )

@@ -1,0 +1,99 @@
+"""Open Inference Protocol (KServe v2): health, server and model metadata, readiness, infer."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version as package_version
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from serving.body import read_body
+from serving.deps import ServerDep
+from serving.protocol import BINARY_HEADER, encode_infer_response, model_config, model_metadata, parse_infer_request
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
+
+_MODEL = "/models/{name}"
+_VERSION = "/models/{name}/versions/{version}"
+_INFER_EXAMPLE = {
+    "id": "42",
+    "inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [0.0, "... 3072 numbers"]}],
+    "outputs": [{"name": "logits", "parameters": {"binary_data": False}}],
+}
+
+
+def _server_version() -> str:
+    try:
+        return package_version("refiner")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@router.get("/health/live", summary="Server liveness")
+def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/health/ready", summary="Server readiness (503 while loading or shutting down)")
+def ready(server: ServerDep) -> JSONResponse:
+    return JSONResponse({"ready": server.ready}, status_code=200 if server.ready else 503)
+
+
+@router.get("", summary="Server metadata")
+def server_metadata() -> dict[str, Any]:
+    return {
+        "name": "refiner-serving",
+        "version": _server_version(),
+        "extensions": ["binary_tensor_data", "model_configuration"],
+    }
+
+
+@router.get(_MODEL, summary="Model metadata")
+@router.get(_VERSION, summary="Model metadata of one version")
+def metadata(name: str, server: ServerDep, version: str | None = None) -> dict[str, Any]:
+    model = server.repository.get(name, version)
+    return model_metadata(model.meta, model.runtime.provider)
+
+
+@router.get(_MODEL + "/config", summary="Model configuration (Triton's, as JSON)")
+@router.get(_VERSION + "/config", summary="Model configuration of one version")
+def config(name: str, server: ServerDep, version: str | None = None) -> dict[str, Any]:
+    model = server.repository.get(name, version)
+    s = server.settings
+    return model_config(model.meta, int(s.max_queue_delay_ms * 1000), s.batching)
+
+
+@router.get(_MODEL + "/ready", summary="Model readiness")
+@router.get(_VERSION + "/ready", summary="Model readiness of one version")
+def model_ready(name: str, server: ServerDep, version: str | None = None) -> JSONResponse:
+    server.repository.get(name, version)
+    return JSONResponse({"name": name, "ready": server.ready}, status_code=200 if server.ready else 503)
+
+
+_INFER_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": (
+            "A v2 inference request (JSON), or with the binary tensor data extension: the JSON header "
+            f"({BINARY_HEADER} bytes) followed by the raw little-endian tensors."
+        ),
+        "content": {
+            "application/json": {"schema": {"type": "object"}, "example": _INFER_EXAMPLE},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+@router.post(_MODEL + "/infer", summary="Inference", openapi_extra=_INFER_DOC)
+@router.post(_VERSION + "/infer", summary="Inference on one version", openapi_extra=_INFER_DOC)
+async def infer(name: str, request: Request, server: ServerDep, version: str | None = None) -> Response:
+    model = server.repository.get(name, version)
+    body = await read_body(request, server.settings.max_body_bytes)
+    parsed = await server.to_thread(parse_infer_request, body, request.headers.get(BINARY_HEADER), model.meta)
+    y = await model.batcher.infer(parsed.x)
+    content, headers = encode_infer_response(parsed, model.meta, y)
+    return Response(content, headers=headers)
