@@ -1,0 +1,35 @@
+"""Real-data run on CIFAR-10 (marker `slow`; needs REFINER_CIFAR10 = folder holding cifar10/)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from refiner.checkpoints import load_checkpoint
+from refiner.comparison import CompareConfig, compare
+from refiner.fitting import FitConfig
+from refiner.tasks import SplitOptions, load_task
+from refiner.training import TrainConfig, train_base
+
+CIFAR = os.environ.get("REFINER_CIFAR10")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not CIFAR, reason="set REFINER_CIFAR10 to the folder that holds the extracted cifar10/"),
+]
+
+
+def test_two_seeds_share_most_knowledge(tmp_path):
+    """Two small nets from different seeds: g explains most of B's feature, far better than chance."""
+    split = SplitOptions(train_per_class=300)
+    for name, seed in (("a.pt", 0), ("b.pt", 1)):
+        meta = train_base("tiny_vgg", "cifar10", Path(CIFAR), TrainConfig(epochs=4, seed=seed), tmp_path / name, split)
+        assert meta.info["test_acc"] > 0.3  # well above 10% chance
+    a, b = load_checkpoint(tmp_path / "a.pt"), load_checkpoint(tmp_path / "b.pt")
+    data = load_task("cifar10", Path(CIFAR), target=True, options=split)
+    _, report, _ = compare(a, b, data, CompareConfig(fit=FitConfig(epochs=5)), tmp_path / "cache")
+    test = report.tables["test"]
+    assert 0.0 < test.instability < 0.8
+    assert test.var_orders[0] > test.var_orders[-1]
+    assert 0.2 < test.cka <= 1.0
