@@ -33,7 +33,7 @@ from refiner.layers import split_model
 from refiner.refined import RefinedModel, replace_classifier
 from refiner.reporting import format_accuracy_table, write_build_report
 from refiner.repository import ArtifactMetadata, TensorSpec, new_version, now_iso, write_model_files
-from refiner.tasks import get_task, load_task
+from refiner.tasks import SplitOptions, get_task, load_task
 
 __all__ = ["BuildConfig", "VariantResult", "BuildReport", "BuildResult", "build"]
 
@@ -113,13 +113,14 @@ def build(
     *,
     models: Path = Path("models"),
     classes: list[str] | None = None,
+    split: SplitOptions | None = None,
     cache_dir: Path | None = None,
 ) -> BuildResult:
     """Run the whole build and write models/<name>/<version>; nothing is written on failure."""
     _check_sources(clf_a, clf_b, task)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    data = load_task(task, data_dir, target=True, classes=classes)
+    data = load_task(task, data_dir, target=True, classes=classes, options=split)
     g, comparison, pairs = compare(clf_a, clf_b, data, config.compare, cache_dir, measure=("val", "test"))
     seconds["features_and_g"] = time.perf_counter() - start
     layer_a, layer_b = comparison.a.layer, comparison.b.layer

@@ -36,6 +36,7 @@ def _add_task(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", help="comma-separated class subset (overrides the task's target classes)")
     p.add_argument("--cache", type=Path, help="feature cache folder (default: $REFINER_CACHE or ~/.cache/refiner/features)")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default: 0)")
+    p.add_argument("--train-per-class", type=int, help="keep at most N training images per class")
 
 
 def _add_pair(p: argparse.ArgumentParser) -> None:
@@ -67,7 +68,6 @@ def _train_args(sub) -> None:
     p.add_argument("--arch", required=True, help="architecture name (e.g. small_vgg, cifar_resnet20, vgg16, resnet18)")
     p.add_argument("--seed", type=int, default=0, help="random seed (A and B: different seeds)")
     p.add_argument("--subset", choices=["half-a", "half-b"], help="train on one of two disjoint halves of the training data")
-    p.add_argument("--train-per-class", type=int, help="keep at most N training images per class")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.05)
@@ -78,12 +78,10 @@ def _train_args(sub) -> None:
 
 
 def _run_train(args) -> None:
-    from refiner.tasks import SplitOptions
     from refiner.training import TrainConfig, train_base
 
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, augment=args.augment, seed=args.seed, num_workers=args.workers)
-    split = SplitOptions(subset=args.subset, train_per_class=args.train_per_class)
-    meta = train_base(args.arch, args.task, args.data, config, args.out, split)
+    meta = train_base(args.arch, args.task, args.data, config, args.out, _split(args, args.subset))
     last = meta.info["history"][-1]
     print(f"{args.out}: {meta.arch} on {args.task} ({meta.num_classes} classes) "
           f"train acc {last['train_acc']:.3f}, val acc {last['val_acc']:.3f}, test acc {meta.info['test_acc']:.3f}")
@@ -127,6 +125,12 @@ def _compare_config(args):
     )
 
 
+def _split(args, subset: str | None = None):
+    from refiner.tasks import SplitOptions
+
+    return SplitOptions(subset=subset, train_per_class=args.train_per_class)
+
+
 def _classes(args) -> list[str] | None:
     return [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
 
@@ -139,7 +143,7 @@ def _run_fit(args) -> None:
     from refiner.tasks import load_task
 
     a, b = _load_pair(args, args.task)
-    data = load_task(args.task, args.data, target=args.on == "target", classes=_classes(args))
+    data = load_task(args.task, args.data, target=args.on == "target", classes=_classes(args), options=_split(args))
     g, report, _ = compare(a, b, data, _compare_config(args), args.cache)
     save_isomorphism(args.out, g, {"report": report.model_dump(mode="json")})
     with atomic_file(args.out.with_suffix(".json")) as tmp:
@@ -178,7 +182,7 @@ def _run_build(args) -> None:
         ablations=not args.no_ablations,
         name=args.name or f"{args.task}-refined",
     )
-    result = build(a, b, args.task, args.data, config, models=args.models, classes=_classes(args), cache_dir=args.cache)
+    result = build(a, b, args.task, args.data, config, models=args.models, classes=_classes(args), split=_split(args), cache_dir=args.cache)
     print(result.summary())
 
 

@@ -23,7 +23,7 @@ from serving.middleware import RequestMetricsMiddleware
 from serving.settings import ServeSettings
 from serving.state import ServerState
 
-__all__ = ["create_app", "serve", "app"]
+__all__ = ["create_app", "make_server", "serve", "app"]
 
 log = logging.getLogger("serving.app")
 
@@ -112,13 +112,18 @@ class _DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run the server until SIGINT/SIGTERM; in-flight requests get `drain_timeout_s` to finish."""
+def make_server(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, **options: object) -> uvicorn.Server:
+    """A uvicorn server of a new app; in-flight requests get `drain_timeout_s` to finish at shutdown."""
     application = create_app(settings)
     config = uvicorn.Config(
-        application, host=host, port=port, timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s))
+        application, host=host, port=port, timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)), **options
     )
-    _DrainingServer(config, application.state.server).run()
+    return _DrainingServer(config, application.state.server)
+
+
+def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the server until SIGINT/SIGTERM (what `refiner serve` does)."""
+    make_server(settings, host, port).run()
 
 
 app = create_app()

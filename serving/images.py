@@ -20,6 +20,7 @@ __all__ = ["ACCEPTED_FORMATS", "decode_image", "preprocess"]
 
 ACCEPTED_FORMATS = ("JPEG", "PNG")
 _EXPECTED = "expected a JPEG or PNG image"
+_SIGNATURES = {"PNG": b"\x89PNG\r\n\x1a\n", "JPEG": b"\xff\xd8\xff"}
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -31,21 +32,32 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise PayloadTooLarge(f"image refused as a decompression bomb ({e}); at most {max_pixels} pixels allowed") from e
     except UnidentifiedImageError as e:
-        raise UnsupportedMediaType(f"the body is not a JPEG or PNG image ({len(data)} bytes, starting {data[:8]!r}); {_EXPECTED}") from e
+        claimed = next((fmt for fmt, magic in _SIGNATURES.items() if data.startswith(magic)), None)
+        if claimed:
+            raise BadRequest(f"the {claimed} image header is corrupt (Pillow cannot parse it); {_EXPECTED}") from e
+        raise UnsupportedMediaType(
+            f"the body is not a JPEG or PNG image ({len(data)} bytes, starting {data[:8]!r}); {_EXPECTED}"
+        ) from e
     except (OSError, ValueError, SyntaxError) as e:  # Pillow's parsers raise these on corrupt headers
         raise BadRequest(f"the image header is corrupt ({e}); {_EXPECTED}") from e
+    try:
+        _check_and_load(image, max_pixels)
+    except Exception:
+        image.close()
+        raise
+    return image
+
+
+def _check_and_load(image: Image.Image, max_pixels: int) -> None:
     width, height = image.size
     if width * height > max_pixels:
-        raise PayloadTooLarge(
-            f"image is {width}x{height} = {width * height} pixels; at most {max_pixels} pixels allowed"
-        )
+        raise PayloadTooLarge(f"image is {width}x{height} = {width * height} pixels; at most {max_pixels} pixels allowed")
     if width == 0 or height == 0:
         raise BadRequest(f"image is {width}x{height} pixels; {_EXPECTED} with at least one pixel")
     try:
         image.load()
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated or corrupt pixel data
         raise BadRequest(f"the {image.format} image data is truncated or corrupt ({e}); {_EXPECTED}") from e
-    return image
 
 
 def preprocess(image: Image.Image, pre: Preprocess) -> np.ndarray:

@@ -1,0 +1,151 @@
+"""What every analysis shares: the data budget, fitting g between two nets, per-channel Var.
+
+All figures live in the target net's standardised space (see `IsomorphismNet`),
+so Var(x) is about 1 per channel and Var(x^Delta) reads as a share of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from refiner.checkpoints import Classifier
+from refiner.comparison import CompareConfig, ComparisonReport, compare
+from refiner.datasets import ImageDataset
+from refiner.errors import ConfigError
+from refiner.features import FeatureSet, iter_batches
+from refiner.fitting import FitConfig
+from refiner.isomorphism import IsomorphismConfig, IsomorphismNet
+from refiner.tasks import SplitOptions, TaskData, load_task
+from refiner.training import evaluate
+
+__all__ = [
+    "AnalysisConfig",
+    "Measured",
+    "ChannelShare",
+    "DataRecord",
+    "load_analysis_data",
+    "measure_pair",
+    "channel_shares",
+    "accuracy_on_test",
+    "require_same_classes",
+    "top_images",
+]
+
+
+class AnalysisConfig(BaseModel):
+    """How g is fitted and how much data an analysis reads."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    g: IsomorphismConfig = Field(default_factory=IsomorphismConfig)
+    fit: FitConfig = Field(default_factory=FitConfig)
+    train_per_class: int | None = Field(None, ge=1)  # training images per class (g fitting, fine-tuning); None: all
+    test_per_class: int | None = Field(None, ge=1)  # test images per class measured; None: all
+    num_workers: int = Field(0, ge=0)  # DataLoader workers for feature extraction and training
+
+
+@dataclass
+class Measured:
+    """g fitted from A's feature to B's, its report (Var table of the test split) and the test features."""
+
+    g: IsomorphismNet
+    report: ComparisonReport
+    test: tuple[FeatureSet, FeatureSet]  # (x_A, x_B) of the test split
+
+
+class ChannelShare(BaseModel):
+    """One channel of x: Var(x_c), Var(x^Delta_c) and their ratio (None for a dead channel)."""
+
+    channel: int
+    var_feature: float
+    var_delta: float
+    share: float | None  # Var(x^Delta_c) / Var(x_c)
+
+
+class DataRecord(BaseModel):
+    """Which data an analysis read, for the record."""
+
+    task: str
+    classes: list[str]
+    images: dict[str, int]  # split -> number of images
+
+    @classmethod
+    def of(cls, data: TaskData) -> DataRecord:
+        return cls(task=data.task, classes=data.classes, images={s: len(data.split(s)) for s in ("train", "test")})
+
+
+def load_analysis_data(task: str, data_dir: Path | None, classes: list[str], config: AnalysisConfig) -> TaskData:
+    """The task's splits for `classes`, trimmed to the configured images per class."""
+    data = load_task(task, data_dir, target=False, classes=classes, options=SplitOptions(train_per_class=config.train_per_class))
+    if config.test_per_class is not None:
+        seen: dict[str, int] = {}
+        kept = []
+        for s in data.test:
+            seen[s.label] = seen.get(s.label, 0) + 1
+            if seen[s.label] <= config.test_per_class:
+                kept.append(s)
+        data.test = kept
+    return data
+
+
+def measure_pair(
+    clf_a: Classifier, clf_b: Classifier, data: TaskData, layer_a: str | None, layer_b: str | None,
+    config: AnalysisConfig, cache_dir: Path | None,
+) -> Measured:  # fmt: skip
+    """Fit g: x_A -> x_B on the training split; measure the Var table on the test split."""
+    compare_config = CompareConfig(layer_a=layer_a, layer_b=layer_b, g=config.g, fit=config.fit, num_workers=config.num_workers)
+    g, report, pairs = compare(clf_a, clf_b, data, compare_config, cache_dir, measure=("test",))
+    return Measured(g=g, report=report, test=pairs["test"])
+
+
+@torch.no_grad()
+def channel_shares(g: IsomorphismNet, fa: FeatureSet, fb: FeatureSet) -> list[ChannelShare]:
+    """Per-channel Var(x^Delta_c) / Var(x_c), streamed, largest share first (dead channels last)."""
+    sums: dict[str, Tensor] = {}
+    count = 0
+    for xa, xb in iter_batches(fa.x, fb.x, batch_size=128):
+        target = g.standardize_target(xb).double()
+        delta = g.decompose(xa, xb).delta.double()
+        for key, value in (("x", target), ("xx", target**2), ("d", delta), ("dd", delta**2)):
+            s = value.sum((0, 2, 3))
+            sums[key] = sums[key] + s if key in sums else s
+        count += target.shape[0] * target.shape[2] * target.shape[3]
+    var_x = (sums["xx"] / count - (sums["x"] / count) ** 2).clamp_min(0)
+    var_d = (sums["dd"] / count - (sums["d"] / count) ** 2).clamp_min(0)
+    rows = [
+        ChannelShare(channel=c, var_feature=float(vx), var_delta=float(vd), share=float(vd / vx) if vx > 1e-8 else None)
+        for c, (vx, vd) in enumerate(zip(var_x, var_d))
+    ]
+    return sorted(rows, key=lambda r: -1.0 if r.share is None else r.share, reverse=True)
+
+
+def require_same_classes(data: TaskData, *nets: Classifier) -> None:
+    """Accuracy needs the data's class indices to be the nets' own."""
+    for clf in nets:
+        if clf.meta.class_names != data.classes:
+            raise ConfigError(
+                f"{clf.path.name} predicts classes {clf.meta.class_names}, but the data were loaded for {data.classes}; "
+                "leave --classes out (the nets' own classes are used) or train the nets on these classes"
+            )
+
+
+def accuracy_on_test(clf: Classifier, data: TaskData, num_workers: int = 0) -> float:
+    """Top-1 accuracy of a classifier on the test split, fed with its own preprocessing."""
+    dataset = ImageDataset(data.test, data.classes, clf.meta.preprocess)
+    return evaluate(clf.model, DataLoader(dataset, batch_size=256, num_workers=num_workers))["acc"]
+
+
+@torch.no_grad()
+def top_images(g: IsomorphismNet, fa: FeatureSet, fb: FeatureSet, channel: int, n: int) -> list[int]:
+    """Indices of the n test images whose x^Delta is strongest in `channel` (mean square)."""
+    energy = []
+    for xa, xb in iter_batches(fa.x, fb.x, batch_size=128):
+        energy.append(g.decompose(xa, xb).delta[:, channel].pow(2).mean((1, 2)))
+    return np.argsort(-torch.cat(energy).numpy(), kind="stable")[:n].tolist()
