@@ -273,7 +273,9 @@ def _load_dogs(data: Path | None) -> dict[str, list[Sample]]:
         mat = loadmat(_require(root / f"{split}_list.mat", f"Stanford Dogs' {split}_list.mat"))
         out[split] = []
         for entry in mat["file_list"]:
-            rel = str(entry[0][0])  # e.g. n02085620-Chihuahua/n02085620_10074.jpg
+            while isinstance(entry, np.ndarray):  # MATLAB cells nest one string in arrays
+                entry = entry.flat[0]
+            rel = str(entry)  # e.g. n02085620-Chihuahua/n02085620_10074.jpg
             ann = ET.parse(_require(root / "Annotation" / rel.removesuffix(".jpg"), "a Stanford Dogs annotation"))
             bb = ann.find("object/bndbox")
             box = tuple(int(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))

@@ -1,8 +1,9 @@
-"""Serving: every endpoint and error through TestClient, equivalence with refiner's own preprocessing
-and the exported model, artifact refusal, batching, and the import boundary between the packages.
+"""Serving, on the artifact of a real `refiner build` (conftest's tiny_build):
 
-Bad inputs are in test_serving_bad_input.py; a live uvicorn server with a stock v2 client in
-test_serving_client.py. All use the `served` artifact fixture below.
+every endpoint through TestClient; equivalence with refiner's preprocessing and the
+refined model; a corpus of bad inputs (all 4xx with a specific message, never 5xx);
+corrupted artifacts; dynamic batching; a live uvicorn server driven by the stock
+tritonclient; graceful shutdown; and the import boundary between the two packages.
 """
 
 from __future__ import annotations
@@ -13,41 +14,122 @@ import json
 import logging
 import re
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from serving.app import create_app
+from serving.app import create_app, make_server
 from serving.artifact import discover
 from serving.batching import BatchStats, DynamicBatcher
 from serving.errors import InferenceFailed, Unavailable
 from serving.images import preprocess
 from serving.runtime import CPU, CUDA, choose_providers
 from serving.settings import PILLOW_MAX_IMAGE_PIXELS, ServeSettings
-from serving_artifact import Served, copy_version, png_bytes, random_image
 
-pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Using `httpx` with `starlette.testclient`", "ignore::PIL.Image.DecompressionBombWarning"
+)
+
+
+# --- the artifact ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Served:
+    """The model under test: a copy of the build's repository entry, its torch model and real images."""
+
+    models: Path
+    name: str
+    version: int
+    metadata: dict[str, Any]
+    torch_model: torch.nn.Module
+    images: list[Image.Image]  # validation images of the build's task
+
+    @property
+    def input_shape(self) -> list[int]:
+        return self.metadata["input"]["shape"]
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.metadata["class_names"]
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.metadata["max_batch_size"]
+
+    @cached_property
+    def session(self) -> ort.InferenceSession:
+        return ort.InferenceSession(str(self.models / self.name / str(self.version) / "model.onnx"), providers=[CPU])
+
+
+@pytest.fixture(scope="session")
+def served(tiny_build, tmp_path_factory) -> Served:
+    from refiner.tasks import load_task
+
+    models = tmp_path_factory.mktemp("serving-models")  # a private copy: other tests may add versions
+    shutil.copytree(tiny_build.path.parent, models / tiny_build.report.name)
+    metadata = json.loads((tiny_build.path / "metadata.json").read_text())
+    data = load_task(tiny_build.report.task, None, target=True)
+    images = [s.load() for s in data.val[:8]]
+    return Served(models, tiny_build.report.name, tiny_build.report.version, metadata, tiny_build.model, images)
+
+
+def copy_version(served: Served, repo: Path, name: str, version: int, corrupt: str | None = None) -> Path:
+    """Copy the served version to repo/name/version (metadata renamed); corrupt: "flip" a byte or "garbage" ONNX."""
+    folder = repo / name / str(version)
+    shutil.copytree(served.models / served.name / str(served.version), folder)
+    meta = json.loads((folder / "metadata.json").read_text())
+    onnx = folder / "model.onnx"
+    if corrupt == "flip":  # metadata's sha256 no longer matches
+        data = bytearray(onnx.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        onnx.write_bytes(bytes(data))
+    elif corrupt == "garbage":  # sha256 matches, but it is not an ONNX model
+        onnx.write_bytes(b"not an onnx model" * 10)
+        meta["onnx_sha256"] = __import__("hashlib").sha256(onnx.read_bytes()).hexdigest()
+    (folder / "metadata.json").write_text(json.dumps({**meta, "name": name, "version": version}))
+    return folder
+
+
+def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    (image.convert("RGB") if fmt == "JPEG" else image).save(buf, fmt)
+    return buf.getvalue()
+
+
+def _infer_json(x: np.ndarray, name: str = "input", **extra: Any) -> dict[str, Any]:
+    return {"inputs": [{"name": name, "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}], **extra}
+
+
+def _batch(served: Served, n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, *served.input_shape)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
 def client(served: Served):
     with TestClient(create_app(ServeSettings(models=served.models))) as c:
         yield c
-
-
-def _infer_json(x: np.ndarray, name: str = "input", **extra) -> dict:
-    return {"inputs": [{"name": name, "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}], **extra}
-
-
-def _batch(served: Served, n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, *served.input_shape)).astype(np.float32)
 
 
 # --- health, metadata, docs ----------------------------------------------------------------------
@@ -67,9 +149,10 @@ def test_model_metadata_reports_signature_classes_and_provider(client, served):
         assert meta["name"] == served.name and meta["versions"] == [str(served.version)]
         assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, *served.input_shape]}]
         assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, len(served.class_names)]}]
-        assert meta["parameters"]["execution_provider"] == CPU  # this machine has no GPU
+        expected_provider = CUDA if choose_providers("auto")[0] == CUDA else CPU
+        assert meta["parameters"]["execution_provider"] == expected_provider
         assert meta["parameters"]["class_names"] == served.class_names
-        assert meta["parameters"]["preprocess"]["input_size"] == [3, *served.input_shape[1:]]
+        assert meta["parameters"]["preprocess"] == served.metadata["preprocess"]
 
 
 def test_model_ready_and_config(client, served):
@@ -80,31 +163,31 @@ def test_model_ready_and_config(client, served):
 
 
 def test_openapi_docs_list_every_endpoint(client):
-    assert client.get("/docs").status_code == 200
+    assert "swagger" in client.get("/docs").text.lower()
     paths = client.get("/openapi.json").json()["paths"]
     for path in (
         "/v2/health/live", "/v2/health/ready", "/v2", "/v2/models/{name}", "/v2/models/{name}/versions/{version}",
         "/v2/models/{name}/ready", "/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer",
         "/v1/models/{name}/classify", "/metrics",
-    ):
+    ):  # fmt: skip
         assert path in paths, path
     assert "image/png" in paths["/v1/models/{name}/classify"]["post"]["requestBody"]["content"]
 
 
-# --- equivalence with refiner -------------------------------------------------------------------
+# --- equivalence with refiner ---------------------------------------------------------------------
 
 
-def _test_images() -> list[Image.Image]:
-    rgb = random_image(40, 30, seed=1)
-    jpeg = io.BytesIO()
-    rgb.save(jpeg, "JPEG", quality=90)
+def _varied_images(served: Served) -> list[Image.Image]:
+    """The task's own images plus other sizes and modes, to exercise resize and colour conversion."""
+    h, w = served.input_shape[1:]
     return [
-        rgb,
-        random_image(16, 16, seed=2),  # already at input size: no resize
+        *served.images[:3],
+        random_image(w, h, seed=2),  # already at input size: no resize
+        random_image(40, 30, seed=1),
         random_image(7, 50, seed=3).convert("L"),
         random_image(33, 17, seed=4).convert("RGBA"),
         random_image(20, 20, seed=5).convert("P"),
-        Image.open(io.BytesIO(jpeg.getvalue())),
+        Image.open(io.BytesIO(encode(random_image(24, 24, seed=6), "JPEG"))),
     ]
 
 
@@ -116,7 +199,7 @@ def test_preprocessing_is_identical_to_refiners(served):
 
     raw = served.metadata["preprocess"]
     ours, theirs = Preprocess.model_validate(raw), RefinerPreprocess.model_validate(raw)
-    for image in _test_images():
+    for image in _varied_images(served):
         a, b = preprocess(image, ours), preprocess_image(image, theirs)
         assert a.dtype == b.dtype == np.float32 and a.shape == b.shape == tuple(served.input_shape)
         assert np.array_equal(a, b)
@@ -130,7 +213,7 @@ def test_v2_json_round_trip_equals_onnx_session(client, served):
     assert body["id"] == "req-7" and body["model_name"] == served.name and body["model_version"] == str(served.version)
     (out,) = body["outputs"]
     assert out["name"] == "logits" and out["datatype"] == "FP32" and out["shape"] == [3, len(served.class_names)]
-    expected = served.session().run(None, {"input": x})[0]
+    expected = served.session.run(None, {"input": x})[0]
     np.testing.assert_allclose(np.asarray(out["data"], np.float32).reshape(out["shape"]), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -138,17 +221,16 @@ def test_v2_nested_data_and_versioned_route(client, served):
     x = _batch(served, 1, seed=3)
     body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.tolist()}]}
     r = client.post(f"/v2/models/{served.name}/versions/{served.version}/infer", json=body)
-    expected = served.session().run(None, {"input": x})[0]
+    expected = served.session.run(None, {"input": x})[0]
     np.testing.assert_allclose(np.asarray(r.json()["outputs"][0]["data"]).reshape(expected.shape), expected, atol=1e-6)
 
 
 def test_v2_binary_tensor_extension(client, served):
     x = _batch(served, 2, seed=5)
     header = json.dumps({
-        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                    "parameters": {"binary_data_size": x.nbytes}}],
+        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}],
         "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
-    }).encode()
+    }).encode()  # fmt: skip
     r = client.post(
         f"/v2/models/{served.name}/infer",
         content=header + x.tobytes(),
@@ -159,47 +241,38 @@ def test_v2_binary_tensor_extension(client, served):
     meta = json.loads(r.content[:n])
     assert meta["outputs"][0]["parameters"]["binary_data_size"] == len(r.content) - n
     got = np.frombuffer(r.content[n:], "<f4").reshape(meta["outputs"][0]["shape"])
-    np.testing.assert_allclose(got, served.session().run(None, {"input": x})[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, served.session.run(None, {"input": x})[0], rtol=1e-5, atol=1e-6)
 
 
 def test_classify_equals_refined_model_on_refiners_preprocessing(client, served):
+    """Served prediction == the refined PyTorch model and the ONNX session on refiner's preprocessing."""
     from refiner.datasets import Preprocess as RefinerPreprocess
     from refiner.datasets import preprocess_image
 
     pre = RefinerPreprocess.model_validate(served.metadata["preprocess"])
-    session = served.session()
-    for i, image in enumerate(_test_images()):
-        data = png_bytes(image) if i % 2 else _jpeg_or_png(image)
-        r = client.post(f"/v1/models/{served.name}/classify?top_k={len(served.class_names)}", content=data)
+    k = len(served.class_names)
+    for i, image in enumerate(_varied_images(served)):
+        data = encode(image, "JPEG" if i % 3 == 2 else "PNG")
+        r = client.post(f"/v1/models/{served.name}/classify?top_k={k}", content=data)
         assert r.status_code == 200, r.text
         preds = r.json()["predictions"]
         with Image.open(io.BytesIO(data)) as decoded:
             x = preprocess_image(decoded, pre)[None]
-        logits = session.run(None, {"input": x})[0][0]
-        probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
-        assert preds[0]["label"] == served.class_names[int(np.argmax(logits))]
-        if served.torch_model is not None:
-            import torch
-
-            with torch.inference_mode():
-                assert preds[0]["index"] == int(served.torch_model(torch.from_numpy(x)).argmax(1))
-        got = np.zeros(len(probs))
-        for p in preds:
-            got[p["index"]] = p["probability"]
-        np.testing.assert_allclose(got, probs, atol=1e-6)
+        with torch.inference_mode():
+            torch_logits = served.torch_model(torch.from_numpy(x))[0].numpy()
+        onnx_logits = served.session.run(None, {"input": x})[0][0]
+        assert preds[0]["index"] == int(np.argmax(torch_logits)) == int(np.argmax(onnx_logits))
+        assert preds[0]["label"] == served.class_names[preds[0]["index"]]
+        z = np.exp(onnx_logits - onnx_logits.max())
+        got = np.zeros(k)
+        got[[p["index"] for p in preds]] = [p["probability"] for p in preds]
+        np.testing.assert_allclose(got, z / z.sum(), atol=1e-6)
         assert [p["probability"] for p in preds] == sorted((p["probability"] for p in preds), reverse=True)
 
 
-def _jpeg_or_png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, "JPEG", quality=85)
-    return buf.getvalue()
-
-
 def test_classify_multipart_and_default_top_k(served):
-    settings = ServeSettings(models=served.models, top_k=2)
-    with TestClient(create_app(settings)) as client:
-        data = png_bytes(random_image(24, 24, seed=9))
+    with TestClient(create_app(ServeSettings(models=served.models, top_k=2))) as client:
+        data = encode(served.images[0])
         raw = client.post(f"/v1/models/{served.name}/classify", content=data, headers={"Content-Type": "image/png"})
         form = client.post(f"/v1/models/{served.name}/classify", files={"image": ("x.png", data, "image/png")})
         versioned = client.post(f"/v1/models/{served.name}/versions/{served.version}/classify?top_k=1", content=data)
@@ -212,6 +285,7 @@ def test_classify_multipart_and_default_top_k(served):
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
     total = 0.0
     for line in text.splitlines():
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
@@ -231,30 +305,29 @@ def test_metrics_count_requests_latency_queue_and_batches(served):
     assert _metric(text, "refiner_http_requests_total", route="/v2/models/{name}", status="404") == 1
     assert _metric(text, "refiner_http_request_duration_seconds_count", route=infer_route) == 3
     assert _metric(text, "refiner_http_request_duration_seconds_bucket", route=infer_route, le="+Inf") == 3
-    # 3 requests of 2 rows plus the warm-up's single row
+    # 3 requests of 2 rows, plus the warm-up's single row
     assert _metric(text, "refiner_batch_size_count", model=served.name) == 4
     assert _metric(text, "refiner_batch_size_sum", model=served.name) == 7
     assert _metric(text, "refiner_queue_wait_seconds_count", model=served.name) == 4
-    assert _metric(text, "refiner_model_loaded", model=served.name, provider=CPU) == 1
+    assert _metric(text, "refiner_inference_duration_seconds_count", model=served.name) == 4
+    assert _metric(text, "refiner_model_loaded", model=served.name, version=str(served.version)) == 1
 
 
-# --- artifacts: corrupted, unreadable, pinned, in-progress ----------------------------------------
+# --- artifacts: corrupted, unreadable, pinned, in progress ----------------------------------------
 
 
 @pytest.fixture(scope="module")
 def mixed_repo(served: Served, tmp_path_factory) -> Path:
-    """good (v1), fallback (v1 good, v2 sha256 mismatch), unreadable (ONNX garbage, matching sha256),
-    nometa (no metadata.json), twice (v1, v2 good), plus in-progress folders to ignore."""
+    """good (v1); fallback (v1 good, v2 sha256 mismatch); unreadable (garbage ONNX, matching sha256);
+    nometa (no metadata.json); twice (v1, v2); plus folders that are not versions."""
     repo = tmp_path_factory.mktemp("mixed")
-    src = (served.models, served.name, served.version)
-    copy_version(*src, repo, "good", 1)
-    copy_version(*src, repo, "fallback", 1)
-    copy_version(*src, repo, "fallback", 2, corrupt="flip")
-    copy_version(*src, repo, "unreadable", 1, corrupt="garbage")
-    copy_version(*src, repo, "nometa", 1)
-    (repo / "nometa" / "1" / "metadata.json").unlink()
-    copy_version(*src, repo, "twice", 1)
-    copy_version(*src, repo, "twice", 2)
+    copy_version(served, repo, "good", 1)
+    copy_version(served, repo, "fallback", 1)
+    copy_version(served, repo, "fallback", 2, corrupt="flip")
+    copy_version(served, repo, "unreadable", 1, corrupt="garbage")
+    (copy_version(served, repo, "nometa", 1) / "metadata.json").unlink()
+    copy_version(served, repo, "twice", 1)
+    copy_version(served, repo, "twice", 2)
     shutil.copytree(repo / "good" / "1", repo / "good" / ".2.abc.tmp")  # a version still being written
     (repo / ".hidden").mkdir()
     return repo
@@ -266,8 +339,8 @@ def test_corrupted_versions_are_refused_while_others_serve(mixed_repo, served, c
         assert client.get("/v2/health/ready").json() == {"ready": True}
         versions = {name: client.get(f"/v2/models/{name}").json().get("versions") for name in discover(mixed_repo)}
         assert versions == {"fallback": ["1"], "good": ["1"], "nometa": None, "twice": ["2"], "unreadable": None}
-        refused = client.get("/v2/models/fallback/versions/2")
-        assert refused.status_code == 404 and "sha256" in refused.json()["error"]
+        r = client.get("/v2/models/fallback/versions/2")
+        assert r.status_code == 404 and "sha256" in r.json()["error"]
         r = client.get("/v2/models/unreadable")
         assert r.status_code == 404 and "onnxruntime cannot load model.onnx" in r.json()["error"]
         r = client.get("/v2/models/nometa/ready")
@@ -278,6 +351,7 @@ def test_corrupted_versions_are_refused_while_others_serve(mixed_repo, served, c
     refusals = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and "REFUSED" in r.getMessage()]
     assert any(re.search(r"model fallback version 2: .*sha256 is [0-9a-f]{64}, metadata.json says", m) for m in refusals)
     assert any("model unreadable version 1" in m for m in refusals) and any("model nometa version 1" in m for m in refusals)
+    assert not any("good" in m or "twice" in m for m in refusals)
 
 
 def test_pinned_versions(mixed_repo):
@@ -334,8 +408,8 @@ def test_providers_follow_real_devices(monkeypatch):
 # --- dynamic batching ----------------------------------------------------------------------------
 
 
-def _run_batcher(requests: list[int], coalesce: bool = True, queue_size: int = 64, infer=None):
-    """Submit requests of the given row counts at once; return (outputs, batch stats, infer threads)."""
+def _run_batcher(rows: list[int], coalesce: bool = True, queue_size: int = 64, infer=None):
+    """Submit requests of `rows` rows at once to a batcher (max batch 8); return what happened."""
     stats: list[BatchStats] = []
     threads: set[int] = set()
 
@@ -347,7 +421,7 @@ def _run_batcher(requests: list[int], coalesce: bool = True, queue_size: int = 6
         batcher = DynamicBatcher("m", infer or double, 8, 0.05, queue_size, coalesce, stats.append)
         batcher.start()
         try:
-            xs = [np.full((n, 2), i, np.float32) for i, n in enumerate(requests)]
+            xs = [np.full((n, 2), i, np.float32) for i, n in enumerate(rows)]
             results = await asyncio.gather(*(batcher.infer(x) for x in xs), return_exceptions=True)
             return xs, results, threading.get_ident()
         finally:
@@ -362,7 +436,7 @@ def test_batcher_coalesces_concurrent_requests_off_the_event_loop():
     for x, y in zip(xs, results):
         np.testing.assert_array_equal(y, x * 2)  # each request gets its own rows back
     assert [s.rows for s in stats] == [8, 5]  # 1+3+2+2 fill the first batch; 4+1 the second
-    assert all(s.rows <= 8 for s in stats) and loop_thread not in threads
+    assert loop_thread not in threads
 
 
 def test_batcher_without_coalescing_runs_requests_alone():
@@ -399,44 +473,280 @@ def test_batcher_close_fails_what_cannot_finish():
     assert isinstance(result, Unavailable) and "shut down" in result.message
 
 
-def test_graceful_shutdown_stops_readiness_and_drains(served):
-    """Requests in flight when shutdown starts still get their answer; readiness turns false."""
-    settings = ServeSettings(models=served.models, max_queue_delay_ms=300)  # a lone request waits 300 ms
-    app = create_app(settings)
-    state = app.state.server
+# --- bad input: every one a 4xx with a specific message, never a 5xx ------------------------------
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A valid PNG header declaring width x height, with no pixel data (what a decompression bomb declares)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def _jpeg_declaring(width: int, height: int) -> bytes:
+    data = bytearray(encode(random_image(8, 8), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def _truncated(fmt: str) -> bytes:
+    data = encode(random_image(64, 64, seed=7), fmt)
+    return data[: len(data) // 2]
+
+
+def _bad_crc_png() -> bytes:
+    data = bytearray(_png_header(10, 10))
+    data[20] ^= 0xFF
+    return bytes(data)
+
+
+def _other_format(fmt: str) -> bytes:
+    buf = io.BytesIO()
+    random_image(16, 16).save(buf, fmt)
+    return buf.getvalue()
+
+
+def _binary_infer(s: Served, n: int = 1, size_delta: int = 0, extra: bytes = b"", header_len: str | None = None):
+    x = _batch(s, n)
+    header = json.dumps({
+        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes + size_delta}}]
+    }).encode()  # fmt: skip
+    length = header_len if header_len is not None else str(len(header))
+    return {"content": header + x.tobytes() + extra, "headers": {"Inference-Header-Content-Length": length}}
+
+
+def _tensor(s: Served, n: int = 1, **changes: Any) -> dict[str, Any]:
+    x = _batch(s, n)
+    tensor = {"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist(), **changes}
+    return {"json": {"inputs": [tensor]}}
+
+
+BODY_LIMIT = 200_000  # of the app under bad input
+PIXEL_LIMIT = 1_000_000
+I, C = "/v2/models/{m}/infer", "/v1/models/{m}/classify"
+_Case = tuple[str, str, Callable[[Served], dict[str, Any]], int, str]
+BAD_INPUTS: dict[str, _Case] = {
+    # classify: images
+    "empty body": ("POST", C, lambda s: {"content": b""}, 400, "body is empty; expected a JPEG or PNG"),
+    "text, not an image": ("POST", C, lambda s: {"content": b"hello world"}, 415, "not a JPEG or PNG image"),
+    "JSON, not an image": ("POST", C, lambda s: {"json": {"image": "x"}}, 415, "not a JPEG or PNG image"),
+    "GIF": ("POST", C, lambda s: {"content": _other_format("GIF")}, 415, r"starting b'GIF8"),
+    "BMP": ("POST", C, lambda s: {"content": _other_format("BMP")}, 415, "not a JPEG or PNG image"),
+    "TIFF": ("POST", C, lambda s: {"content": _other_format("TIFF")}, 415, "not a JPEG or PNG image"),
+    "truncated PNG": ("POST", C, lambda s: {"content": _truncated("PNG")}, 400, "PNG image data is truncated"),
+    "truncated JPEG": ("POST", C, lambda s: {"content": _truncated("JPEG")}, 400, "JPEG image data is truncated"),
+    "PNG header without pixels": ("POST", C, lambda s: {"content": _png_header(10, 10)}, 400, "truncated or corrupt"),
+    "PNG with bad checksum": ("POST", C, lambda s: {"content": _bad_crc_png()}, 400, "PNG image header is corrupt"),
+    "PNG signature only": ("POST", C, lambda s: {"content": b"\x89PNG\r\n\x1a\n"}, 400, "PNG image header is corrupt"),
+    "PNG bomb 100000^2": ("POST", C, lambda s: {"content": _png_header(100_000, 100_000)}, 413, "decompression bomb.*at most 1000000 pixels"),
+    "PNG bomb 10000^2": ("POST", C, lambda s: {"content": _png_header(10_000, 10_000)}, 413, "10000x10000 = 100000000 pixels; at most 1000000"),
+    "PNG over pixel limit": ("POST", C, lambda s: {"content": _png_header(2000, 501)}, 413, "2000x501 = 1002000 pixels; at most 1000000"),
+    "JPEG bomb": ("POST", C, lambda s: {"content": _jpeg_declaring(65000, 65000)}, 413, "decompression bomb"),
+    "body over limit": ("POST", C, lambda s: {"content": b"\0" * (BODY_LIMIT + 1)}, 413, f"limit is {BODY_LIMIT} bytes"),
+    "chunked body over limit": ("POST", C, lambda s: {"content": iter([b"\0" * 100_000] * 3)}, 413, f"exceeds the limit of {BODY_LIMIT}"),
+    "gzip body": ("POST", C, lambda s: {"content": b"x", "headers": {"Content-Encoding": "gzip"}}, 415, "Content-Encoding 'gzip' is not accepted"),
+    "top_k 0": ("POST", C + "?top_k=0", lambda s: {"content": b"x"}, 422, "top_k: Input should be greater than or equal to 1"),
+    "top_k not a number": ("POST", C + "?top_k=many", lambda s: {"content": b"x"}, 422, "top_k: Input should be a valid integer"),
+    "top_k over classes": ("POST", C + "?top_k=99", lambda s: {"content": b"x"}, 400, r"top_k is 99; model .* has \d+ classes"),
+    "classify unknown model": ("POST", "/v1/models/nope/classify", lambda s: {"content": b"x"}, 404, "unknown model 'nope'; available models: "),
+    "classify unknown version": ("POST", "/v1/models/{m}/versions/7/classify", lambda s: {"content": b"x"}, 404, "no version '7' loaded"),
+    "multipart without file": ("POST", C, lambda s: {"files": {"text": (None, "hello")}}, 400, "0 file parts"),
+    "multipart with two files": ("POST", C, lambda s: {"files": [("a", ("a.png", b"1")), ("b", ("b.png", b"2"))]}, 400, "malformed multipart.*Too many files"),
+    "multipart without boundary": ("POST", C, lambda s: {"content": b"--x\r\n", "headers": {"Content-Type": "multipart/form-data"}}, 400, "malformed multipart"),
+    "multipart file not an image": ("POST", C, lambda s: {"files": {"file": ("a.png", b"text")}}, 415, "not a JPEG or PNG image"),
+    # v2 infer
+    "malformed JSON": ("POST", I, lambda s: {"content": b'{"inputs": [', "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
+    "not UTF-8": ("POST", I, lambda s: {"content": b"\xff\xfe\x00"}, 400, "not valid JSON"),
+    "JSON list": ("POST", I, lambda s: {"json": [1, 2]}, 400, "request body is a JSON list"),
+    "no inputs": ("POST", I, lambda s: {"json": {"outputs": []}}, 400, "inputs: Field required"),
+    "unknown field": ("POST", I, lambda s: {"json": {**_tensor(s)["json"], "input": 1}}, 400, "input: Extra inputs are not permitted"),
+    "wrong input name": ("POST", I, lambda s: _tensor(s, name="image"), 400, r"inputs are \['image'\]; model .* takes exactly one input 'input' FP32"),
+    "two inputs": ("POST", I, lambda s: {"json": {"inputs": _tensor(s)["json"]["inputs"] * 2}}, 400, r"inputs are \['input', 'input'\]"),
+    "FP64": ("POST", I, lambda s: _tensor(s, datatype="FP64"), 400, "datatype 'FP64'; expected FP32"),
+    "INT8": ("POST", I, lambda s: _tensor(s, datatype="INT8"), 400, "datatype 'INT8'; expected FP32"),
+    "shape without batch": ("POST", I, lambda s: _tensor(s, shape=s.input_shape), 400, r"has shape \[3, .*expected \[N, 3, "),
+    "wrong image size": ("POST", I, lambda s: _tensor(s, shape=[1, 3, 5, 5]), 400, r"shape \[1, 3, 5, 5\]; expected \[N, "),
+    "batch 0": ("POST", I, lambda s: _tensor(s, shape=[0, *s.input_shape]), 400, r"with 1 <= N <= \d+"),
+    "batch over max": ("POST", I, lambda s: _tensor(s, s.max_batch_size + 1), 400, r"1 <= N <= \d+ \(the model's max batch size\)"),
+    "shape of strings": ("POST", I, lambda s: _tensor(s, shape=["1", *s.input_shape]), 400, "shape.0: Input should be a valid integer"),
+    "too few values": ("POST", I, lambda s: _tensor(s, data=[0.0] * 5), 400, r"has 5 values; shape \[1, .*\] needs \d+"),
+    "strings as data": ("POST", I, lambda s: _tensor(s, data=["a"] * int(np.prod(s.input_shape))), 400, "not only numbers"),
+    "booleans as data": ("POST", I, lambda s: _tensor(s, data=[True] * int(np.prod(s.input_shape))), 400, "not only numbers"),
+    "ragged data": ("POST", I, lambda s: _tensor(s, data=[[1.0, 2.0], [3.0]]), 400, "not a regular"),
+    "NaN": ("POST", I, lambda s: {"content": json.dumps(_tensor(s)["json"]).replace("]}]}", ", NaN]}]}").replace('"shape": [1', '"shape": [1').encode()}, 400, r"has \d+ values"),
+    "infinite values": ("POST", I, lambda s: _tensor(s, data=[float("inf")] * int(np.prod(s.input_shape))), 400, "NaN or infinite values"),
+    "no data": ("POST", I, lambda s: _tensor(s, data=None), 400, "no 'data' and no parameters.binary_data_size"),
+    "unknown output": ("POST", I, lambda s: {"json": {**_tensor(s)["json"], "outputs": [{"name": "probs"}]}}, 400, r"requested outputs \['probs'\]; model .* has one output 'logits'"),
+    "classification extension": ("POST", I, lambda s: {"json": {**_tensor(s)["json"], "outputs": [{"name": "logits", "parameters": {"classification": 3}}]}}, 400, r"parameters \['classification'\] are not supported"),
+    "shared memory": ("POST", I, lambda s: _tensor(s, parameters={"shared_memory_region": "r"}), 400, "not supported"),
+    "binary: header length not a number": ("POST", I, lambda s: _binary_infer(s, header_len="ten"), 400, "Inference-Header-Content-Length is 'ten'"),
+    "binary: header length past the body": ("POST", I, lambda s: _binary_infer(s, header_len="999999"), 400, r"body has \d+ bytes"),
+    "binary: wrong size": ("POST", I, lambda s: _binary_infer(s, size_delta=-4), 400, r"binary_data_size is \d+ .* needs \d+ bytes"),
+    "binary: trailing bytes": ("POST", I, lambda s: _binary_infer(s, extra=b"xx"), 400, r"binary section has \d+ bytes"),
+    "binary without header": ("POST", I, lambda s: {"content": _binary_infer(s)["content"]}, 400, "not valid JSON"),
+    "binary and data": ("POST", I, lambda s: _tensor(s, parameters={"binary_data_size": 4}), 400, "both 'data' and parameters.binary_data_size"),
+    "infer body over limit": ("POST", I, lambda s: {"content": b" " * (BODY_LIMIT + 1)}, 413, "limit is"),
+    "infer unknown model": ("POST", "/v2/models/nope/infer", lambda s: _tensor(s), 404, "unknown model 'nope'"),
+    "infer unknown version": ("POST", "/v2/models/{m}/versions/2/infer", lambda s: _tensor(s), 404, "has no version '2' loaded; the served version is 1"),
+    "infer non-integer version": ("POST", "/v2/models/{m}/versions/latest/infer", lambda s: _tensor(s), 404, "has no version 'latest'"),
+    "metadata unknown model": ("GET", "/v2/models/nope", lambda s: {}, 404, "unknown model 'nope'"),
+    "ready unknown model": ("GET", "/v2/models/nope/ready", lambda s: {}, 404, "unknown model 'nope'"),
+    "GET infer": ("GET", I, lambda s: {}, 405, "method GET is not allowed"),
+    "unknown endpoint": ("GET", "/v3/models", lambda s: {}, 404, "no such endpoint '/v3/models'"),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def strict_client(served: Served):
+    settings = ServeSettings(models=served.models, max_body_bytes=BODY_LIMIT, max_image_pixels=PIXEL_LIMIT)
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def test_bad_input_corpus_is_large():
+    assert len(BAD_INPUTS) >= 30
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_a_4xx_saying_what_was_expected(strict_client, served, case):
+    method, path, make, status, message = BAD_INPUTS[case]
+    r = strict_client.request(method, path.format(m=served.name), **make(served))
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    assert set(r.json()) == {"error"} and re.search(message, r.json()["error"]), r.json()["error"]
+
+
+def test_server_keeps_serving_after_bad_inputs_without_any_5xx(strict_client, served):
+    for method, path, make, _, _ in BAD_INPUTS.values():
+        strict_client.request(method, path.format(m=served.name), **make(served))
     x = _batch(served, 1)
-    with TestClient(app) as client:
-        answers = []
+    assert strict_client.post(f"/v2/models/{served.name}/infer", json=_infer_json(x)).status_code == 200
+    text = strict_client.get("/metrics").text
+    statuses = set(re.findall(r'refiner_http_requests_total\{.*status="(\d+)"\}', text))
+    assert statuses and not any(s.startswith("5") for s in statuses), statuses
+
+
+# --- a live server: stock tritonclient, streaming body limit, graceful shutdown -------------------
+
+
+class _Live:
+    """A uvicorn server on a free loopback port, run in a background thread."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.server = make_server(settings, log_level="warning")
+        self.state = self.server.config.app.state.server
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> _Live:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def live(served: Served):
+    with _Live(ServeSettings(models=served.models, max_body_bytes=BODY_LIMIT)) as server:
+        yield server
+
+
+def test_stock_tritonclient_works_unchanged(live, served):
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{live.port}")
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready(served.name) and client.is_model_ready(served.name, str(served.version))
+        meta = client.get_model_metadata(served.name)
+        assert meta["inputs"][0]["shape"] == [-1, *served.input_shape]
+        assert client.get_model_config(served.name)["max_batch_size"] == served.max_batch_size
+        assert client.get_server_metadata()["name"] == "refiner-serving"
+        x = _batch(served, 4, seed=11)
+        expected = served.session.run(None, {"input": x})[0]
+        for binary in (False, True):
+            inp = triton.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x, binary_data=binary)
+            out = triton.InferRequestedOutput("logits", binary_data=binary)
+            result = client.infer(served.name, [inp], outputs=[out], request_id="r1", model_version=str(served.version))
+            np.testing.assert_allclose(result.as_numpy("logits"), expected, rtol=1e-5, atol=1e-6)
+            assert result.get_response()["id"] == "r1"
+        result = client.infer(served.name, [inp])  # no outputs named: the client asks for binary_data_output
+        np.testing.assert_allclose(result.as_numpy("logits"), expected, rtol=1e-5, atol=1e-6)
+        with pytest.raises(InferenceServerException, match="unknown model 'nope'"):
+            client.infer("nope", [inp])
+    finally:
+        client.close()
+
+
+def test_body_limit_is_enforced_while_streaming(live, served):
+    """A chunked body without Content-Length that never ends: 413 as soon as the limit is passed."""
+    with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:
+        sock.sendall(
+            f"POST /v1/models/{served.name}/classify HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        chunk = b"\0" * 50_000
+        for _ in range(BODY_LIMIT // len(chunk) + 1):
+            sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+        response = sock.recv(65536)  # the body's last chunk was never sent
+    assert response.startswith(b"HTTP/1.1 413"), response[:200]
+    assert b"exceeds the limit of" in response
+
+
+def test_graceful_shutdown_stops_readiness_and_drains_in_flight(served):
+    import httpx
+
+    settings = ServeSettings(models=served.models, max_queue_delay_ms=400)  # a lone request waits 400 ms
+    x = _batch(served, 1)
+    answers: list[httpx.Response] = []
+    with _Live(settings) as live:
+        url = f"http://127.0.0.1:{live.port}"
+        assert httpx.get(url + "/v2/health/ready").status_code == 200
         worker = threading.Thread(
-            target=lambda: answers.append(client.post(f"/v2/models/{served.name}/infer", json=_infer_json(x)))
+            target=lambda: answers.append(httpx.post(f"{url}/v2/models/{served.name}/infer", json=_infer_json(x)))
         )
         worker.start()
-        while state.in_flight == 0:
-            pass
-    # Leaving the block ran the lifespan's shutdown: it waited for the request in flight.
-    worker.join()
-    assert state.draining and not state.ready
-    assert answers[0].status_code == 200
+        while live.state.in_flight == 0:
+            time.sleep(0.005)
+        live.server.handle_exit(15, None)  # SIGTERM
+        assert not live.state.ready
+        worker.join(10)
+        live.thread.join(10)
+        assert not live.thread.is_alive()
+    assert answers and answers[0].status_code == 200
 
 
 # --- package boundary ----------------------------------------------------------------------------
 
 
-def _imports(code: str) -> set[str]:
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return set(out.split())
+def _modules_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", code + "\nprint(' '.join(sys.modules))"], capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
 
 
 def test_serving_does_not_import_refiner():
     code = (
-        "import pkgutil, importlib, sys, serving\n"
-        "for m in pkgutil.iter_modules(serving.__path__): importlib.import_module('serving.' + m.name)\n"
-        "print(' '.join(sys.modules))"
+        "import importlib, pkgutil, sys, serving\n"
+        "for m in pkgutil.iter_modules(serving.__path__): importlib.import_module('serving.' + m.name)"
     )
-    assert not any(m == "refiner" or m.startswith("refiner.") for m in _imports(code))
+    modules = _modules_after(code)
+    assert "serving.app" in modules and not any(m == "refiner" or m.startswith("refiner.") for m in modules)
 
 
 def test_refiner_does_not_import_fastapi():
-    code = "import sys, refiner, refiner.cli\nprint(' '.join(sys.modules))"
-    modules = _imports(code)
-    assert "refiner" in modules and not {"fastapi", "uvicorn", "serving"} & modules
+    modules = _modules_after("import sys, refiner, refiner.cli")
+    assert "refiner.cli" in modules and not {"fastapi", "starlette", "uvicorn", "serving"} & modules

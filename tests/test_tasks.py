@@ -113,3 +113,41 @@ def test_imagefolder_and_errors(tmp_path):
         load_task("cifar10", None, target=True)
     with pytest.raises(DataLayoutError, match="does not exist"):
         load_task("cifar10", tmp_path / "missing", target=True)
+
+
+def test_mix_layout_splits_birds_and_dogs(tmp_path):
+    from scipy.io import savemat
+
+    cub = tmp_path / "CUB_200_2011"
+    rows = {"images.txt": [], "image_class_labels.txt": [], "train_test_split.txt": [], "bounding_boxes.txt": []}
+    for i in range(1, 7):
+        rel = f"001.Bird/img_{i}.jpg"
+        _png(cub / "images" / rel, (30, 30))
+        rows["images.txt"].append(f"{i} {rel}")
+        rows["image_class_labels.txt"].append(f"{i} 1")
+        rows["train_test_split.txt"].append(f"{i} {int(i <= 4)}")
+        rows["bounding_boxes.txt"].append(f"{i} 0 0 10 10")
+    for name, content in rows.items():
+        (cub / name).write_text("\n".join(content))
+    (cub / "classes.txt").write_text("1 001.Bird\n")
+    dogs = tmp_path / "StanfordDogs"
+    lists = {"train": [], "test": []}
+    for i in range(6):
+        rel = f"n02085620-Chihuahua/n02085620_{i}.jpg"
+        _png(dogs / "Images" / rel, (30, 30))
+        (dogs / "Annotation" / "n02085620-Chihuahua").mkdir(parents=True, exist_ok=True)
+        (dogs / "Annotation" / rel.removesuffix(".jpg")).write_text(
+            "<annotation><object><name>Chihuahua</name><bndbox><xmin>1</xmin><ymin>2</ymin><xmax>21</xmax><ymax>12</ymax></bndbox></object></annotation>"
+        )
+        lists["train" if i < 4 else "test"].append(rel)
+    for split, files in lists.items():
+        cells = np.empty((len(files), 1), dtype=object)  # the layout of the official file lists
+        for j, rel in enumerate(files):
+            cells[j, 0] = np.array([rel])
+        savemat(dogs / f"{split}_list.mat", {"file_list": cells})
+    base = load_task("mix-cub", tmp_path, target=False)
+    assert base.classes == ["001.Bird", "n02085620-Chihuahua"]
+    assert load_task("mix-cub", tmp_path, target=True).classes == ["001.Bird"]
+    dogs_task = load_task("mix-dogs", tmp_path, target=True)
+    assert dogs_task.classes == ["n02085620-Chihuahua"]
+    assert dogs_task.test[0].load().size == (20, 10)

@@ -20,10 +20,10 @@ from refiner.analyses.measure import (
     AnalysisConfig,
     ChannelShare,
     DataRecord,
-    accuracy_on_test,
     channel_shares,
     load_analysis_data,
     measure_pair,
+    accuracies_on_test,
     top_images,
 )
 from refiner.checkpoints import Classifier
@@ -63,7 +63,7 @@ class DiagnoseReport(BaseModel):
     data: DataRecord
     weak: str
     strong: str
-    test_acc: dict[str, float]  # "weak"/"strong" -> accuracy on the test split
+    test_acc: dict[str, float]  # "weak"/"strong" -> accuracy on the test split (nets predicting the data's classes)
     unreliable: Direction
     blind_spots: Direction
     seconds: float
@@ -102,9 +102,7 @@ def diagnose(
                 name=name, meaning=_MEANINGS[name], comparison=measured.report, channels=shares,
                 pictured_channel=channel, pictured_images=indices,
             )  # fmt: skip
-        acc = {"weak": accuracy_on_test(weak, data, config.analysis.num_workers)}
-        if strong.meta.class_names == data.classes:
-            acc["strong"] = accuracy_on_test(strong, data, config.analysis.num_workers)
+        acc = accuracies_on_test({"weak": weak, "strong": strong}, data, config.analysis.num_workers)
         report = DiagnoseReport(
             config=config, data=DataRecord.of(data), weak=weak.path.name, strong=strong.path.name, test_acc=acc,
             unreliable=directions["unreliable features"], blind_spots=directions["blind spots"],
@@ -122,6 +120,10 @@ def _pictured_channel(requested: int | None, shares: list[ChannelShare]) -> int:
     return requested
 
 
+def _acc(report: DiagnoseReport, role: str) -> str:
+    return f", test accuracy {report.test_acc[role]:.4f}" if role in report.test_acc else ""
+
+
 def _slug(name: str) -> str:
     return name.replace(" ", "-")
 
@@ -131,9 +133,8 @@ def _sections(report: DiagnoseReport) -> list[tuple[str, str]]:
         report.data,
         report.config.analysis,
         {
-            "weak net": f"{report.weak} at {report.unreliable.comparison.b.layer}, test accuracy {report.test_acc['weak']:.4f}",
-            "strong net": f"{report.strong} at {report.blind_spots.comparison.b.layer}"
-            + (f", test accuracy {report.test_acc['strong']:.4f}" if "strong" in report.test_acc else ""),
+            "weak net": f"{report.weak} at {report.unreliable.comparison.b.layer}{_acc(report, 'weak')}",
+            "strong net": f"{report.strong} at {report.blind_spots.comparison.b.layer}{_acc(report, 'strong')}",
         },
     )
     tables = {d.name: d.comparison.tables["test"] for d in (report.unreliable, report.blind_spots)}

@@ -34,6 +34,7 @@ __all__ = [
     "measure_pair",
     "channel_shares",
     "accuracy_on_test",
+    "accuracies_on_test",
     "require_same_classes",
     "top_images",
 ]
@@ -134,6 +135,11 @@ def require_same_classes(data: TaskData, *nets: Classifier) -> None:
                 f"{clf.path.name} predicts classes {clf.meta.class_names}, but the data were loaded for {data.classes}; "
                 "leave --classes out (the nets' own classes are used) or train the nets on these classes"
             )
+
+
+def accuracies_on_test(nets: dict[str, Classifier], data: TaskData, num_workers: int = 0) -> dict[str, float]:
+    """Test accuracy of each net that predicts exactly the data's classes (others are left out)."""
+    return {name: accuracy_on_test(clf, data, num_workers) for name, clf in nets.items() if clf.meta.class_names == data.classes}
 
 
 def accuracy_on_test(clf: Classifier, data: TaskData, num_workers: int = 0) -> float:
