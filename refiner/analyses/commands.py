@@ -1,9 +1,196 @@
-"""Registers the `refiner analyze <name>` sub-commands."""
+"""Registers the `refiner analyze <name>` sub-commands: they parse arguments and call the library."""
 
 from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from refiner.errors import ConfigError
 
 __all__ = ["register"]
 
 
 def register(sub, command, add_task) -> None:
     """Add one sub-parser per analysis; `command(sub, name, help, examples)` makes a parser."""
+    p = command(
+        sub,
+        "diagnose",
+        "Unreliable features and blind spots of a weak net against a strong one (paper Section 4.1, Fig. 3).",
+        "  refiner analyze diagnose --weak small.pt --strong full.pt --task digits --out reports/diagnose\n"
+        "  refiner analyze diagnose --weak small.pt --strong full.pt --task cifar10 --data cifar/ \\\n"
+        "      --layer-weak features.12 --layer-strong features.12 --images 6 --out reports/diagnose\n",
+    )
+    p.add_argument("--weak", required=True, type=Path, help="checkpoint of the weak net (e.g. trained on less data)")
+    p.add_argument("--strong", required=True, type=Path, help="checkpoint of the strong net")
+    p.add_argument("--layer-weak", help="layer of the weak net (default: the architecture's default layer)")
+    p.add_argument("--layer-strong", help="layer of the strong net (default: the architecture's default layer)")
+    p.add_argument("--channel", type=int, help="channel to picture (default: the one with the largest Δ share)")
+    _add_images(p)
+    _add_common(p, add_task)
+    p.set_defaults(run=_run_diagnose)
+
+    p = command(
+        sub,
+        "stability",
+        "Instability Var(x^Δ)/Var(x) over all ordered pairs of nets, per layer (paper Section 4.2, Tables 1-2).",
+        "  refiner analyze stability --models s0.pt s1.pt s2.pt --task digits --out reports/stability\n"
+        "  refiner analyze stability --models s0.pt s1.pt s2.pt --task cifar10 --data cifar/ \\\n"
+        "      --layers features.5 features.12 features.19 --train-per-class 200 --out reports/stability\n"
+        "  # disjoint halves: refiner train ... --subset half-a --out a.pt; ... --subset half-b --out b.pt\n"
+        "  refiner analyze stability --models a.pt b.pt --task cifar10 --data cifar/ --out reports/halves\n",
+    )
+    p.add_argument("--models", required=True, nargs="+", type=Path, help="checkpoints of nets trained the same way (at least 2)")
+    p.add_argument("--layers", nargs="+", help="layers to compare (default: the architecture's default layer)")
+    _add_common(p, add_task)
+    p.set_defaults(run=_run_stability)
+
+    p = command(
+        sub,
+        "compression",
+        "Knowledge discarded by magnitude pruning against accuracy drop (paper Section 4.4, Fig. 4 left).",
+        "  refiner analyze compression --model a.pt --task digits --sparsity 0,0.5,0.9 --out reports/compression\n"
+        "  refiner analyze compression --model a.pt --task cifar10 --data cifar/ --sparsity 0.5,0.8,0.93 \\\n"
+        "      --finetune-epochs 2 --train-per-class 300 --out reports/compression\n",
+    )
+    p.add_argument("--model", required=True, type=Path, help="checkpoint of the net to prune")
+    p.add_argument("--sparsity", default="0.5,0.8,0.93", help="comma-separated shares of weights set to zero, each in [0, 1) (default: 0.5,0.8,0.93)")
+    p.add_argument("--layer", help="layer compared (default: the architecture's default layer)")
+    p.add_argument("--finetune-epochs", type=int, default=3, help="fine-tuning epochs after pruning (default: 3)")
+    p.add_argument("--finetune-lr", type=float, default=0.01, help="peak SGD learning rate of the fine-tuning (default: 0.01)")
+    p.add_argument("--batch-size", type=int, default=128, help="fine-tuning batch size (default: 128)")
+    _add_images(p)
+    _add_common(p, add_task)
+    p.set_defaults(run=_run_compression)
+
+    p = command(
+        sub,
+        "distillation",
+        "Blind spots of born-again generations w.r.t. the newest (paper Section 4.5, Fig. 4 right).",
+        "  refiner analyze distillation --model a.pt --task digits --generations 4 --out reports/distillation\n"
+        "  refiner analyze distillation --model a.pt --task cifar10 --data cifar/ --generations 4 --epochs 12 --out reports/bans\n",
+    )
+    p.add_argument("--model", required=True, type=Path, help="checkpoint of generation 0 (the first teacher)")
+    p.add_argument("--generations", type=int, default=4, help="students trained one after another (default: 4)")
+    p.add_argument("--layer", help="layer compared (default: the architecture's default layer)")
+    p.add_argument("--epochs", type=int, default=12, help="training epochs of each student (default: 12)")
+    p.add_argument("--lr", type=float, default=0.05, help="peak SGD learning rate of each student (default: 0.05)")
+    p.add_argument("--batch-size", type=int, default=128, help="students' batch size (default: 128)")
+    p.add_argument("--kd-weight", type=float, default=0.5, help="loss = CE + W * KD (default: 0.5)")
+    p.add_argument("--temperature", type=float, default=1.0, help="KD temperature τ (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="students' seeds are SEED + generation (default: 0)")
+    _add_common(p, add_task)
+    p.set_defaults(run=_run_distillation)
+
+
+def _add_images(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", type=int, default=4, help="test images pictured as heatmaps (default: 4; 0: none)")
+
+
+def _add_common(p: argparse.ArgumentParser, add_task) -> None:
+    p.add_argument("--out", required=True, type=Path, help="report folder to write (must not exist): report.json, *.png, report.html")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need arbitrary unpickling (runs code from the file!)")
+    group = p.add_argument_group("g and data budget")
+    group.add_argument("--orders", type=int, default=2, help="K, the highest order of non-linearity in g (default: 2)")
+    group.add_argument("--lambda", dest="lam", type=float, default=0.1, help="weight of the penalty on p^(k) (default: 0.1)")
+    group.add_argument("--kernel", type=int, default=3, help="kernel size of g's convolutions (default: 3)")
+    group.add_argument("--g-epochs", type=int, default=30, help="epochs to fit each g (default: 30)")
+    group.add_argument("--g-lr", type=float, nargs=2, default=(1e-3, 1e-5), metavar=("START", "END"), help="log-spaced learning rate of g (default: 1e-3 1e-5)")
+    group.add_argument("--g-batch", type=int, default=64, help="batch size to fit g (default: 64)")
+    group.add_argument("--test-per-class", type=int, help="test images per class measured (default: all)")
+    add_task(p)
+
+
+def _analysis_config(args):
+    from refiner.analyses.measure import AnalysisConfig
+    from refiner.fitting import FitConfig
+    from refiner.isomorphism import IsomorphismConfig
+
+    return AnalysisConfig(
+        g=IsomorphismConfig(orders=args.orders, lam=args.lam, kernel_size=args.kernel),
+        fit=FitConfig(epochs=args.g_epochs, lr_start=args.g_lr[0], lr_end=args.g_lr[1], batch_size=args.g_batch),
+        train_per_class=args.train_per_class,
+        test_per_class=args.test_per_class,
+        num_workers=args.workers,
+    )
+
+
+def _load(args, path: Path):
+    from refiner.checkpoints import load_checkpoint
+
+    return load_checkpoint(path, trust=args.trust_checkpoint)
+
+
+def _where(args) -> dict:
+    """Keyword arguments every analysis takes besides its config."""
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    return {"task": args.task, "data_dir": args.data, "out": args.out, "classes": classes, "cache_dir": args.cache}
+
+
+def _run_diagnose(args) -> None:
+    from refiner.analyses.diagnose import DiagnoseConfig, diagnose
+
+    config = DiagnoseConfig(
+        analysis=_analysis_config(args), layer_weak=args.layer_weak, layer_strong=args.layer_strong, images=args.images, channel=args.channel
+    )
+    report = diagnose(_load(args, args.weak), _load(args, args.strong), config=config, **_where(args))
+    for d in (report.unreliable, report.blind_spots):
+        t = d.comparison.tables["test"]
+        top = ", ".join(str(c.channel) for c in d.channels[:5])
+        print(f"{d.name}: Var(x^D)/Var(x) {t.instability:.4f}, linear CKA {t.cka:.4f}; channels with the largest D share: {top}")
+    print(f"wrote {args.out / 'report.html'}")
+
+
+def _run_stability(args) -> None:
+    from refiner.analyses.stability import StabilityConfig, stability
+
+    config = StabilityConfig(analysis=_analysis_config(args), layers=tuple(args.layers) if args.layers else None)
+    report = stability([_load(args, m) for m in args.models], config=config, **_where(args))
+    for s in report.layers:
+        orders = "  ".join(f"Var(x^({k})) {v:.4f}" for k, v in enumerate(s.var_orders))
+        print(f"{s.layer}: instability {s.instability:.4f} ± {s.instability_std:.4f}, linear CKA {s.cka:.4f}; {orders}  Var(x^D) {s.var_delta:.4f}")
+    print(f"wrote {args.out / 'report.html'}")
+
+
+def _run_compression(args) -> None:
+    from refiner.analyses.compression import CompressionConfig, compression
+    from refiner.training import TrainConfig
+
+    config = CompressionConfig(
+        analysis=_analysis_config(args),
+        sparsities=_floats(args.sparsity, "--sparsity"),
+        finetune=TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, batch_size=args.batch_size, num_workers=args.workers),
+        layer=args.layer,
+        images=args.images,
+    )
+    report = compression(_load(args, args.model), config=config, **_where(args))
+    print(f"{report.model}: test accuracy {report.original_test_acc:.4f}")
+    for r in report.pruned:
+        t = r.comparison.tables["test"]
+        print(f"sparsity {r.sparsity:.2f}: test acc {r.test_acc:.4f} (drop {r.accuracy_drop:+.4f}), discarded Var(x^D) {t.var_delta:.4f}, linear CKA {t.cka:.4f}")
+    print(f"wrote {args.out / 'report.html'}")
+
+
+def _run_distillation(args) -> None:
+    from refiner.analyses.distillation import DistillationConfig, distillation
+    from refiner.training import TrainConfig
+
+    config = DistillationConfig(
+        analysis=_analysis_config(args),
+        generations=args.generations,
+        train=TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, num_workers=args.workers),
+        kd_weight=args.kd_weight,
+        temperature=args.temperature,
+        layer=args.layer,
+    )
+    report = distillation(_load(args, args.model), config=config, **_where(args))
+    for g in report.generations:
+        blind = f", blind spots Var(x^D) {g.blind_spots.tables['test'].var_delta:.4f}" if g.blind_spots else " (newest)"
+        print(f"generation {g.generation}: test acc {g.test_acc:.4f}{blind}")
+    print(f"wrote {args.out / 'report.html'}")
+
+
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{option} takes comma-separated numbers such as 0.5,0.8,0.93, got {text!r}") from None

@@ -20,10 +20,10 @@ from refiner.analyses.measure import (
     AnalysisConfig,
     ChannelShare,
     DataRecord,
+    accuracies_on_test,
     channel_shares,
     load_analysis_data,
     measure_pair,
-    accuracies_on_test,
     top_images,
 )
 from refiner.checkpoints import Classifier
