@@ -187,7 +187,7 @@ def save_pictures(path: Path, rows: list[PictureRow], channel: int, title: str) 
             shown = axes[r, c].imshow(
                 fmap, cmap="RdBu_r", vmin=-scale, vmax=scale, alpha=0.7, extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="bilinear"
             )
-        fig.colorbar(shown, ax=axes[r, 3], fraction=0.046)
+        fig.colorbar(shown, cax=axes[r, 3].inset_axes((1.04, 0.0, 0.05, 1.0)))
         for c in range(4):
             axes[r, c].set_xticks([])
             axes[r, c].set_yticks([])
