@@ -187,6 +187,7 @@ def _plots(folder: Path, report: CompressionReport) -> None:
     line_plot(
         folder / "drop-vs-discarded.png", [t.var_delta for t, _ in by_var], {"accuracy drop": [r.accuracy_drop for _, r in by_var]},
         "Var(x^Δ) (discarded knowledge)", "test accuracy drop", "Accuracy drop against discarded knowledge",
+        point_labels=[f"sparsity {r.sparsity:g}" for _, r in by_var],
     )  # fmt: skip
 
 

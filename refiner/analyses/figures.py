@@ -105,13 +105,15 @@ def _pyplot():
 
 def line_plot(
     path: Path, x: Sequence[float], series: dict[str, Sequence[float]], xlabel: str, ylabel: str, title: str,
-    right: dict[str, Sequence[float]] | None = None, right_label: str = "",
+    right: dict[str, Sequence[float]] | None = None, right_label: str = "", point_labels: Sequence[str] | None = None,
 ) -> None:  # fmt: skip
-    """Lines with markers against x; `right` series go on a second y axis."""
+    """Lines with markers against x; `right` series go on a second y axis; `point_labels` annotate the first series."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 3.6))
     for name, values in series.items():
         ax.plot(x, values, marker="o", label=name)
+    for xi, yi, text in zip(x, next(iter(series.values())), point_labels or []):
+        ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(4, 6), fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     handles, labels = ax.get_legend_handles_labels()
