@@ -73,7 +73,8 @@ class DynamicBatcher:
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
         self._closing = False
-        self._busy = False
+        self._held: list[_Pending] = []  # the batch being formed or run
+        self._next: _Pending | None = None  # taken off the queue, did not fit: starts the next batch
 
     def start(self) -> None:
         """Start the worker on the running event loop."""
@@ -106,13 +107,15 @@ class DynamicBatcher:
         self._closing = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while (self.depth or self._busy) and loop.time() < deadline:
+        while (self.depth or self._held or self._next) and loop.time() < deadline:
             await asyncio.sleep(0.01)
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        left = [*self._held, *([self._next] if self._next else [])]
         while self._queue and not self._queue.empty():
-            pending = self._queue.get_nowait()
+            left.append(self._queue.get_nowait())
+        for pending in left:
             if not pending.future.done():
                 pending.future.set_exception(Unavailable(f"model {self.name!r} shut down before running the request"))
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -120,12 +123,12 @@ class DynamicBatcher:
     async def _work(self) -> None:
         assert self._queue is not None
         loop = asyncio.get_running_loop()
-        carry: _Pending | None = None
         while True:
-            first = carry or await self._queue.get()
-            carry = None
-            batch, rows = [first], len(first.x)
-            deadline = first.enqueued + self._max_delay_s
+            # Requests off the queue but not yet answered stay in _held (or _next), where close() finds them.
+            self._held = [self._next or await self._queue.get()]
+            self._next = None
+            rows = len(self._held[0].x)
+            deadline = self._held[0].enqueued + self._max_delay_s
             while self._coalesce and rows < self.max_batch_size:
                 try:
                     item = self._queue.get_nowait()
@@ -138,15 +141,12 @@ class DynamicBatcher:
                     except TimeoutError:
                         break
                 if rows + len(item.x) > self.max_batch_size:
-                    carry = item  # starts the next batch
+                    self._next = item  # starts the next batch
                     break
-                batch.append(item)
+                self._held.append(item)
                 rows += len(item.x)
-            self._busy = True
-            try:
-                await self._run(batch)
-            finally:
-                self._busy = False
+            await self._run(self._held)
+            self._held = []
 
     async def _run(self, batch: list[_Pending]) -> None:
         live = [p for p in batch if not p.future.done()]  # a client that went away cancelled its future
