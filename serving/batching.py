@@ -2,24 +2,27 @@
 
 A worker task takes the oldest waiting request, then adds more until the batch
 holds max_batch_size rows or the oldest request has waited max_delay (as
-Triton's max_queue_delay_microseconds). The batch runs on a dedicated thread,
-never on the event loop. The waiting queue is bounded: when it is full, new
-requests are refused with 503 at once instead of piling up.
+Triton's max_queue_delay_microseconds). It waits only for requests known to be
+coming: a request announces itself (`arrival()`) before its body is read and
+parsed, so a lone request runs at once instead of paying the delay for nothing.
+The batch runs on a dedicated thread, never on the event loop. The waiting
+queue is bounded: when it is full, new requests are refused with 503 at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
 from serving.errors import InferenceFailed, Unavailable
 
-__all__ = ["BatchStats", "DynamicBatcher"]
+__all__ = ["BatchStats", "Arrival", "DynamicBatcher"]
 
 log = logging.getLogger("serving.batching")
 
@@ -38,6 +41,25 @@ class _Pending:
     x: np.ndarray
     future: asyncio.Future[np.ndarray]
     enqueued: float
+
+
+class Arrival:
+    """A request on its way to the batcher: counted as coming until it calls `infer` (or gives up)."""
+
+    def __init__(self, batcher: DynamicBatcher) -> None:
+        self._batcher: DynamicBatcher | None = batcher
+        batcher._coming += 1
+
+    def _leave(self) -> None:
+        if self._batcher is not None:
+            self._batcher._coming -= 1
+            self._batcher = None
+
+    async def infer(self, x: np.ndarray) -> np.ndarray:
+        batcher = self._batcher
+        assert batcher is not None, "Arrival.infer() may be called once"
+        self._leave()
+        return await batcher.infer(x)
 
 
 class DynamicBatcher:
@@ -75,6 +97,7 @@ class DynamicBatcher:
         self._closing = False
         self._held: list[_Pending] = []  # the batch being formed or run
         self._next: _Pending | None = None  # taken off the queue, did not fit: starts the next batch
+        self._coming = 0  # announced requests not yet queued (see Arrival)
 
     def start(self) -> None:
         """Start the worker on the running event loop."""
@@ -85,6 +108,15 @@ class DynamicBatcher:
     def depth(self) -> int:
         """Requests waiting (not counting the batch running now)."""
         return self._queue.qsize() if self._queue else 0
+
+    @contextmanager
+    def arrival(self) -> Iterator[Arrival]:
+        """Announce a request before reading its body; a forming batch waits (up to max_delay) for it."""
+        arrival = Arrival(self)
+        try:
+            yield arrival
+        finally:
+            arrival._leave()
 
     async def infer(self, x: np.ndarray) -> np.ndarray:
         """Outputs for `x` (N rows, 1 <= N <= max_batch_size), run in some batch."""
@@ -134,7 +166,7 @@ class DynamicBatcher:
                     item = self._queue.get_nowait()
                 except asyncio.QueueEmpty:
                     remaining = deadline - loop.time()
-                    if remaining <= 0:
+                    if remaining <= 0 or not self._coming:
                         break
                     try:
                         item = await asyncio.wait_for(self._queue.get(), remaining)

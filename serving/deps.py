@@ -11,7 +11,7 @@ from serving.state import ServerState
 __all__ = ["ServerDep"]
 
 
-def _server(request: Request) -> ServerState:
+async def _server(request: Request) -> ServerState:
     return request.app.state.server
 
 

@@ -11,6 +11,7 @@ __all__ = [
     "Unavailable",
     "InferenceFailed",
     "ArtifactError",
+    "DeviceError",
 ]
 
 
@@ -52,3 +53,7 @@ class InferenceFailed(ServingError):
 
 class ArtifactError(Exception):
     """A model version in the repository cannot be served (bad metadata, sha256 mismatch, unreadable ONNX)."""
+
+
+class DeviceError(ValueError):
+    """The device the settings ask for is not usable on this machine."""

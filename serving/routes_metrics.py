@@ -13,5 +13,5 @@ router = APIRouter(tags=["metrics"])
 
 
 @router.get("/metrics", response_class=Response, summary="Prometheus metrics")
-def metrics(server: ServerDep) -> Response:
+async def metrics(server: ServerDep) -> Response:
     return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from serving.artifact import Artifact, ArtifactMeta
-from serving.errors import ArtifactError
+from serving.errors import ArtifactError, DeviceError
 
 __all__ = ["CPU", "CUDA", "cuda_device_count", "choose_providers", "ModelRuntime"]
 
@@ -46,7 +46,7 @@ def choose_providers(device: str) -> list[str]:
     if has_cuda:
         return [CUDA, CPU]
     if device == "cuda":
-        raise ArtifactError(
+        raise DeviceError(
             "device 'cuda' was requested but no CUDA device is usable (onnxruntime providers: "
             f"{ort.get_available_providers()}, CUDA devices: {cuda_device_count()}); use device 'auto' or 'cpu'"
         )

@@ -9,6 +9,7 @@ tritonclient; graceful shutdown; and the import boundary between the two package
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import logging
@@ -37,7 +38,7 @@ from PIL import Image
 from serving.app import create_app, make_server
 from serving.artifact import discover
 from serving.batching import BatchStats, DynamicBatcher
-from serving.errors import InferenceFailed, Unavailable
+from serving.errors import DeviceError, InferenceFailed, Unavailable
 from serving.images import preprocess
 from serving.runtime import CPU, CUDA, choose_providers
 from serving.settings import PILLOW_MAX_IMAGE_PIXELS, ServeSettings
@@ -102,7 +103,7 @@ def copy_version(served: Served, repo: Path, name: str, version: int, corrupt: s
         onnx.write_bytes(bytes(data))
     elif corrupt == "garbage":  # sha256 matches, but it is not an ONNX model
         onnx.write_bytes(b"not an onnx model" * 10)
-        meta["onnx_sha256"] = __import__("hashlib").sha256(onnx.read_bytes()).hexdigest()
+        meta["onnx_sha256"] = hashlib.sha256(onnx.read_bytes()).hexdigest()
     (folder / "metadata.json").write_text(json.dumps({**meta, "name": name, "version": version}))
     return folder
 
@@ -398,7 +399,7 @@ def test_providers_follow_real_devices(monkeypatch):
     assert choose_providers("cpu") == [CPU]
     monkeypatch.setattr(runtime, "cuda_device_count", lambda: 0)
     assert choose_providers("auto") == [CPU]
-    with pytest.raises(Exception, match="no CUDA device is usable"):
+    with pytest.raises(DeviceError, match="no CUDA device is usable"):
         choose_providers("cuda")
     if CUDA in ort.get_available_providers():
         monkeypatch.setattr(runtime, "cuda_device_count", lambda: 1)
@@ -458,13 +459,37 @@ def test_batcher_inference_error_fails_the_batch_only():
     assert all(isinstance(r, InferenceFailed) and "boom" in r.message for r in results)
 
 
+def test_batcher_waits_only_for_announced_requests():
+    """A lone request runs at once; one announced while a batch forms joins it (within the delay)."""
+    stats: list[BatchStats] = []
+
+    async def main():
+        batcher = DynamicBatcher("m", lambda x: x * 2, 8, 5.0, 8, on_batch=stats.append)  # delay 5 s
+        batcher.start()
+        t0 = time.perf_counter()
+        await batcher.infer(np.zeros((1, 2), np.float32))
+        lone = time.perf_counter() - t0
+        with batcher.arrival() as coming:
+            first = asyncio.ensure_future(batcher.infer(np.ones((1, 2), np.float32)))
+            await asyncio.sleep(0.05)  # still reading its body, say
+            second = await coming.infer(np.full((2, 2), 3, np.float32))
+        np.testing.assert_array_equal(await first, [[2, 2]])
+        np.testing.assert_array_equal(second, [[6, 6], [6, 6]])
+        await batcher.close(1)
+        return lone
+
+    assert asyncio.run(main()) < 1.0
+    assert [s.rows for s in stats] == [1, 3]
+
+
 def test_batcher_close_fails_what_cannot_finish():
     async def main():
-        batcher = DynamicBatcher("m", lambda x: x, 8, 10.0, 4)  # would wait 10 s for a fuller batch
+        batcher = DynamicBatcher("m", lambda x: x, 8, 10.0, 4)
         batcher.start()
-        pending = asyncio.ensure_future(batcher.infer(np.zeros((1, 2), np.float32)))
-        await asyncio.sleep(0.01)
-        await batcher.close(0.05)
+        with batcher.arrival():  # announced but never sent: the batch would wait 10 s for it
+            pending = asyncio.ensure_future(batcher.infer(np.zeros((1, 2), np.float32)))
+            await asyncio.sleep(0.01)
+            await batcher.close(0.05)
         with pytest.raises(Unavailable, match="shutting down"):
             await batcher.infer(np.zeros((1, 2), np.float32))
         return await asyncio.gather(pending, return_exceptions=True)
@@ -716,26 +741,32 @@ def test_body_limit_is_enforced_while_streaming(live, served):
 
 
 def test_graceful_shutdown_stops_readiness_and_drains_in_flight(served):
-    import httpx
-
-    settings = ServeSettings(models=served.models, max_queue_delay_ms=400)  # a lone request waits 400 ms
-    x = _batch(served, 1)
-    answers: list[httpx.Response] = []
-    with _Live(settings) as live:
-        url = f"http://127.0.0.1:{live.port}"
-        assert httpx.get(url + "/v2/health/ready").status_code == 200
-        worker = threading.Thread(
-            target=lambda: answers.append(httpx.post(f"{url}/v2/models/{served.name}/infer", json=_infer_json(x)))
-        )
-        worker.start()
-        while live.state.in_flight == 0:
-            time.sleep(0.005)
-        live.server.handle_exit(15, None)  # SIGTERM
-        assert not live.state.ready
-        worker.join(10)
+    """A request half uploaded when shutdown starts still gets its answer; readiness turns false at once."""
+    x = _batch(served, 2)
+    request = _binary_infer(served, 2)
+    head = (
+        f"POST /v2/models/{served.name}/infer HTTP/1.1\r\nHost: test\r\nContent-Length: {len(request['content'])}\r\n"
+        f"Inference-Header-Content-Length: {request['headers']['Inference-Header-Content-Length']}\r\n\r\n"
+    ).encode()
+    half = len(request["content"]) // 2
+    with _Live(ServeSettings(models=served.models)) as live:
+        with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:
+            sock.sendall(head + request["content"][:half])
+            while live.state.in_flight == 0:
+                time.sleep(0.005)
+            live.server.handle_exit(15, None)  # SIGTERM
+            assert not live.state.ready
+            time.sleep(0.1)
+            sock.sendall(request["content"][half:])
+            response = b""
+            while data := sock.recv(65536):
+                response += data
         live.thread.join(10)
         assert not live.thread.is_alive()
-    assert answers and answers[0].status_code == 200
+    assert response.startswith(b"HTTP/1.1 200"), response[:300]
+    (out,) = json.loads(response.split(b"\r\n\r\n", 1)[1])["outputs"]
+    got = np.asarray(out["data"], np.float32).reshape(out["shape"])
+    np.testing.assert_allclose(got, served.session.run(None, {"input": x})[0], rtol=1e-5, atol=1e-6)
 
 
 # --- package boundary ----------------------------------------------------------------------------

@@ -1,0 +1,211 @@
+"""Serving benchmark on loopback (run by hand; figures go to docs/benchmarks.md, "## Serving").
+
+  python benchmarks/serve_bench.py --models models --model digits-refined \
+      --concurrency 1 4 16 --requests 400 --batch 8
+
+For each of batching on and off, starts `uvicorn serving.app:app` in a subprocess
+and sends a bounded number of v2 infer requests (binary tensors, so the client
+spends little CPU) from `concurrency` asyncio workers: requests/s, images/s,
+p50/p95/p99 latency and errors. Requests of 1 image show what dynamic batching
+does; requests of --batch images compare with the raw onnxruntime session
+running the same batch, with the session options the server uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from serving.artifact import discover, read_artifact
+from serving.runtime import ModelRuntime, choose_providers
+
+
+@dataclass
+class Result:
+    label: str
+    concurrency: int
+    rows: int  # images per request
+    requests: int
+    errors: int
+    seconds: float
+    latencies_ms: list[float]
+    server_cpu_s: float  # CPU time of the serving process (or of the raw session) during the run
+    client_cpu_s: float  # CPU time of the load generator during the run
+
+    def cpu_ms(self, seconds: float) -> str:
+        return f"{seconds / max(1, len(self.latencies_ms)) * 1000:.2f}"
+
+    def row(self) -> str:
+        ok = len(self.latencies_ms)
+        p50, p95, p99 = np.percentile(self.latencies_ms, [50, 95, 99]) if ok else (float("nan"),) * 3
+        rps = ok / self.seconds
+        return (
+            f"| {self.label} | {self.concurrency} | {self.rows} | {rps:,.0f} | {rps * self.rows:,.0f} "
+            f"| {p50:.1f} | {p95:.1f} | {p99:.1f} | {self.errors} "
+            f"| {self.cpu_ms(self.server_cpu_s)} | {self.cpu_ms(self.client_cpu_s)} |"
+        )
+
+
+HEADER = (
+    "| setup | concurrency | images/request | requests/s | images/s | p50 ms | p95 ms | p99 ms | errors "
+    "| server CPU ms/request | client CPU ms/request |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def _cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU time of this process (pid None) or of another one (Linux /proc)."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _raw_session(models: Path, name: str, rows: int, seconds: float, device: str, threads: int) -> Result:
+    """The same session the server builds (same options), called back to back on one thread."""
+    artifact = read_artifact(models, name, discover(models)[name][0])
+    runtime = ModelRuntime(artifact, choose_providers(device), threads)
+    x = np.random.default_rng(0).standard_normal((rows, *runtime.meta.input.shape)).astype(np.float32)
+    for _ in range(20):
+        runtime.run(x)
+    latencies, start, cpu = [], time.perf_counter(), _cpu_seconds()
+    while time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        runtime.run(x)
+        latencies.append((time.perf_counter() - t0) * 1000)
+    elapsed, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+    return Result(f"raw onnxruntime ({runtime.provider})", 1, rows, len(latencies), 0, elapsed, latencies, cpu, 0.0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Server:
+    """`uvicorn serving.app:app` in a subprocess, configured through REFINER_SERVE_* variables."""
+
+    def __init__(self, models: Path, batching: bool, delay_ms: float, device: str, threads: int) -> None:
+        self.port = _free_port()
+        env = {
+            **os.environ,
+            "REFINER_SERVE_MODELS": str(models),
+            "REFINER_SERVE_BATCHING": str(batching).lower(),
+            "REFINER_SERVE_MAX_QUEUE_DELAY_MS": str(delay_ms),
+            "REFINER_SERVE_QUEUE_SIZE": "1024",
+            "REFINER_SERVE_DEVICE": device,
+            "REFINER_SERVE_INTRA_OP_THREADS": str(threads),
+        }
+        cmd = [sys.executable, "-m", "uvicorn", "serving.app:app", "--port", str(self.port), "--log-level", "warning"]
+        self.proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> _Server:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/v2/health/ready").status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.proc.kill()
+        raise RuntimeError("the server did not become ready within 60 s")
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def _binary_request(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    header = json.dumps({
+        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}],
+        "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
+    }).encode()  # fmt: skip
+    return header + x.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
+
+
+async def _load(url: str, body: bytes, headers: dict[str, str], concurrency: int, total: int) -> tuple[list[float], int, float]:
+    """`total` POSTs from `concurrency` workers; (latencies of successes in ms, errors, seconds)."""
+    latencies: list[float] = []
+    errors = 0
+    remaining = total
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+        for _ in range(min(20, total)):  # warm connections and the server
+            await client.post(url, content=body, headers=headers)
+
+        async def worker() -> None:
+            nonlocal remaining, errors
+            while remaining > 0:
+                remaining -= 1
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post(url, content=body, headers=headers)
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if ok:
+                    latencies.append((time.perf_counter() - t0) * 1000)
+                else:
+                    errors += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return latencies, errors, time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", type=Path, default=Path("models"))
+    p.add_argument("--model", required=True, help="model name in the repository")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--requests", type=int, default=400, help="requests per measurement (bounded)")
+    p.add_argument("--batch", type=int, default=8, help="images per request when comparing with the raw session")
+    p.add_argument("--delay-ms", type=float, default=2.0, help="REFINER_SERVE_MAX_QUEUE_DELAY_MS")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: one per core)")
+    p.add_argument("--batching", default="on,off", help="which server set-ups to measure: on, off or on,off")
+    args = p.parse_args()
+
+    # The repository may hold several models: the server gets a repository holding only the one measured.
+    models = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    (models / args.model).symlink_to((args.models / args.model).resolve())
+    shape = read_artifact(models, args.model, discover(models)[args.model][0]).meta.input.shape
+    rng = np.random.default_rng(0)
+    results = [_raw_session(models, args.model, rows, 3.0, args.device, args.threads) for rows in (1, args.batch)]
+    for batching in [b == "on" for b in args.batching.split(",")]:
+        with _Server(models, batching, args.delay_ms, args.device, args.threads) as server:
+            url = f"{server.url}/v2/models/{args.model}/infer"
+            for rows in (1, args.batch):
+                body, headers = _binary_request(rng.standard_normal((rows, *shape)).astype(np.float32))
+                for c in args.concurrency:
+                    server_cpu, client_cpu = _cpu_seconds(server.proc.pid), _cpu_seconds()
+                    latencies, errors, seconds = asyncio.run(_load(url, body, headers, c, args.requests))
+                    server_cpu, client_cpu = _cpu_seconds(server.proc.pid) - server_cpu, _cpu_seconds() - client_cpu
+                    label = f"served, batching {'on' if batching else 'off'}"
+                    results.append(
+                        Result(label, c, rows, args.requests, errors, seconds, latencies, server_cpu, client_cpu)
+                    )
+                    print(results[-1].row(), flush=True)
+    print()
+    print(HEADER)
+    for r in results:
+        print(r.row())
+
+
+if __name__ == "__main__":
+    main()
