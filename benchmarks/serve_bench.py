@@ -2,6 +2,9 @@
 
   python benchmarks/serve_bench.py --models models --model digits-refined \
       --concurrency 1 4 16 --requests 400 --batch 8
+  python benchmarks/serve_bench.py --untrained small_vgg ...
+      the same on an untrained refined model of that architecture, exported the way
+      `refiner build` exports (speed does not depend on the weights)
 
 For each of batching on and off, starts `uvicorn serving.app:app` in a subprocess
 and sends a bounded number of v2 infer requests (binary tensors, so the client
@@ -89,6 +92,40 @@ def _raw_session(models: Path, name: str, rows: int, seconds: float, device: str
     return Result(f"raw onnxruntime ({runtime.provider})", 1, rows, len(latencies), 0, elapsed, latencies, cpu, 0.0)
 
 
+def _untrained_artifact(arch: str, models: Path) -> str:
+    """Export an untrained refined model (A's trunk -> g -> B's head at the default layer) as version 1."""
+    import torch
+
+    from refiner.architectures import create_model, get_arch
+    from refiner.checkpoints import file_sha256
+    from refiner.datasets import Preprocess
+    from refiner.export import export_onnx, validate_onnx
+    from refiner.isomorphism import IsomorphismNet
+    from refiner.layers import split_model
+    from refiner.refined import RefinedModel
+    from refiner.repository import ArtifactMetadata, TensorSpec, new_version, now_iso, write_model_files
+
+    spec, classes = get_arch(arch), [str(i) for i in range(10)]
+    torch.manual_seed(0)
+    trunk, _ = split_model(create_model(arch, len(classes)), spec.default_layer)
+    _, head = split_model(create_model(arch, len(classes)), spec.default_layer)
+    shape = tuple(trunk(torch.zeros(1, *spec.input_size)).shape[1:])
+    model = RefinedModel(trunk, IsomorphismNet(shape, shape).eval(), head).eval()
+    name = f"untrained-{arch}"
+    with new_version(models, name) as (version, folder):
+        export_onnx(model, spec.input_size, folder / "model.onnx")
+        check = validate_onnx(folder / "model.onnx", model, torch.randn(5, *spec.input_size))
+        meta = ArtifactMetadata(
+            name=name, version=version, created=now_iso(), class_names=classes,
+            input=TensorSpec(name="input", shape=list(spec.input_size)), output=TensorSpec(name="logits", shape=[len(classes)]),
+            preprocess=Preprocess(input_size=spec.input_size), max_batch_size=32, onnx_sha256=file_sha256(folder / "model.onnx"),
+            refined={"untrained": arch}, export_check=check.model_dump(),
+        )  # fmt: skip
+        (folder / "metadata.json").write_text(meta.model_dump_json(indent=2))
+    write_model_files(models, meta)
+    return name
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -171,7 +208,9 @@ async def _load(url: str, body: bytes, headers: dict[str, str], concurrency: int
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", type=Path, default=Path("models"))
-    p.add_argument("--model", required=True, help="model name in the repository")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="model name in the repository --models")
+    which.add_argument("--untrained", metavar="ARCH", help="benchmark an untrained refined model of this architecture")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--requests", type=int, default=400, help="requests per measurement (bounded)")
     p.add_argument("--batch", type=int, default=8, help="images per request when comparing with the raw session")
@@ -183,7 +222,10 @@ def main() -> None:
 
     # The repository may hold several models: the server gets a repository holding only the one measured.
     models = Path(tempfile.mkdtemp(prefix="serve-bench-"))
-    (models / args.model).symlink_to((args.models / args.model).resolve())
+    if args.untrained:
+        args.model = _untrained_artifact(args.untrained, models)
+    else:
+        (models / args.model).symlink_to((args.models / args.model).resolve())
     shape = read_artifact(models, args.model, discover(models)[args.model][0]).meta.input.shape
     rng = np.random.default_rng(0)
     results = [_raw_session(models, args.model, rows, 3.0, args.device, args.threads) for rows in (1, args.batch)]
