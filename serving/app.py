@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from serving import routes_classify, routes_metrics, routes_v2
-from serving.errors import ServingError
+from serving.errors import PayloadTooLarge, ServingError
 from serving.metrics import Metrics
 from serving.middleware import RequestMetricsMiddleware
 from serving.settings import ServeSettings
@@ -36,7 +36,10 @@ async def _serving_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServingError)
     if exc.status_code >= 500:
         log.error("%s %s: %s", request.method, request.url.path, exc.message)
-    return _error(exc.status_code, exc.message)
+    response = _error(exc.status_code, exc.message)
+    if isinstance(exc, PayloadTooLarge):  # the rest of the body was not read: the connection cannot be reused
+        response.headers["Connection"] = "close"
+    return response
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

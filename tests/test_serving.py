@@ -737,7 +737,7 @@ def test_body_limit_is_enforced_while_streaming(live, served):
         while data := sock.recv(65536):
             response += data
     assert response.startswith(b"HTTP/1.1 413"), response[:200]
-    assert b"exceeds the limit of" in response
+    assert b"connection: close" in response.lower() and b"exceeds the limit of" in response
 
 
 def test_graceful_shutdown_stops_readiness_and_drains_in_flight(served):
