@@ -730,8 +730,9 @@ def test_body_limit_is_enforced_while_streaming(live, served):
         sock.sendall(
             f"POST /v1/models/{served.name}/classify HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
         )
-        chunk = b"\0" * 50_000
-        for _ in range(BODY_LIMIT // len(chunk) + 1):
+        # Exactly the limit, then one byte more: the server has read all that was sent when it answers,
+        # so closing the connection cannot reset it under the response.
+        for chunk in [b"\0" * 50_000] * (BODY_LIMIT // 50_000) + [b"\0"]:
             sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
         response = b""  # the body's last chunk was never sent: the server answers and closes
         while data := sock.recv(65536):
@@ -789,4 +790,5 @@ def test_serving_does_not_import_refiner():
 def test_refiner_does_not_import_fastapi():
     modules = _modules_after("import sys, refiner, refiner.cli")
     assert "refiner.cli" in modules and not {"fastapi", "starlette", "uvicorn", "serving"} & modules
+
 
