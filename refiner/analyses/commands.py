@@ -34,8 +34,8 @@ def register(sub, command, add_task) -> None:
         "stability",
         "Instability Var(x^Δ)/Var(x) over all ordered pairs of nets, per layer (paper Section 4.2, Tables 1-2).",
         "  refiner analyze stability --models s0.pt s1.pt s2.pt --task digits --out reports/stability\n"
-        "  refiner analyze stability --models s0.pt s1.pt s2.pt --task cifar10 --data cifar/ \\\n"
-        "      --layers features.5 features.12 features.19 --train-per-class 200 --out reports/stability\n"
+        "  refiner analyze stability --models s0.pt s1.pt s2.pt --task cifar10 --data cifar/ --layers features.5 features.12 \\\n"
+        "      --train-per-class 100 --test-per-class 100 --g-epochs 20 --g-lr 3e-2 3e-4 --g-batch 32 --out reports/stability\n"
         "  # disjoint halves: refiner train ... --subset half-a --out a.pt; ... --subset half-b --out b.pt\n"
         "  refiner analyze stability --models a.pt b.pt --task cifar10 --data cifar/ --out reports/halves\n",
     )
@@ -49,8 +49,9 @@ def register(sub, command, add_task) -> None:
         "compression",
         "Knowledge discarded by magnitude pruning against accuracy drop (paper Section 4.4, Fig. 4 left).",
         "  refiner analyze compression --model a.pt --task digits --sparsity 0,0.5,0.9 --out reports/compression\n"
-        "  refiner analyze compression --model a.pt --task cifar10 --data cifar/ --sparsity 0.5,0.8,0.93 \\\n"
-        "      --finetune-epochs 2 --train-per-class 300 --out reports/compression\n",
+        "  refiner analyze compression --model a.pt --task cifar10 --data cifar/ --sparsity 0,0.5,0.8,0.93 --finetune-epochs 2 \\\n"
+        "      --train-per-class 100 --test-per-class 100 --g-epochs 20 --g-lr 3e-2 3e-4 --g-batch 32 --out reports/compression\n"
+        "  # sparsity 0 is the unpruned net: its Var(x^D) is g's fitting error, the floor of the other rows\n",
     )
     p.add_argument("--model", required=True, type=Path, help="checkpoint of the net to prune")
     p.add_argument("--sparsity", default="0.5,0.8,0.93", help="comma-separated shares of weights set to zero, each in [0, 1) (default: 0.5,0.8,0.93)")
