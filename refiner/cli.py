@@ -33,7 +33,7 @@ def _command(sub, name: str, help: str, examples: str) -> argparse.ArgumentParse
 def _add_task(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="task name (digits, cifar10, cifar-animal, voc-animal, cub200, mix-cub, mix-dogs, imagefolder)")
     p.add_argument("--data", type=Path, help="dataset folder in the task's standard layout (not needed for digits)")
-    p.add_argument("--classes", help="comma-separated class subset (overrides the task's target classes)")
+    p.add_argument("--classes", help="comma-separated class subset (overrides the task's default classes)")
     p.add_argument("--cache", type=Path, help="feature cache folder (default: $REFINER_CACHE or ~/.cache/refiner/features)")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default: 0)")
     p.add_argument("--train-per-class", type=int, help="keep at most N training images per class")
@@ -200,12 +200,10 @@ def _serve_args(sub) -> None:
 
 
 def _run_serve(args) -> None:
-    import os
+    from serving.app import serve
+    from serving.settings import ServeSettings
 
-    import uvicorn
-
-    os.environ["REFINER_SERVE_MODELS"] = str(args.models)
-    uvicorn.run("serving.app:app", host=args.host, port=args.port, timeout_graceful_shutdown=30)
+    serve(ServeSettings(models=args.models), args.host, args.port)
 
 
 def _analyze_args(sub) -> None:

@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+# Tiny tensors run faster on one thread, and two threads thrash on a shared 2-core machine.
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
