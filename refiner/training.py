@@ -45,14 +45,18 @@ def augment(x: Tensor) -> Tensor:
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
+LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (logits, inputs, labels) -> loss
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Iterable[tuple[Tensor, Tensor]],
     optimizer: torch.optim.Optimizer,
     transform: Callable[[Tensor], Tensor] | None = None,
     desc: str = "train",
+    loss_fn: LossFn | None = None,
 ) -> dict[str, float]:
-    """One pass of cross-entropy training; returns mean loss and accuracy."""
+    """One pass of training (cross-entropy unless `loss_fn` says otherwise); returns mean loss and accuracy."""
     model.train()
     total, correct, loss_sum = 0, 0, 0.0
     bar = tqdm(batches, desc=desc, unit="batch", leave=False)
@@ -60,7 +64,7 @@ def train_one_epoch(
         if transform is not None:
             x = transform(x)
         logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        loss = loss_fn(logits, x, y) if loss_fn else F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -86,7 +90,9 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> dict
     return {"loss": loss_sum / max(total, 1), "acc": correct / max(total, 1)}
 
 
-def train_classifier(model: nn.Module, train: Dataset, val: Dataset, config: TrainConfig) -> list[dict[str, float]]:
+def train_classifier(
+    model: nn.Module, train: Dataset, val: Dataset, config: TrainConfig, loss_fn: LossFn | None = None, desc: str = "epochs"
+) -> list[dict[str, float]]:
     """Train from scratch; returns per-epoch train/val figures (model is left in eval mode)."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
@@ -99,9 +105,9 @@ def train_classifier(model: nn.Module, train: Dataset, val: Dataset, config: Tra
         optimizer, max_lr=config.lr, total_steps=config.epochs * len(train_loader), pct_start=0.15
     )
     history = []
-    epochs = tqdm(range(config.epochs), desc="epochs", unit="epoch")
+    epochs = tqdm(range(config.epochs), desc=desc, unit="epoch")
     for epoch in epochs:
-        stats = train_one_epoch(model, _stepping(train_loader, scheduler), optimizer, augment if config.augment else None)
+        stats = train_one_epoch(model, _stepping(train_loader, scheduler), optimizer, augment if config.augment else None, loss_fn=loss_fn)
         val_stats = evaluate(model, val_loader)
         history.append({"epoch": epoch + 1, "train_loss": stats["loss"], "train_acc": stats["acc"], "val_loss": val_stats["loss"], "val_acc": val_stats["acc"]})
         epochs.set_postfix(train_acc=f"{stats['acc']:.3f}", val_acc=f"{val_stats['acc']:.3f}")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from refiner.analyses.figures import img, line_plot, report_folder, setup_html, variance_rows, write_pages
@@ -33,7 +33,7 @@ from refiner.checkpoints import Classifier, load_checkpoint, save_checkpoint
 from refiner.comparison import ComparisonReport
 from refiner.datasets import ImageDataset
 from refiner.reporting import html_table
-from refiner.training import TrainConfig, augment, evaluate
+from refiner.training import TrainConfig, train_classifier
 
 __all__ = ["DistillationConfig", "Generation", "DistillationReport", "kd_loss", "distill", "distillation"]
 
@@ -83,32 +83,15 @@ def distill(
     student: nn.Module, teacher: nn.Module, train: Dataset, val: Dataset, config: TrainConfig, kd_weight: float, temperature: float,
     desc: str = "student",
 ) -> list[dict[str, float]]:  # fmt: skip
-    """Train `student` from scratch on kd_loss against a frozen teacher (SGD, one-cycle schedule as `train_classifier`)."""
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(train, config.batch_size, shuffle=True, generator=generator, num_workers=config.num_workers, drop_last=len(train) > config.batch_size)
-    val_loader = DataLoader(val, batch_size=256, num_workers=config.num_workers)
-    optimizer = torch.optim.SGD(student.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.epochs * len(loader), pct_start=0.15)
+    """Train `student` from scratch on kd_loss against a frozen teacher (the recipe of `train_classifier`)."""
     teacher.eval()
-    history = []
-    for epoch in tqdm(range(config.epochs), desc=desc, unit="epoch", leave=False):
-        student.train()
-        loss_sum, total = 0.0, 0
-        for x, y in loader:
-            x = augment(x) if config.augment else x
-            with torch.no_grad():
-                soft = teacher(x)
-            loss = kd_loss(student(x), soft, y, kd_weight, temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum, total = loss_sum + loss.item() * len(y), total + len(y)
-        val_stats = evaluate(student, val_loader)
-        history.append({"epoch": epoch + 1, "train_loss": loss_sum / total, "val_loss": val_stats["loss"], "val_acc": val_stats["acc"]})
-    student.eval()
-    return history
+
+    def loss_fn(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            soft = teacher(x)
+        return kd_loss(logits, soft, y, kd_weight, temperature)
+
+    return train_classifier(student, train, val, config, loss_fn=loss_fn, desc=desc)
 
 
 def distillation(
