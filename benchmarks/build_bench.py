@@ -27,12 +27,12 @@ from refiner.finetune import HeadConfig, finetune_head
 from refiner.fitting import FitConfig
 from refiner.layers import split_model
 from refiner.refined import replace_classifier
-from refiner.tasks import load_task
+from refiner.tasks import SplitOptions, load_task
 
 
 def _cache(args) -> None:
     a, b = load_checkpoint(args.a), load_checkpoint(args.b)
-    data = load_task(args.task, args.data, target=True)
+    data = load_task(args.task, args.data, target=True, options=SplitOptions(train_per_class=args.train_per_class))
     config = CompareConfig(fit=FitConfig(epochs=1))
     with tempfile.TemporaryDirectory() as cache:
         t0 = time.perf_counter()
@@ -88,7 +88,8 @@ def _latency(args) -> None:
     a, b = load_checkpoint(args.a), load_checkpoint(args.b)
     config = BuildConfig(name="latency-bench", compare=CompareConfig(fit=FitConfig(epochs=1)), head=HeadConfig(epochs=1), seeds=1, ablations=False)
     with tempfile.TemporaryDirectory() as tmp:
-        result = build(a, b, args.task, args.data, config, models=Path(tmp) / "models", cache_dir=Path(tmp) / "cache")
+        split = SplitOptions(train_per_class=args.train_per_class)
+        result = build(a, b, args.task, args.data, config, models=Path(tmp) / "models", split=split, cache_dir=Path(tmp) / "cache")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = args.threads
@@ -127,6 +128,7 @@ def main() -> None:
         p.add_argument("--task", required=True)
         p.add_argument("--data", type=Path)
         p.add_argument("--epochs", type=int, default=3)
+        p.add_argument("--train-per-class", type=int, help="keep at most N training images per class")
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--repeats", type=int, default=50)
         p.set_defaults(run=fn)
