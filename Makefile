@@ -21,7 +21,7 @@ test: install
 demo: install
 	$(BIN)/refiner train --arch small_vgg --task digits --seed 0 --epochs 15 --out $(DEMO)/a.pt
 	$(BIN)/refiner train --arch small_vgg --task digits --seed 1 --epochs 15 --out $(DEMO)/b.pt
-	$(BIN)/refiner build --a $(DEMO)/a.pt --b $(DEMO)/b.pt --task digits --name digits-refined --models models
+	$(BIN)/refiner build --a $(DEMO)/a.pt --b $(DEMO)/b.pt --task digits --head-epochs 10 --name digits-refined --models models
 
 serve: install
 	$(BIN)/refiner serve --models models
