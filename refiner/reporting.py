@@ -12,12 +12,21 @@ from refiner.metrics import VarianceTable
 if TYPE_CHECKING:
     from refiner.build import BuildReport, VariantResult
 
-__all__ = ["format_variance_table", "format_accuracy_table", "write_build_report", "html_table", "save_bar_plot", "page"]
+__all__ = [
+    "format_variance_table",
+    "format_accuracy_table",
+    "variance_rows",
+    "write_build_report",
+    "html_table",
+    "save_bar_plot",
+    "page",
+]
 
 
-def _variance_rows(tables: dict[str, VarianceTable]) -> tuple[list[str], list[list[str]]]:
+def variance_rows(tables: dict[str, VarianceTable], label: str = "split") -> tuple[list[str], list[list[str]]]:
+    """Header and rows of a Var table, one row per entry of `tables` (a split, a pair, ...)."""
     orders = len(next(iter(tables.values())).var_orders)
-    head = ["split", *(f"Var(x^({k}))" for k in range(orders)), "Var(x^D)", "Var(x_B)", "instability", "CKA", "images"]
+    head = [label, *(f"Var(x^({k}))" for k in range(orders)), "Var(x^D)", "Var(x_B)", "instability", "CKA", "images"]
     rows = [
         [split, *(f"{v:.4f}" for v in t.var_orders), f"{t.var_delta:.4f}", f"{t.var_target:.4f}", f"{t.instability:.4f}", f"{t.cka:.4f}", str(t.images)]
         for split, t in tables.items()
@@ -36,7 +45,7 @@ def _accuracy_rows(variants: Sequence[VariantResult]) -> tuple[list[str], list[l
 
 def format_variance_table(tables: dict[str, VarianceTable]) -> str:
     """Plain-text Var table, one row per split (paper Table 1/2 layout)."""
-    return _format_rows(*_variance_rows(tables))
+    return _format_rows(*variance_rows(tables))
 
 
 def format_accuracy_table(variants: Sequence[VariantResult]) -> str:
@@ -99,7 +108,7 @@ def write_build_report(folder: Path, report: BuildReport) -> None:
     sections = [
         ("Setup", setup),
         ("Accuracy (model selection on validation data)", html_table(*_accuracy_rows(v)) + "<p><img src='accuracy.png'></p>"),
-        ("Var table", html_table(*_variance_rows(c.tables)) + "<p><img src='variance.png'></p>"),
+        ("Var table", html_table(*variance_rows(c.tables)) + "<p><img src='variance.png'></p>"),
         ("Wall time (s)", html_table(["stage", "seconds"], [[k, f"{s:.1f}"] for k, s in report.seconds.items()])),
     ]
     (folder / "report.html").write_text(page(f"{report.name} v{report.version}", sections))

@@ -23,6 +23,7 @@ from refiner.errors import ConfigError
 from refiner.features import FeatureSet
 from refiner.isomorphism import IsomorphismNet
 from refiner.metrics import VarianceTable
+from refiner import reporting
 from refiner.reporting import html_table, page
 
 __all__ = [
@@ -76,13 +77,7 @@ def img(name: str, alt: str) -> str:
 
 def variance_rows(label: str, tables: dict[str, VarianceTable]) -> str:
     """HTML Var table, one row per entry: Var of each order, Var(x^Delta), instability and linear CKA."""
-    orders = len(next(iter(tables.values())).var_orders)
-    head = [label, *(f"Var(x^({k}))" for k in range(orders)), "Var(x^Δ)", "Var(x)", "Var(x^Δ)/Var(x)", "linear CKA"]
-    rows = [
-        [name, *(f"{v:.4f}" for v in t.var_orders), f"{t.var_delta:.4f}", f"{t.var_target:.4f}", f"{t.instability:.4f}", f"{t.cka:.4f}"]
-        for name, t in tables.items()
-    ]
-    return html_table(head, rows)
+    return html_table(*reporting.variance_rows(tables, label))
 
 
 def channel_rows(shares: list[ChannelShare], top: int = 10) -> str:
