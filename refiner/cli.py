@@ -47,14 +47,31 @@ def _add_pair(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need arbitrary unpickling (runs code from the file!)")
     p.add_argument("--layer-a", help="layer of A (default: the architecture's default, e.g. VGG-16 conv4-3)")
     p.add_argument("--layer-b", help="layer of B (default: the architecture's default)")
-    p.add_argument("--orders", type=int, default=2, help="K, the highest order of non-linearity in g (default: 2)")
-    p.add_argument("--lambda", dest="lam", type=float, default=0.1, help="weight of the penalty on p^(k) (default: 0.1)")
-    p.add_argument("--kernel", type=int, default=3, help="kernel size of g's convolutions (default: 3)")
-    p.add_argument("--normalizer", choices=["auto", "sample", "batch"], default="auto", help="Sigma in Eq. 1 (default: auto)")
-    p.add_argument("--g-epochs", type=int, default=30, help="epochs to fit g (default: 30)")
-    p.add_argument("--g-lr", type=float, nargs=2, default=(1e-3, 1e-5), metavar=("START", "END"), help="log-spaced learning rate of g (default: 1e-3 1e-5)")
-    p.add_argument("--g-batch", type=int, default=64, help="batch size to fit g (default: 64)")
+    _add_g(p)
     _add_task(p)
+
+
+def _add_g(p: argparse.ArgumentParser) -> None:
+    """Options of g and of its fitting, shared by fit, build and the analyses."""
+    group = p.add_argument_group("g and its fitting")
+    group.add_argument("--orders", type=int, default=2, help="K, the highest order of non-linearity in g (default: 2)")
+    group.add_argument("--lambda", dest="lam", type=float, default=0.1, help="weight of the penalty on p^(k) (default: 0.1)")
+    group.add_argument("--kernel", type=int, default=3, help="kernel size of g's convolutions (default: 3)")
+    group.add_argument("--normalizer", choices=["auto", "sample", "batch"], default="auto", help="Sigma in Eq. 1 (default: auto)")
+    group.add_argument("--g-epochs", type=int, default=30, help="epochs to fit g (default: 30)")
+    group.add_argument("--g-lr", type=float, nargs=2, default=(1e-3, 1e-5), metavar=("START", "END"), help="log-spaced learning rate of g (default: 1e-3 1e-5)")
+    group.add_argument("--g-batch", type=int, default=64, help="batch size to fit g (default: 64)")
+
+
+def _g_configs(args):
+    """(IsomorphismConfig, FitConfig) from the options of `_add_g`."""
+    from refiner.fitting import FitConfig
+    from refiner.isomorphism import IsomorphismConfig
+
+    return (
+        IsomorphismConfig(orders=args.orders, lam=args.lam, kernel_size=args.kernel, normalizer=args.normalizer),
+        FitConfig(epochs=args.g_epochs, lr_start=args.g_lr[0], lr_end=args.g_lr[1], batch_size=args.g_batch),
+    )
 
 
 def _train_args(sub) -> None:
@@ -113,16 +130,9 @@ def _load_pair(args, data_task: str):
 
 def _compare_config(args):
     from refiner.comparison import CompareConfig
-    from refiner.fitting import FitConfig
-    from refiner.isomorphism import IsomorphismConfig
 
-    return CompareConfig(
-        layer_a=args.layer_a,
-        layer_b=args.layer_b,
-        g=IsomorphismConfig(orders=args.orders, lam=args.lam, kernel_size=args.kernel, normalizer=args.normalizer),
-        fit=FitConfig(epochs=args.g_epochs, lr_start=args.g_lr[0], lr_end=args.g_lr[1], batch_size=args.g_batch),
-        num_workers=args.workers,
-    )
+    g, fit = _g_configs(args)
+    return CompareConfig(layer_a=args.layer_a, layer_b=args.layer_b, g=g, fit=fit, num_workers=args.workers)
 
 
 def _split(args, subset: str | None = None):
@@ -216,7 +226,7 @@ def _analyze_args(sub) -> None:
         "  refiner analyze stability --models a.pt b.pt c.pt --task digits --out reports/stability\n"
         "  refiner analyze diagnose --weak a.pt --strong b.pt --task digits --out reports/diagnose\n",
     )
-    register(p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS"), _command, _add_task)
+    register(p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS"), _command, _add_task, _add_g, _g_configs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ from refiner.errors import ConfigError
 __all__ = ["register"]
 
 
-def register(sub, command, add_task) -> None:
+def register(sub, command, add_task, add_g, g_configs) -> None:
     """Add one sub-parser per analysis; `command(sub, name, help, examples)` makes a parser."""
     p = command(
         sub,
@@ -26,7 +26,7 @@ def register(sub, command, add_task) -> None:
     p.add_argument("--layer-strong", help="layer of the strong net (default: the architecture's default layer)")
     p.add_argument("--channel", type=int, help="channel to picture (default: the one with the largest Δ share)")
     _add_images(p)
-    _add_common(p, add_task)
+    _add_common(p, add_task, add_g, g_configs)
     p.set_defaults(run=_run_diagnose)
 
     p = command(
@@ -41,7 +41,7 @@ def register(sub, command, add_task) -> None:
     )
     p.add_argument("--models", required=True, nargs="+", type=Path, help="checkpoints of nets trained the same way (at least 2)")
     p.add_argument("--layers", nargs="+", help="layers to compare (default: the architecture's default layer)")
-    _add_common(p, add_task)
+    _add_common(p, add_task, add_g, g_configs)
     p.set_defaults(run=_run_stability)
 
     p = command(
@@ -60,7 +60,7 @@ def register(sub, command, add_task) -> None:
     p.add_argument("--finetune-lr", type=float, default=0.01, help="peak SGD learning rate of the fine-tuning (default: 0.01)")
     p.add_argument("--batch-size", type=int, default=128, help="fine-tuning batch size (default: 128)")
     _add_images(p)
-    _add_common(p, add_task)
+    _add_common(p, add_task, add_g, g_configs)
     p.set_defaults(run=_run_compression)
 
     p = command(
@@ -79,7 +79,7 @@ def register(sub, command, add_task) -> None:
     p.add_argument("--kd-weight", type=float, default=0.5, help="loss = CE + W * KD (default: 0.5)")
     p.add_argument("--temperature", type=float, default=1.0, help="KD temperature τ (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="students' seeds are SEED + generation (default: 0)")
-    _add_common(p, add_task)
+    _add_common(p, add_task, add_g, g_configs)
     p.set_defaults(run=_run_distillation)
 
 
@@ -87,31 +87,21 @@ def _add_images(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=int, default=4, help="test images pictured as heatmaps (default: 4; 0: none)")
 
 
-def _add_common(p: argparse.ArgumentParser, add_task) -> None:
+def _add_common(p: argparse.ArgumentParser, add_task, add_g, g_configs) -> None:
     p.add_argument("--out", required=True, type=Path, help="report folder to write (must not exist): report.json, *.png, report.html")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need arbitrary unpickling (runs code from the file!)")
-    group = p.add_argument_group("g and data budget")
-    group.add_argument("--orders", type=int, default=2, help="K, the highest order of non-linearity in g (default: 2)")
-    group.add_argument("--lambda", dest="lam", type=float, default=0.1, help="weight of the penalty on p^(k) (default: 0.1)")
-    group.add_argument("--kernel", type=int, default=3, help="kernel size of g's convolutions (default: 3)")
-    group.add_argument("--g-epochs", type=int, default=30, help="epochs to fit each g (default: 30)")
-    group.add_argument("--g-lr", type=float, nargs=2, default=(1e-3, 1e-5), metavar=("START", "END"), help="log-spaced learning rate of g (default: 1e-3 1e-5)")
-    group.add_argument("--g-batch", type=int, default=64, help="batch size to fit g (default: 64)")
-    group.add_argument("--test-per-class", type=int, help="test images per class measured (default: all)")
+    add_g(p)
+    p.set_defaults(g_configs=g_configs)
+    p.add_argument("--test-per-class", type=int, help="test images per class measured (default: all)")
     add_task(p)
 
 
 def _analysis_config(args):
     from refiner.analyses.measure import AnalysisConfig
-    from refiner.fitting import FitConfig
-    from refiner.isomorphism import IsomorphismConfig
 
+    g, fit = args.g_configs(args)
     return AnalysisConfig(
-        g=IsomorphismConfig(orders=args.orders, lam=args.lam, kernel_size=args.kernel),
-        fit=FitConfig(epochs=args.g_epochs, lr_start=args.g_lr[0], lr_end=args.g_lr[1], batch_size=args.g_batch),
-        train_per_class=args.train_per_class,
-        test_per_class=args.test_per_class,
-        num_workers=args.workers,
+        g=g, fit=fit, train_per_class=args.train_per_class, test_per_class=args.test_per_class, num_workers=args.workers
     )
 
 
