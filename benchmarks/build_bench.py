@@ -18,16 +18,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from refiner.build import BuildConfig, build
-from refiner.checkpoints import load_checkpoint
-from refiner.comparison import CompareConfig, compare
-from refiner.datasets import ImageDataset
-from refiner.features import iter_batches
-from refiner.finetune import HeadConfig, finetune_head
-from refiner.fitting import FitConfig
-from refiner.layers import split_model
-from refiner.refined import replace_classifier
-from refiner.tasks import SplitOptions, load_task
+from refiner.build.config import BuildConfig
+from refiner.build.pipeline import build
+from refiner.build.refined import replace_classifier
+from refiner.data.datasets import ImageDataset
+from refiner.data.tasks import SplitOptions, load_task
+from refiner.engine.comparison import CompareConfig, compare
+from refiner.engine.features import iter_batches
+from refiner.engine.finetune import HeadConfig, finetune_head
+from refiner.engine.fitting import FitConfig
+from refiner.models.checkpoints import load_checkpoint
+from refiner.models.layers import split_model
 
 
 def _cache(args) -> None:

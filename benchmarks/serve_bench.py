@@ -96,14 +96,14 @@ def _untrained_artifact(arch: str, models: Path) -> str:
     """Export an untrained refined model (A's trunk -> g -> B's head at the default layer) as version 1."""
     import torch
 
-    from refiner.architectures import create_model, get_arch
-    from refiner.checkpoints import file_sha256
-    from refiner.datasets import Preprocess
-    from refiner.export import export_onnx, validate_onnx
-    from refiner.isomorphism import IsomorphismNet
-    from refiner.layers import split_model
-    from refiner.refined import RefinedModel
-    from refiner.repository import ArtifactMetadata, TensorSpec, new_version, now_iso, write_model_files
+    from refiner.build.export import export_onnx, validate_onnx
+    from refiner.build.refined import RefinedModel
+    from refiner.build.repository import ArtifactMetadata, TensorSpec, new_version, now_iso, write_model_files
+    from refiner.data.datasets import Preprocess
+    from refiner.engine.isomorphism import IsomorphismNet
+    from refiner.models.architectures import create_model, get_arch
+    from refiner.models.checkpoints import file_sha256
+    from refiner.models.layers import split_model
 
     spec, classes = get_arch(arch), [str(i) for i in range(10)]
     torch.manual_seed(0)

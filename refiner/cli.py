@@ -65,8 +65,8 @@ def _add_g(p: argparse.ArgumentParser) -> None:
 
 def _g_configs(args):
     """(IsomorphismConfig, FitConfig) from the options of `_add_g`."""
-    from refiner.fitting import FitConfig
-    from refiner.isomorphism import IsomorphismConfig
+    from refiner.engine.fitting import FitConfig
+    from refiner.engine.isomorphism import IsomorphismConfig
 
     return (
         IsomorphismConfig(orders=args.orders, lam=args.lam, kernel_size=args.kernel, normalizer=args.normalizer),
@@ -95,7 +95,7 @@ def _train_args(sub) -> None:
 
 
 def _run_train(args) -> None:
-    from refiner.training import TrainConfig, train_base
+    from refiner.engine.training import TrainConfig, train_base
 
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, augment=args.augment, seed=args.seed, num_workers=args.workers)
     meta = train_base(args.arch, args.task, args.data, config, args.out, _split(args, args.subset))
@@ -119,8 +119,8 @@ def _fit_args(sub) -> None:
 
 
 def _load_pair(args, data_task: str):
-    from refiner.checkpoints import load_checkpoint
-    from refiner.tasks import get_task
+    from refiner.data.tasks import get_task
+    from refiner.models.checkpoints import load_checkpoint
 
     pre = get_task(data_task).preprocess
     a = load_checkpoint(args.a, arch=args.arch_a, preprocess=pre, trust=args.trust_checkpoint)
@@ -129,14 +129,14 @@ def _load_pair(args, data_task: str):
 
 
 def _compare_config(args):
-    from refiner.comparison import CompareConfig
+    from refiner.engine.comparison import CompareConfig
 
     g, fit = _g_configs(args)
     return CompareConfig(layer_a=args.layer_a, layer_b=args.layer_b, g=g, fit=fit, num_workers=args.workers)
 
 
 def _split(args, subset: str | None = None):
-    from refiner.tasks import SplitOptions
+    from refiner.data.tasks import SplitOptions
 
     return SplitOptions(subset=subset, train_per_class=args.train_per_class)
 
@@ -147,10 +147,10 @@ def _classes(args) -> list[str] | None:
 
 def _run_fit(args) -> None:
     from refiner.atomic import atomic_file
-    from refiner.checkpoints import save_isomorphism
-    from refiner.comparison import compare
+    from refiner.data.tasks import load_task
+    from refiner.engine.comparison import compare
+    from refiner.engine.isomorphism import save_isomorphism
     from refiner.reporting import format_variance_table
-    from refiner.tasks import load_task
 
     a, b = _load_pair(args, args.task)
     data = load_task(args.task, args.data, target=args.on == "target", classes=_classes(args), options=_split(args))
@@ -181,8 +181,9 @@ def _build_args(sub) -> None:
 
 
 def _run_build(args) -> None:
-    from refiner.build import BuildConfig, build
-    from refiner.finetune import HeadConfig
+    from refiner.build.config import BuildConfig
+    from refiner.build.pipeline import build
+    from refiner.engine.finetune import HeadConfig
 
     a, b = _load_pair(args, args.task)
     config = BuildConfig(

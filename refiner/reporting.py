@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from refiner.metrics import VarianceTable
-
-if TYPE_CHECKING:
-    from refiner.build import BuildReport, VariantResult
+from refiner.engine.metrics import VarianceTable
 
 __all__ = [
     "format_variance_table",
-    "format_accuracy_table",
+    "format_rows",
     "variance_rows",
-    "write_build_report",
     "html_table",
     "save_bar_plot",
     "page",
@@ -34,26 +28,12 @@ def variance_rows(tables: dict[str, VarianceTable], label: str = "split") -> tup
     return head, rows
 
 
-def _accuracy_rows(variants: Sequence[VariantResult]) -> tuple[list[str], list[list[str]]]:
-    head = ["variant", "head from", "test acc (mean ± std)", "val acc (mean)", "seeds"]
-    rows = [
-        [v.name, v.head_from, f"{100 * v.mean:.2f} ± {100 * v.std:.2f}", f"{100 * sum(v.val_acc) / len(v.val_acc):.2f}", str(len(v.test_acc))]
-        for v in variants
-    ]
-    return head, rows
-
-
 def format_variance_table(tables: dict[str, VarianceTable]) -> str:
     """Plain-text Var table, one row per split (paper Table 1/2 layout)."""
-    return _format_rows(*variance_rows(tables))
+    return format_rows(*variance_rows(tables))
 
 
-def format_accuracy_table(variants: Sequence[VariantResult]) -> str:
-    """Plain-text accuracy table, one row per variant (paper Tables 3/4 layout)."""
-    return _format_rows(*_accuracy_rows(variants))
-
-
-def _format_rows(head: list[str], rows: list[list[str]]) -> str:
+def format_rows(head: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     return "\n".join([line(head), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
@@ -88,27 +68,3 @@ def page(title: str, sections: list[tuple[str, str]]) -> str:
     """A self-contained HTML page of (heading, html body) sections."""
     body = "".join(f"<h2>{html.escape(h)}</h2>{b}" for h, b in sections)
     return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>"
-
-
-def write_build_report(folder: Path, report: BuildReport) -> None:
-    """report.json, accuracy.png, variance.png and report.html of a build."""
-    (folder / "report.json").write_text(report.model_dump_json(indent=2))
-    v = report.variants
-    save_bar_plot(folder / "accuracy.png", [x.features for x in v], [100 * x.mean for x in v], [100 * x.std for x in v], "test accuracy (%)", "Accuracy per variant")
-    test = report.comparison.tables["test"]
-    labels = [f"x^({k})" for k in range(len(test.var_orders))] + ["x^Delta"]
-    save_bar_plot(folder / "variance.png", labels, [*test.var_orders, test.var_delta], None, "variance", "Var of each order (test split)")
-    c = report.comparison
-    setup = (
-        f"<p>Task <b>{html.escape(report.task)}</b>, classes: {html.escape(', '.join(report.classes))}.<br>"
-        f"A: {html.escape(c.a.arch)} at {html.escape(c.a.layer)} ({html.escape(c.a.path)}); "
-        f"B: {html.escape(c.b.arch)} at {html.escape(c.b.layer)} ({html.escape(c.b.path)}); K = {c.g.orders}, λ = {c.g.lam}.<br>"
-        f"ONNX export: max |logit diff| {report.export.max_abs_diff:.2e} at batch {report.export.batch_size}.</p>"
-    )
-    sections = [
-        ("Setup", setup),
-        ("Accuracy (model selection on validation data)", html_table(*_accuracy_rows(v)) + "<p><img src='accuracy.png'></p>"),
-        ("Var table", html_table(*variance_rows(c.tables)) + "<p><img src='variance.png'></p>"),
-        ("Wall time (s)", html_table(["stage", "seconds"], [[k, f"{s:.1f}"] for k, s in report.seconds.items()])),
-    ]
-    (folder / "report.html").write_text(page(f"{report.name} v{report.version}", sections))

@@ -1,6 +1,6 @@
 """Untrusted image bytes -> the normalised array the model expects.
 
-`preprocess` is the same arithmetic as refiner.datasets.preprocess_image (RGB,
+`preprocess` is the same arithmetic as refiner.data.datasets.preprocess_image (RGB,
 bilinear resize to (W, H) if the size differs, /255, (x - mean) / std, HWC ->
 CHW), re-implemented here because the server depends on the artifact format
 only; tests check that both give identical arrays.

@@ -41,9 +41,9 @@ def _cache_dir(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def digit_nets(tmp_path_factory):
     """Two tiny base nets trained briefly on scikit-learn's digits with different seeds."""
-    from refiner.checkpoints import load_checkpoint
-    from refiner.tasks import SplitOptions
-    from refiner.training import TrainConfig, train_base
+    from refiner.data.tasks import SplitOptions
+    from refiner.engine.training import TrainConfig, train_base
+    from refiner.models.checkpoints import load_checkpoint
 
     folder = tmp_path_factory.mktemp("nets")
     split = SplitOptions(train_per_class=40)
@@ -55,10 +55,11 @@ def digit_nets(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_build(tmp_path_factory, digit_nets):
     """A real `refiner build` on digits with tiny nets; returns the BuildResult (artifact under result.path)."""
-    from refiner.build import BuildConfig, build
-    from refiner.comparison import CompareConfig
-    from refiner.finetune import HeadConfig
-    from refiner.fitting import FitConfig
+    from refiner.build.config import BuildConfig
+    from refiner.build.pipeline import build
+    from refiner.engine.comparison import CompareConfig
+    from refiner.engine.finetune import HeadConfig
+    from refiner.engine.fitting import FitConfig
 
     models = tmp_path_factory.mktemp("models")
     config = BuildConfig(

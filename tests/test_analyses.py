@@ -16,9 +16,9 @@ from refiner.analyses.figures import picture_rows
 from refiner.analyses.measure import AnalysisConfig, load_analysis_data, measure_pair
 from refiner.analyses.stability import StabilityConfig, stability
 from refiner.cli import main
+from refiner.engine.fitting import FitConfig
+from refiner.engine.training import TrainConfig
 from refiner.errors import ConfigError
-from refiner.fitting import FitConfig
-from refiner.training import TrainConfig
 
 # g fitted well enough on 400 digit images that an identical net leaves Var(x^Delta) near 0.
 TIGHT = ["--g-epochs", "10", "--g-lr", "3e-2", "3e-3", "--g-batch", "16", "--train-per-class", "40", "--test-per-class", "10"]

@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from refiner.build import BuildConfig, build
-from refiner.checkpoints import file_sha256, load_checkpoint
-from refiner.comparison import CompareConfig
-from refiner.datasets import ImageDataset
+from refiner.build.config import BuildConfig
+from refiner.build.pipeline import build
+from refiner.data.datasets import ImageDataset
+from refiner.data.tasks import load_task
+from refiner.engine.comparison import CompareConfig
+from refiner.engine.finetune import HeadConfig
+from refiner.engine.fitting import FitConfig
 from refiner.errors import CheckpointError, ConfigError, DataError
-from refiner.finetune import HeadConfig
-from refiner.fitting import FitConfig
-from refiner.layers import split_model
-from refiner.tasks import load_task
+from refiner.models.checkpoints import file_sha256
+from refiner.models.layers import split_model
 
 FAST = dict(compare=CompareConfig(fit=FitConfig(epochs=1)), head=HeadConfig(epochs=1), seeds=1, ablations=False)
 
@@ -100,7 +101,7 @@ def test_versions_increase_and_failures_leave_nothing(tmp_path, digit_nets, monk
     def broken(*args, **kwargs):
         raise RuntimeError("injected failure during export validation")
 
-    monkeypatch.setattr("refiner.build.validate_onnx", broken)
+    monkeypatch.setattr("refiner.build.pipeline.validate_onnx", broken)
     with pytest.raises(RuntimeError, match="injected"):
         build(*digit_nets, "digits", None, BuildConfig(name="m", **FAST), models=models)
     assert sorted(p.name for p in (models / "m").iterdir()) == ["1", "config.pbtxt", "labels.txt"]

@@ -8,10 +8,10 @@ import pickle
 import pytest
 import torch
 
-from refiner.architectures import create_model
-from refiner.checkpoints import CheckpointMeta, load_checkpoint, save_checkpoint
-from refiner.datasets import Preprocess
+from refiner.data.datasets import Preprocess
 from refiner.errors import CheckpointError, UnsafeCheckpointError
+from refiner.models.architectures import create_model
+from refiner.models.checkpoints import CheckpointMeta, load_checkpoint, save_checkpoint
 
 
 def _meta(n: int = 4) -> CheckpointMeta:

@@ -28,7 +28,7 @@ def test_train_then_fit(tmp_path, capsys):
     assert set(report["tables"]) == {"train", "test"}
     assert len(report["fit"]["holdout_mse"]) == 2
 
-    from refiner.checkpoints import load_isomorphism
+    from refiner.engine.isomorphism import load_isomorphism
 
     g, info = load_isomorphism(tmp_path / "g.pt")
     assert g.orders == 2 and info["report"]["a"]["layer"] == "features.5"

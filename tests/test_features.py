@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from refiner.atomic import atomic_dir
-from refiner.features import cached_features, iter_batches
+from refiner.engine.features import cached_features, iter_batches
 
 
 class _Counting(torch.nn.Module):

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from refiner.engine.features import iter_batches
+from refiner.engine.fitting import FitConfig, fit_isomorphism
+from refiner.engine.isomorphism import IsomorphismConfig, IsomorphismNet
+from refiner.engine.metrics import measure_isomorphism
 from refiner.errors import ConfigError
-from refiner.fitting import FitConfig, fit_isomorphism
-from refiner.isomorphism import IsomorphismConfig, IsomorphismNet
-from refiner.metrics import measure_isomorphism
-from refiner.features import iter_batches
 
 
 def _random_g(shape_a, shape_b, **kw) -> IsomorphismNet:

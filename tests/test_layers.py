@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refiner.architectures import create_model, get_arch, list_archs
 from refiner.errors import ConfigError, LayerError
-from refiner.layers import feature_shape, split_model
+from refiner.models.architectures import create_model, get_arch, list_archs
+from refiner.models.layers import feature_shape, split_model
 
 
 @pytest.mark.parametrize("arch", ["tiny_vgg", "tiny_resnet", "small_vgg", "cifar_resnet20"])

@@ -81,7 +81,7 @@ class Served:
 
 @pytest.fixture(scope="session")
 def served(tiny_build, tmp_path_factory) -> Served:
-    from refiner.tasks import load_task
+    from refiner.data.tasks import load_task
 
     models = tmp_path_factory.mktemp("serving-models")  # a private copy: other tests may add versions
     shutil.copytree(tiny_build.path.parent, models / tiny_build.report.name)
@@ -193,9 +193,8 @@ def _varied_images(served: Served) -> list[Image.Image]:
 
 
 def test_preprocessing_is_identical_to_refiners(served):
-    from refiner.datasets import Preprocess as RefinerPreprocess
-    from refiner.datasets import preprocess_image
-
+    from refiner.data.datasets import Preprocess as RefinerPreprocess
+    from refiner.data.datasets import preprocess_image
     from serving.artifact import Preprocess
 
     raw = served.metadata["preprocess"]
@@ -247,8 +246,8 @@ def test_v2_binary_tensor_extension(client, served):
 
 def test_classify_equals_refined_model_on_refiners_preprocessing(client, served):
     """Served prediction == the refined PyTorch model and the ONNX session on refiner's preprocessing."""
-    from refiner.datasets import Preprocess as RefinerPreprocess
-    from refiner.datasets import preprocess_image
+    from refiner.data.datasets import Preprocess as RefinerPreprocess
+    from refiner.data.datasets import preprocess_image
 
     pre = RefinerPreprocess.model_validate(served.metadata["preprocess"])
     k = len(served.class_names)

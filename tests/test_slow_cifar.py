@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from refiner.checkpoints import load_checkpoint
-from refiner.comparison import CompareConfig, compare
-from refiner.fitting import FitConfig
-from refiner.tasks import SplitOptions, load_task
-from refiner.training import TrainConfig, train_base
+from refiner.data.tasks import SplitOptions, load_task
+from refiner.engine.comparison import CompareConfig, compare
+from refiner.engine.fitting import FitConfig
+from refiner.engine.training import TrainConfig, train_base
+from refiner.models.checkpoints import load_checkpoint
 
 CIFAR = os.environ.get("REFINER_CIFAR10")
 pytestmark = [

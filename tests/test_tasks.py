@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from refiner.datasets import ImageDataset, Preprocess
+from refiner.data.datasets import ImageDataset, Preprocess
+from refiner.data.tasks import CIFAR10_CLASSES, SplitOptions, load_task
 from refiner.errors import ConfigError, DataError, DataLayoutError
-from refiner.tasks import CIFAR10_CLASSES, SplitOptions, load_task
 
 
 def _png(path, size=(20, 16), value=0):

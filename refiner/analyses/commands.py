@@ -106,7 +106,7 @@ def _analysis_config(args):
 
 
 def _load(args, path: Path):
-    from refiner.checkpoints import load_checkpoint
+    from refiner.models.checkpoints import load_checkpoint
 
     return load_checkpoint(path, trust=args.trust_checkpoint)
 
@@ -144,7 +144,7 @@ def _run_stability(args) -> None:
 
 def _run_compression(args) -> None:
     from refiner.analyses.compression import CompressionConfig, compression
-    from refiner.training import TrainConfig
+    from refiner.engine.training import TrainConfig
 
     config = CompressionConfig(
         analysis=_analysis_config(args),
@@ -163,7 +163,7 @@ def _run_compression(args) -> None:
 
 def _run_distillation(args) -> None:
     from refiner.analyses.distillation import DistillationConfig, distillation
-    from refiner.training import TrainConfig
+    from refiner.engine.training import TrainConfig
 
     config = DistillationConfig(
         analysis=_analysis_config(args),

@@ -32,12 +32,12 @@ from refiner.analyses.measure import (
     require_same_classes,
     top_images,
 )
-from refiner.checkpoints import Classifier, load_checkpoint, save_checkpoint
-from refiner.comparison import ComparisonReport
-from refiner.datasets import ImageDataset
+from refiner.data.datasets import ImageDataset
+from refiner.data.tasks import TaskData
+from refiner.engine.comparison import ComparisonReport
+from refiner.engine.training import TrainConfig, train_classifier
+from refiner.models.checkpoints import Classifier, load_checkpoint, save_checkpoint
 from refiner.reporting import html_table
-from refiner.tasks import TaskData
-from refiner.training import TrainConfig, train_classifier
 
 __all__ = ["CompressionConfig", "PrunedNet", "CompressionReport", "magnitude_prune", "zero_fraction", "compression"]
 

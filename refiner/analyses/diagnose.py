@@ -26,9 +26,9 @@ from refiner.analyses.measure import (
     measure_pair,
     top_images,
 )
-from refiner.checkpoints import Classifier
-from refiner.comparison import ComparisonReport
+from refiner.engine.comparison import ComparisonReport
 from refiner.errors import ConfigError
+from refiner.models.checkpoints import Classifier
 
 __all__ = ["DiagnoseConfig", "Direction", "DiagnoseReport", "diagnose"]
 

@@ -28,12 +28,12 @@ from refiner.analyses.measure import (
     measure_pair,
     require_same_classes,
 )
-from refiner.architectures import create_model
-from refiner.checkpoints import Classifier, load_checkpoint, save_checkpoint
-from refiner.comparison import ComparisonReport
-from refiner.datasets import ImageDataset
+from refiner.data.datasets import ImageDataset
+from refiner.engine.comparison import ComparisonReport
+from refiner.engine.training import TrainConfig, train_classifier
+from refiner.models.architectures import create_model
+from refiner.models.checkpoints import Classifier, load_checkpoint, save_checkpoint
 from refiner.reporting import html_table
-from refiner.training import TrainConfig, train_classifier
 
 __all__ = ["DistillationConfig", "Generation", "DistillationReport", "kd_loss", "distill", "distillation"]
 

@@ -16,14 +16,14 @@ import torch
 from PIL import Image
 from pydantic import BaseModel
 
+from refiner import reporting
 from refiner.analyses.measure import AnalysisConfig, ChannelShare, DataRecord
 from refiner.atomic import atomic_dir
-from refiner.datasets import Preprocess, Sample
+from refiner.data.datasets import Preprocess, Sample
+from refiner.engine.features import FeatureSet
+from refiner.engine.isomorphism import IsomorphismNet
+from refiner.engine.metrics import VarianceTable
 from refiner.errors import ConfigError
-from refiner.features import FeatureSet
-from refiner.isomorphism import IsomorphismNet
-from refiner.metrics import VarianceTable
-from refiner import reporting
 from refiner.reporting import html_table, page
 
 __all__ = [

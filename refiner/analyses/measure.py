@@ -15,15 +15,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from refiner.checkpoints import Classifier
-from refiner.comparison import CompareConfig, ComparisonReport, compare
-from refiner.datasets import ImageDataset
+from refiner.data.datasets import ImageDataset
+from refiner.data.tasks import SplitOptions, TaskData, load_task
+from refiner.engine.comparison import CompareConfig, ComparisonReport, compare
+from refiner.engine.features import FeatureSet, iter_batches
+from refiner.engine.fitting import FitConfig
+from refiner.engine.isomorphism import IsomorphismConfig, IsomorphismNet
+from refiner.engine.training import evaluate
 from refiner.errors import ConfigError
-from refiner.features import FeatureSet, iter_batches
-from refiner.fitting import FitConfig
-from refiner.isomorphism import IsomorphismConfig, IsomorphismNet
-from refiner.tasks import SplitOptions, TaskData, load_task
-from refiner.training import evaluate
+from refiner.models.checkpoints import Classifier
 
 __all__ = [
     "AnalysisConfig",

@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 
 from refiner.analyses.figures import grouped_bars, img, report_folder, setup_html, variance_rows, write_pages
 from refiner.analyses.measure import AnalysisConfig, DataRecord, load_analysis_data, measure_pair
-from refiner.checkpoints import Classifier
-from refiner.comparison import ComparisonReport, default_layer
+from refiner.engine.comparison import ComparisonReport, default_layer
 from refiner.errors import ConfigError
+from refiner.models.checkpoints import Classifier
 from refiner.reporting import html_table
 
 __all__ = ["StabilityConfig", "LayerStability", "StabilityReport", "stability"]

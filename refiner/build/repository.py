@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from refiner.atomic import atomic_dir, atomic_file
-from refiner.datasets import Preprocess
+from refiner.data.datasets import Preprocess
 from refiner.errors import ConfigError
 
 __all__ = [

@@ -7,9 +7,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from refiner.engine.features import iter_batches
+from refiner.engine.isomorphism import IsomorphismConfig, IsomorphismNet
 from refiner.errors import DataError
-from refiner.features import iter_batches
-from refiner.isomorphism import IsomorphismConfig, IsomorphismNet
 
 __all__ = ["FitConfig", "FitResult", "fit_isomorphism", "channel_stats", "reconstruction_mse"]
 

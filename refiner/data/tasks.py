@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from refiner.datasets import ArraySample, FileSample, Preprocess, Sample
+from refiner.data.datasets import ArraySample, FileSample, Preprocess, Sample
 from refiner.errors import ConfigError, DataError, DataLayoutError
 
 __all__ = ["TaskSpec", "TaskData", "SplitOptions", "get_task", "list_tasks", "load_task"]

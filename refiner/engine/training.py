@@ -12,10 +12,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from refiner.architectures import create_model
-from refiner.checkpoints import CheckpointMeta, save_checkpoint
-from refiner.datasets import ImageDataset
-from refiner.tasks import SplitOptions, load_task
+from refiner.data.datasets import ImageDataset
+from refiner.data.tasks import SplitOptions, load_task
+from refiner.models.architectures import create_model
+from refiner.models.checkpoints import CheckpointMeta, save_checkpoint
 
 __all__ = ["TrainConfig", "train_base", "train_classifier", "train_one_epoch", "evaluate", "augment"]
 

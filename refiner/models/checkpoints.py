@@ -17,11 +17,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
-from refiner.architectures import create_model, get_arch
 from refiner.atomic import atomic_file
-from refiner.datasets import Preprocess
+from refiner.data.datasets import Preprocess
 from refiner.errors import CheckpointError, UnsafeCheckpointError
-from refiner.isomorphism import IsomorphismConfig, IsomorphismNet
+from refiner.models.architectures import create_model, get_arch
 
 __all__ = [
     "CheckpointMeta",
@@ -29,8 +28,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "file_sha256",
-    "save_isomorphism",
-    "load_isomorphism",
+    "read_untrusted",
 ]
 
 FORMAT = "refiner-checkpoint/1"
@@ -91,7 +89,7 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    obj = _read(path, trust)
+    obj = read_untrusted(path, trust)
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
@@ -119,7 +117,8 @@ def load_checkpoint(
     return Classifier(model=model, meta=meta, sha256=file_sha256(path), path=path)
 
 
-def _read(path: Path, trust: bool) -> Any:
+def read_untrusted(path: Path, trust: bool) -> Any:
+    """torch.load with weights_only=True; arbitrary unpickling only when `trust` (else UnsafeCheckpointError)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -183,32 +182,3 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], arch: str, pat
             parts.append(f"shape mismatches {wrong[:3]}")
         raise CheckpointError(f"checkpoint {str(path)!r} does not fit architecture {arch!r}: " + "; ".join(parts))
     model.load_state_dict(state)
-
-
-G_FORMAT = "refiner-g/1"
-
-
-def save_isomorphism(path: Path | str, g: IsomorphismNet, info: dict[str, Any]) -> Path:
-    """Write a fitted g (config, feature shapes, weights, provenance) atomically."""
-    payload = {
-        "format": G_FORMAT,
-        "config": g.config.model_dump(),
-        "shape_a": list(g.shape_a),
-        "shape_b": list(g.shape_b),
-        "info": info,
-        "state_dict": g.state_dict(),
-    }
-    with atomic_file(path) as tmp:
-        torch.save(payload, tmp)
-    return Path(path)
-
-
-def load_isomorphism(path: Path | str) -> tuple[IsomorphismNet, dict[str, Any]]:
-    """Read a g file written by `save_isomorphism` (weights_only, never arbitrary pickles)."""
-    path = Path(path)
-    obj = _read(path, trust=False) if path.is_file() else None
-    if not isinstance(obj, dict) or obj.get("format") != G_FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a g file written by `refiner fit` (format {G_FORMAT})")
-    g = IsomorphismNet(tuple(obj["shape_a"]), tuple(obj["shape_b"]), IsomorphismConfig(**obj["config"]))
-    g.load_state_dict(obj["state_dict"])
-    return g.eval(), obj["info"]

@@ -21,62 +21,22 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from refiner.checkpoints import Classifier, file_sha256
-from refiner.comparison import CompareConfig, ComparisonReport, compare
-from refiner.datasets import ImageDataset
+from refiner.models.checkpoints import Classifier, file_sha256
+from refiner.build.config import BuildConfig
+from refiner.build.report import BuildReport, VariantResult, format_accuracy_table, write_build_report
+from refiner.engine.comparison import ComparisonReport, compare
+from refiner.data.datasets import ImageDataset
 from refiner.errors import CheckpointError
-from refiner.export import INPUT_NAME, OUTPUT_NAME, ExportCheck, export_onnx, validate_onnx
-from refiner.features import FeatureSet, default_cache_dir, iter_batches
-from refiner.finetune import HeadConfig, finetune_head
-from refiner.isomorphism import IsomorphismNet
-from refiner.layers import split_model
-from refiner.refined import RefinedModel, replace_classifier
-from refiner.reporting import format_accuracy_table, write_build_report
-from refiner.repository import ArtifactMetadata, TensorSpec, new_version, now_iso, write_model_files
-from refiner.tasks import SplitOptions, get_task, load_task
+from refiner.build.export import INPUT_NAME, OUTPUT_NAME, ExportCheck, export_onnx, validate_onnx
+from refiner.engine.features import FeatureSet, default_cache_dir, iter_batches
+from refiner.engine.finetune import HeadConfig, finetune_head
+from refiner.engine.isomorphism import IsomorphismNet
+from refiner.models.layers import split_model
+from refiner.build.refined import RefinedModel, replace_classifier
+from refiner.build.repository import ArtifactMetadata, TensorSpec, new_version, now_iso, write_model_files
+from refiner.data.tasks import SplitOptions, get_task, load_task
 
-__all__ = ["BuildConfig", "VariantResult", "BuildReport", "BuildResult", "build"]
-
-
-class BuildConfig(BaseModel):
-    """Everything `refiner build` does besides choosing its inputs."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str  # model name in the repository
-    compare: CompareConfig = Field(default_factory=CompareConfig)
-    head: HeadConfig = Field(default_factory=HeadConfig)
-    seeds: int = Field(3, ge=1)  # fine-tuning seeds per variant
-    ablations: bool = True  # also fine-tune on x^(0), x^(0)+x^(1), ...
-    max_batch_size: int = Field(32, ge=1)  # written into config.pbtxt and metadata.json
-    atol: float = Field(1e-4, gt=0)  # ONNX vs PyTorch tolerance on logits
-    validation_images: int = Field(16, ge=3)  # real validation images used to check the export
-
-
-class VariantResult(BaseModel):
-    """Test accuracy of one feature source over seeds (epoch chosen on validation data)."""
-
-    name: str
-    features: str  # what the upper layers were fed
-    head_from: str  # whose upper layers were fine-tuned
-    val_acc: list[float]
-    test_acc: list[float]
-    mean: float
-    std: float
-
-
-class BuildReport(BaseModel):
-    """report.json: the accuracy table, the Var table and provenance."""
-
-    name: str
-    version: int
-    task: str
-    classes: list[str]
-    config: BuildConfig
-    variants: list[VariantResult]
-    comparison: ComparisonReport
-    export: ExportCheck
-    seconds: dict[str, float]
+__all__ = ["BuildResult", "build"]
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from refiner.training import evaluate, train_one_epoch
+from refiner.engine.training import evaluate, train_one_epoch
 
 __all__ = ["HeadConfig", "HeadResult", "finetune_head"]
 

@@ -12,7 +12,7 @@ import torch
 from pydantic import BaseModel
 from torch import Tensor
 
-from refiner.isomorphism import IsomorphismNet
+from refiner.engine.isomorphism import IsomorphismNet
 
 __all__ = ["RunningVariance", "LinearCKA", "VarianceTable", "measure_isomorphism"]
 

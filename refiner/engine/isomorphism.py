@@ -8,16 +8,19 @@ loss) and Eq. 3-4 (the split of g(x_A) into k-order isomorphic components).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from refiner.errors import ConfigError
+from refiner.atomic import atomic_file
+from refiner.errors import CheckpointError, ConfigError
+from refiner.models.checkpoints import read_untrusted
 
-__all__ = ["IsomorphismConfig", "IsomorphismNet", "Decomposition"]
+__all__ = ["IsomorphismConfig", "IsomorphismNet", "Decomposition", "save_isomorphism", "load_isomorphism"]
 
 
 class IsomorphismConfig(BaseModel):
@@ -188,3 +191,32 @@ class IsomorphismNet(nn.Module):
 
 def _per_channel(v: Tensor) -> Tensor:
     return v.reshape(1, -1, 1, 1)
+
+
+G_FORMAT = "refiner-g/1"
+
+
+def save_isomorphism(path: Path | str, g: IsomorphismNet, info: dict[str, Any]) -> Path:
+    """Write a fitted g (config, feature shapes, weights, provenance) atomically."""
+    payload = {
+        "format": G_FORMAT,
+        "config": g.config.model_dump(),
+        "shape_a": list(g.shape_a),
+        "shape_b": list(g.shape_b),
+        "info": info,
+        "state_dict": g.state_dict(),
+    }
+    with atomic_file(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def load_isomorphism(path: Path | str) -> tuple[IsomorphismNet, dict[str, Any]]:
+    """Read a g file written by `save_isomorphism` (weights_only, never arbitrary pickles)."""
+    path = Path(path)
+    obj = read_untrusted(path, trust=False) if path.is_file() else None
+    if not isinstance(obj, dict) or obj.get("format") != G_FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a g file written by `refiner fit` (format {G_FORMAT})")
+    g = IsomorphismNet(tuple(obj["shape_a"]), tuple(obj["shape_b"]), IsomorphismConfig(**obj["config"]))
+    g.load_state_dict(obj["state_dict"])
+    return g.eval(), obj["info"]

@@ -6,8 +6,8 @@ import copy
 
 from torch import Tensor, nn
 
-from refiner.architectures import get_arch
-from refiner.isomorphism import IsomorphismNet
+from refiner.models.architectures import get_arch
+from refiner.engine.isomorphism import IsomorphismNet
 
 __all__ = ["RefinedModel", "replace_classifier"]
 

@@ -21,10 +21,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from refiner.atomic import atomic_dir
-from refiner.checkpoints import Classifier
-from refiner.datasets import ImageDataset, fingerprint
-from refiner.layers import split_model
-from refiner.tasks import TaskData
+from refiner.data.datasets import ImageDataset, fingerprint
+from refiner.data.tasks import TaskData
+from refiner.models.checkpoints import Classifier
+from refiner.models.layers import split_model
 
 __all__ = ["FeatureSet", "default_cache_dir", "cached_features", "classifier_features", "iter_batches"]
 

@@ -7,15 +7,15 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from refiner.architectures import get_arch
-from refiner.checkpoints import Classifier
+from refiner.data.tasks import TaskData
+from refiner.engine.features import FeatureSet, classifier_features, iter_batches
+from refiner.engine.fitting import FitConfig, FitResult, fit_isomorphism
+from refiner.engine.isomorphism import IsomorphismConfig, IsomorphismNet
+from refiner.engine.metrics import VarianceTable, measure_isomorphism
 from refiner.errors import ConfigError
-from refiner.features import FeatureSet, classifier_features, iter_batches
-from refiner.fitting import FitConfig, FitResult, fit_isomorphism
-from refiner.isomorphism import IsomorphismConfig, IsomorphismNet
-from refiner.layers import feature_shape, split_model
-from refiner.metrics import VarianceTable, measure_isomorphism
-from refiner.tasks import TaskData
+from refiner.models.architectures import get_arch
+from refiner.models.checkpoints import Classifier
+from refiner.models.layers import feature_shape, split_model
 
 __all__ = ["CompareConfig", "NetSide", "ComparisonReport", "compare", "default_layer", "measure_split"]
 

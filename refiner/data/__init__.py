@@ -1,0 +1,1 @@
+"""Stage 1, data: tasks (which images, which classes, which splits) and image preprocessing."""
