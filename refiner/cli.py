@@ -35,8 +35,17 @@ def _add_task(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, help="dataset folder in the task's standard layout (not needed for digits)")
     p.add_argument("--classes", help="comma-separated class subset (overrides the task's default classes)")
     p.add_argument("--cache", type=Path, help="feature cache folder (default: $REFINER_CACHE or ~/.cache/refiner/features)")
-    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default: 0)")
     p.add_argument("--train-per-class", type=int, help="keep at most N training images per class")
+    _add_runtime(p)
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    """Where and how the engine computes; shared by train, fit, build and the analyses."""
+    group = p.add_argument_group("device and speed (also under torchrun: one process per GPU)")
+    group.add_argument("--device", default="auto", help="auto (first CUDA GPU, else CPU), cpu, cuda, cuda:N or mps (default: auto)")
+    group.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision for trunks, fitting and fine-tuning; fp16 uses a GradScaler (default: off)")
+    group.add_argument("--threads", type=int, help="torch CPU threads (default: $OMP_NUM_THREADS, else torch's default: all cores); use 1 when other jobs share the cores")
+    group.add_argument("--workers", type=int, help="data-loading worker processes (default: 0 on a CPU with <= 2 cores, else from the core count)")
 
 
 def _add_pair(p: argparse.ArgumentParser) -> None:
@@ -58,9 +67,12 @@ def _add_g(p: argparse.ArgumentParser) -> None:
     group.add_argument("--lambda", dest="lam", type=float, default=0.1, help="weight of the penalty on p^(k) (default: 0.1)")
     group.add_argument("--kernel", type=int, default=3, help="kernel size of g's convolutions (default: 3)")
     group.add_argument("--normalizer", choices=["auto", "sample", "batch"], default="auto", help="Sigma in Eq. 1 (default: auto)")
-    group.add_argument("--g-epochs", type=int, default=30, help="epochs to fit g (default: 30)")
-    group.add_argument("--g-lr", type=float, nargs=2, default=(1e-3, 1e-5), metavar=("START", "END"), help="log-spaced learning rate of g (default: 1e-3 1e-5)")
-    group.add_argument("--g-batch", type=int, default=64, help="batch size to fit g (default: 64)")
+    group.add_argument("--g-steps", type=int, default=20_000, help="budget of optimiser steps; fitting stops earlier once the held-out MSE stops improving (default: 20000)")
+    group.add_argument("--g-patience", type=int, default=10, help="held-out checks (every 100 steps) without improvement before fitting stops (default: 10)")
+    group.add_argument("--g-epochs", type=int, help="override: fit for exactly this many epochs with a log-spaced lr and no early stop")
+    group.add_argument("--g-lr", type=float, nargs=2, default=(1e-2, 1e-5), metavar=("START", "END"), help="initial lr and the floor of its cuts (with --g-epochs: log-spaced from START to END) (default: 1e-2 1e-5)")
+    group.add_argument("--g-batch", type=int, default=64, help="batch size to fit g, per process (default: 64)")
+    group.add_argument("--cache-fp16", action="store_true", help="store cached features as float16 (half the disk; values rounded to fp16)")
 
 
 def _g_configs(args):
@@ -70,7 +82,10 @@ def _g_configs(args):
 
     return (
         IsomorphismConfig(orders=args.orders, lam=args.lam, kernel_size=args.kernel, normalizer=args.normalizer),
-        FitConfig(epochs=args.g_epochs, lr_start=args.g_lr[0], lr_end=args.g_lr[1], batch_size=args.g_batch),
+        FitConfig(
+            max_steps=args.g_steps, patience=args.g_patience, epochs=args.g_epochs,
+            lr_start=args.g_lr[0], lr_end=args.g_lr[1], batch_size=args.g_batch,
+        ),  # fmt: skip
     )
 
 
@@ -97,7 +112,7 @@ def _train_args(sub) -> None:
 def _run_train(args) -> None:
     from refiner.engine.training import TrainConfig, train_base
 
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, augment=args.augment, seed=args.seed, num_workers=args.workers)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, augment=args.augment, seed=args.seed, runtime=_runtime(args))
     meta = train_base(args.arch, args.task, args.data, config, args.out, _split(args, args.subset))
     last = meta.info["history"][-1]
     print(f"{args.out}: {meta.arch} on {args.task} ({meta.num_classes} classes) "
@@ -132,7 +147,15 @@ def _compare_config(args):
     from refiner.engine.comparison import CompareConfig
 
     g, fit = _g_configs(args)
-    return CompareConfig(layer_a=args.layer_a, layer_b=args.layer_b, g=g, fit=fit, num_workers=args.workers)
+    return CompareConfig(
+        layer_a=args.layer_a, layer_b=args.layer_b, g=g, fit=fit, runtime=_runtime(args), cache_dtype="float16" if args.cache_fp16 else "float32"
+    )
+
+
+def _runtime(args):
+    from refiner.engine.device import RuntimeConfig
+
+    return RuntimeConfig(device=args.device, amp=args.amp, threads=args.threads, workers=args.workers)
 
 
 def _split(args, subset: str | None = None):
@@ -148,18 +171,26 @@ def _classes(args) -> list[str] | None:
 def _run_fit(args) -> None:
     from refiner.atomic import atomic_file
     from refiner.data.tasks import load_task
+    from refiner.engine import distributed as dist
     from refiner.engine.comparison import compare
     from refiner.engine.isomorphism import save_isomorphism
-    from refiner.reporting import format_variance_table
+    from refiner.reporting import format_fit, format_variance_table, save_fit_curve
 
     a, b = _load_pair(args, args.task)
     data = load_task(args.task, args.data, target=args.on == "target", classes=_classes(args), options=_split(args))
     g, report, _ = compare(a, b, data, _compare_config(args), args.cache)
+    if not dist.is_main():
+        return
+    curve = args.out.with_name(args.out.stem + "-curve.png")
     save_isomorphism(args.out, g, {"report": report.model_dump(mode="json")})
     with atomic_file(args.out.with_suffix(".json")) as tmp:
         tmp.write_text(report.model_dump_json(indent=2))
+    with atomic_file(curve) as tmp:
+        save_fit_curve(tmp, report.fit)
     print(format_variance_table(report.tables))
-    print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
+    print(format_fit(report.fit))
+    print(f"on {report.runtime['device']} ({report.runtime['name']}), AMP {report.runtime['amp']}")
+    print(f"wrote {args.out}, {args.out.with_suffix('.json')} and {curve}")
 
 
 def _build_args(sub) -> None:
@@ -194,7 +225,8 @@ def _run_build(args) -> None:
         name=args.name or f"{args.task}-refined",
     )
     result = build(a, b, args.task, args.data, config, models=args.models, classes=_classes(args), split=_split(args), cache_dir=args.cache)
-    print(result.summary())
+    if result is not None:  # rank 0 (or the only process)
+        print(result.summary())
 
 
 def _serve_args(sub) -> None:
@@ -227,7 +259,7 @@ def _analyze_args(sub) -> None:
         "  refiner analyze stability --models a.pt b.pt c.pt --task digits --out reports/stability\n"
         "  refiner analyze diagnose --weak a.pt --strong b.pt --task digits --out reports/diagnose\n",
     )
-    register(p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS"), _command, _add_task, _add_g, _g_configs)
+    register(p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS"), _command, _add_task, _add_g, _g_configs, _runtime)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     try:
+        if hasattr(args, "device"):
+            from refiner.engine.distributed import init_from_env
+
+            args.device = init_from_env(args.device)  # under torchrun: join the group, one GPU per process
         args.run(args)
     except (RefinerError, ValidationError) as e:
         print(f"refiner {args.command}: error: {e}", file=sys.stderr)

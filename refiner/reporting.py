@@ -5,6 +5,8 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from refiner.engine.device import RuntimeConfig
+from refiner.engine.fitting import FitConfig, FitResult
 from refiner.engine.metrics import VarianceTable
 
 __all__ = [
@@ -13,6 +15,10 @@ __all__ = [
     "variance_rows",
     "html_table",
     "save_bar_plot",
+    "save_fit_curve",
+    "describe_fit",
+    "describe_runtime",
+    "format_fit",
     "page",
 ]
 
@@ -68,3 +74,58 @@ def page(title: str, sections: list[tuple[str, str]]) -> str:
     """A self-contained HTML page of (heading, html body) sections."""
     body = "".join(f"<h2>{html.escape(h)}</h2>{b}" for h, b in sections)
     return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>"
+
+
+def describe_fit(config: FitConfig) -> str:
+    """One line on how g was fitted."""
+    if config.epochs is not None:
+        return f"g fitted for {config.epochs} epochs, Adam lr {config.lr_start:g} -> {config.lr_end:g} log-spaced, batch {config.batch_size}"
+    return (
+        f"g fitted to convergence: Adam lr {config.lr_start:g}, cut x{config.lr_decay:g} after {config.plateau} checks without "
+        f"improvement (floor {config.lr_end:g}), stop after {config.patience} (checks every {config.eval_every} steps, "
+        f"budget {config.max_steps} steps), batch {config.batch_size}"
+    )
+
+
+def describe_runtime(config: RuntimeConfig) -> str:
+    return f"device {config.device}, AMP {config.amp}"
+
+
+def format_fit(fit: FitResult) -> str:
+    """One line on how fitting ended."""
+    last = fit.holdout_mse[-1] if fit.holdout_mse else float("nan")
+    best = min(fit.holdout_mse) if fit.holdout_mse else float("nan")
+    return (
+        f"g: {fit.total_steps} steps ({fit.stop}; weights of step {fit.best_step} kept), held-out MSE {best:.4f} "
+        f"(last check {last:.4f}), p = {', '.join(f'{p:.3f}' for p in fit.p)}, {fit.seconds:.1f} s, {fit.samples_per_s:.0f} samples/s"
+    )
+
+
+def save_fit_curve(path: Path, fit: FitResult) -> None:
+    """PNG of the fitting curve: train and held-out MSE, p^(k) and the learning rate against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    axes[0].plot(fit.steps, fit.train_mse, label="train")
+    axes[0].plot(fit.steps, fit.holdout_mse, label="held-out")
+    axes[0].axvline(fit.best_step, color="grey", ls=":", label="kept")
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("MSE (units of Var(x_B))")
+    axes[0].legend()
+    for k, series in enumerate(zip(*fit.p_history) if fit.p_history else []):
+        axes[1].plot(fit.steps, series, label=f"p^({k + 1})")
+    axes[1].set_ylabel("p^(k)")
+    if fit.p_history and fit.p_history[0]:
+        axes[1].legend()
+    axes[2].plot(fit.steps, fit.lr)
+    axes[2].set_yscale("log")
+    axes[2].set_ylabel("learning rate")
+    for ax in axes:
+        ax.set_xlabel("optimiser steps")
+    fig.suptitle(f"fitting g: {fit.stop} after {fit.total_steps} steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, format="png")
+    plt.close(fig)

@@ -34,6 +34,9 @@ def test_digits_splits_are_deterministic_and_disjoint():
     assert _ids(half_a.train) | _ids(half_b.train) == _ids(a.train)
     few = load_task("digits", None, target=False, options=SplitOptions(train_per_class=5))
     assert len(few.train) == 50
+    assert len(few.val) == 10 and _ids(few.val) <= _ids(a.val)  # val shrinks with the kept training data, still disjoint
+    many = load_task("digits", None, target=False, options=SplitOptions(train_per_class=90))
+    assert len(many.val) == 100 and not (_ids(many.val) & _ids(many.train))
 
 
 def test_dataset_preprocessing():

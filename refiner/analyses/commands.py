@@ -10,7 +10,7 @@ from refiner.errors import ConfigError
 __all__ = ["register"]
 
 
-def register(sub, command, add_task, add_g, g_configs) -> None:
+def register(sub, command, add_task, add_g, g_configs, runtime_config) -> None:
     """Add one sub-parser per analysis; `command(sub, name, help, examples)` makes a parser."""
     p = command(
         sub,
@@ -27,7 +27,7 @@ def register(sub, command, add_task, add_g, g_configs) -> None:
     p.add_argument("--channel", type=int, help="channel to picture (default: the one with the largest Δ share)")
     _add_images(p)
     _add_common(p, add_task, add_g, g_configs)
-    p.set_defaults(run=_run_diagnose)
+    p.set_defaults(run=_run_diagnose, runtime_config=runtime_config)
 
     p = command(
         sub,
@@ -42,7 +42,7 @@ def register(sub, command, add_task, add_g, g_configs) -> None:
     p.add_argument("--models", required=True, nargs="+", type=Path, help="checkpoints of nets trained the same way (at least 2)")
     p.add_argument("--layers", nargs="+", help="layers to compare (default: the architecture's default layer)")
     _add_common(p, add_task, add_g, g_configs)
-    p.set_defaults(run=_run_stability)
+    p.set_defaults(run=_run_stability, runtime_config=runtime_config)
 
     p = command(
         sub,
@@ -61,7 +61,7 @@ def register(sub, command, add_task, add_g, g_configs) -> None:
     p.add_argument("--batch-size", type=int, default=128, help="fine-tuning batch size (default: 128)")
     _add_images(p)
     _add_common(p, add_task, add_g, g_configs)
-    p.set_defaults(run=_run_compression)
+    p.set_defaults(run=_run_compression, runtime_config=runtime_config)
 
     p = command(
         sub,
@@ -80,7 +80,7 @@ def register(sub, command, add_task, add_g, g_configs) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="KD temperature τ (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="students' seeds are SEED + generation (default: 0)")
     _add_common(p, add_task, add_g, g_configs)
-    p.set_defaults(run=_run_distillation)
+    p.set_defaults(run=_run_distillation, runtime_config=runtime_config)
 
 
 def _add_images(p: argparse.ArgumentParser) -> None:
@@ -101,7 +101,8 @@ def _analysis_config(args):
 
     g, fit = args.g_configs(args)
     return AnalysisConfig(
-        g=g, fit=fit, train_per_class=args.train_per_class, test_per_class=args.test_per_class, num_workers=args.workers
+        g=g, fit=fit, train_per_class=args.train_per_class, test_per_class=args.test_per_class, runtime=args.runtime_config(args),
+        cache_dtype="float16" if args.cache_fp16 else "float32",
     )
 
 
@@ -149,7 +150,7 @@ def _run_compression(args) -> None:
     config = CompressionConfig(
         analysis=_analysis_config(args),
         sparsities=_floats(args.sparsity, "--sparsity"),
-        finetune=TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, batch_size=args.batch_size, num_workers=args.workers),
+        finetune=TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, batch_size=args.batch_size, runtime=args.runtime_config(args)),
         layer=args.layer,
         images=args.images,
     )
@@ -168,7 +169,7 @@ def _run_distillation(args) -> None:
     config = DistillationConfig(
         analysis=_analysis_config(args),
         generations=args.generations,
-        train=TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, num_workers=args.workers),
+        train=TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, runtime=args.runtime_config(args)),
         kd_weight=args.kd_weight,
         temperature=args.temperature,
         layer=args.layer,

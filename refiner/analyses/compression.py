@@ -114,7 +114,7 @@ def compression(
 ) -> CompressionReport:  # fmt: skip
     """Prune and fine-tune at each sparsity, measure the discarded knowledge; write the report folder `out`."""
     start = time.perf_counter()
-    workers = config.analysis.num_workers
+    workers = config.analysis.runtime
     with report_folder(out) as folder:
         data = load_analysis_data(task, data_dir, classes or clf.meta.class_names, config.analysis)
         require_same_classes(data, clf)

@@ -102,7 +102,7 @@ def diagnose(
                 name=name, meaning=_MEANINGS[name], comparison=measured.report, channels=shares,
                 pictured_channel=channel, pictured_images=indices,
             )  # fmt: skip
-        acc = accuracies_on_test({"weak": weak, "strong": strong}, data, config.analysis.num_workers)
+        acc = accuracies_on_test({"weak": weak, "strong": strong}, data, config.analysis.runtime)
         report = DiagnoseReport(
             config=config, data=DataRecord.of(data), weak=weak.path.name, strong=strong.path.name, test_acc=acc,
             unreliable=directions["unreliable features"], blind_spots=directions["blind spots"],

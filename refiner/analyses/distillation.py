@@ -30,6 +30,7 @@ from refiner.analyses.measure import (
 )
 from refiner.data.datasets import ImageDataset
 from refiner.engine.comparison import ComparisonReport
+from refiner.engine.device import Runtime
 from refiner.engine.training import TrainConfig, train_classifier
 from refiner.models.architectures import create_model
 from refiner.models.checkpoints import Classifier, load_checkpoint, save_checkpoint
@@ -84,7 +85,7 @@ def distill(
     desc: str = "student",
 ) -> list[dict[str, float]]:  # fmt: skip
     """Train `student` from scratch on kd_loss against a frozen teacher (the recipe of `train_classifier`)."""
-    teacher.eval()
+    teacher.eval().to(Runtime.resolve(config.runtime).device)
 
     def loss_fn(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -100,7 +101,7 @@ def distillation(
 ) -> DistillationReport:  # fmt: skip
     """Train born-again generations from `clf`, measure each one's blind spots w.r.t. the newest; write `out`."""
     start = time.perf_counter()
-    workers = config.analysis.num_workers
+    workers = config.analysis.runtime
     with report_folder(out) as folder:
         data = load_analysis_data(task, data_dir, classes or clf.meta.class_names, config.analysis)
         require_same_classes(data, clf)

@@ -202,8 +202,9 @@ def setup_html(data: DataRecord, config: AnalysisConfig, nets: dict[str, str]) -
     items += [
         f"task <b>{html.escape(data.task)}</b>, {len(data.classes)} classes, "
         f"{data.images['train']} training images (g is fitted on them), {data.images['test']} test images (measured)",
-        f"g: K = {config.g.orders}, λ = {config.g.lam}, kernel {config.g.kernel_size}; "
-        f"{config.fit.epochs} fitting epochs, lr {config.fit.lr_start:g} → {config.fit.lr_end:g}",
+        f"g: K = {config.g.orders}, λ = {config.g.lam}, kernel {config.g.kernel_size}; " +
+        html.escape(reporting.describe_fit(config.fit)),
+        html.escape(reporting.describe_runtime(config.runtime)),
         "Var figures are in the target feature's per-channel standardised space (Var(x) ≈ 1).",
     ]
     return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"

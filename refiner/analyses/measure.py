@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader
 from refiner.data.datasets import ImageDataset
 from refiner.data.tasks import SplitOptions, TaskData, load_task
 from refiner.engine.comparison import CompareConfig, ComparisonReport, compare
+from refiner.engine.device import Runtime, RuntimeConfig
 from refiner.engine.features import FeatureSet, iter_batches
 from refiner.engine.fitting import FitConfig
 from refiner.engine.isomorphism import IsomorphismConfig, IsomorphismNet
@@ -49,7 +51,8 @@ class AnalysisConfig(BaseModel):
     fit: FitConfig = Field(default_factory=FitConfig)
     train_per_class: int | None = Field(None, ge=1)  # training images per class (g fitting, fine-tuning); None: all
     test_per_class: int | None = Field(None, ge=1)  # test images per class measured; None: all
-    num_workers: int = Field(0, ge=0)  # DataLoader workers for feature extraction and training
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)  # device, AMP, threads, workers
+    cache_dtype: Literal["float32", "float16"] = "float32"  # storage of cached features
 
 
 @dataclass
@@ -101,7 +104,7 @@ def measure_pair(
     config: AnalysisConfig, cache_dir: Path | None,
 ) -> Measured:  # fmt: skip
     """Fit g: x_A -> x_B on the training split; measure the Var table on the test split."""
-    compare_config = CompareConfig(layer_a=layer_a, layer_b=layer_b, g=config.g, fit=config.fit, num_workers=config.num_workers)
+    compare_config = CompareConfig(layer_a=layer_a, layer_b=layer_b, g=config.g, fit=config.fit, runtime=config.runtime, cache_dtype=config.cache_dtype)
     g, report, pairs = compare(clf_a, clf_b, data, compare_config, cache_dir, measure=("test",))
     return Measured(g=g, report=report, test=pairs["test"])
 
@@ -137,15 +140,17 @@ def require_same_classes(data: TaskData, *nets: Classifier) -> None:
             )
 
 
-def accuracies_on_test(nets: dict[str, Classifier], data: TaskData, num_workers: int = 0) -> dict[str, float]:
+def accuracies_on_test(nets: dict[str, Classifier], data: TaskData, runtime: RuntimeConfig | None = None) -> dict[str, float]:
     """Test accuracy of each net that predicts exactly the data's classes (others are left out)."""
-    return {name: accuracy_on_test(clf, data, num_workers) for name, clf in nets.items() if clf.meta.class_names == data.classes}
+    return {name: accuracy_on_test(clf, data, runtime) for name, clf in nets.items() if clf.meta.class_names == data.classes}
 
 
-def accuracy_on_test(clf: Classifier, data: TaskData, num_workers: int = 0) -> float:
-    """Top-1 accuracy of a classifier on the test split, fed with its own preprocessing."""
+def accuracy_on_test(clf: Classifier, data: TaskData, runtime: RuntimeConfig | None = None) -> float:
+    """Top-1 accuracy of a classifier on the test split (on the runtime's device), fed with its own preprocessing."""
+    rt = Runtime.resolve(runtime)
     dataset = ImageDataset(data.test, data.classes, clf.meta.preprocess)
-    return evaluate(clf.model, DataLoader(dataset, batch_size=256, num_workers=num_workers))["acc"]
+    loader = DataLoader(dataset, batch_size=256, num_workers=rt.workers, pin_memory=rt.pin_memory)
+    return evaluate(clf.model.to(rt.device), loader, rt)["acc"]
 
 
 @torch.no_grad()

@@ -24,7 +24,10 @@ from torch import nn
 from refiner.models.checkpoints import Classifier, file_sha256
 from refiner.build.config import BuildConfig
 from refiner.build.report import BuildReport, VariantResult, format_accuracy_table, write_build_report
+from refiner.engine import distributed as dist
 from refiner.engine.comparison import ComparisonReport, compare
+from refiner.engine.device import Runtime
+from refiner.engine.metrics import VarianceAccumulator, VarianceTable
 from refiner.data.datasets import ImageDataset
 from refiner.errors import CheckpointError
 from refiner.build.export import INPUT_NAME, OUTPUT_NAME, ExportCheck, export_onnx, validate_onnx
@@ -75,13 +78,19 @@ def build(
     classes: list[str] | None = None,
     split: SplitOptions | None = None,
     cache_dir: Path | None = None,
-) -> BuildResult:
-    """Run the whole build and write models/<name>/<version>; nothing is written on failure."""
+) -> BuildResult | None:
+    """Run the whole build and write models/<name>/<version>; nothing is written on failure.
+
+    Under torchrun the features are extracted in shards, g is fitted with DDP,
+    the variant x seed fine-tuning jobs are split across ranks, and rank 0
+    exports and writes the artifact (other ranks return None).
+    """
     _check_sources(clf_a, clf_b, task)
+    runtime = Runtime.resolve(config.compare.runtime)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     data = load_task(task, data_dir, target=True, classes=classes, options=split)
-    g, comparison, pairs = compare(clf_a, clf_b, data, config.compare, cache_dir, measure=("val", "test"))
+    g, comparison, pairs = compare(clf_a, clf_b, data, config.compare, cache_dir, measure=(), extra=("val", "test"))
     seconds["features_and_g"] = time.perf_counter() - start
     layer_a, layer_b = comparison.a.layer, comparison.b.layer
     trunk_a, head_a = split_model(clf_a.model, layer_a)
@@ -89,31 +98,39 @@ def build(
     work = Path(tempfile.mkdtemp(prefix="build-", dir=_work_root(cache_dir)))
     try:
         t0 = time.perf_counter()
-        variants = _variants(g, pairs, config, work)
-        seconds["refined_features"] = time.perf_counter() - t0
+        variants, comparison.tables = _variants(g, pairs, config, work)
+        seconds["refined_features_and_var"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        results, refined_head = _finetune_all(variants, {"A": (head_a, clf_a.meta.arch), "B": (head_b, clf_b.meta.arch)}, len(data.classes), config)
+        heads = {"A": (head_a, clf_a.meta.arch), "B": (head_b, clf_b.meta.arch)}
+        results, refined_head = _finetune_all(variants, heads, len(data.classes), config, runtime)
         seconds["finetune"] = time.perf_counter() - t0
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    model = RefinedModel(trunk_a, g, refined_head).eval()
+    if not dist.is_main():
+        dist.barrier()  # wait for rank 0's export so every process leaves together
+        return None
+    model = RefinedModel(trunk_a, g.cpu(), refined_head.cpu()).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     t0 = time.perf_counter()
     val_images = _images(clf_a, data.val, data.classes, config.validation_images)
-    with new_version(models, config.name) as (version, folder):
-        export_onnx(model, clf_a.meta.preprocess.input_size, folder / "model.onnx")
-        check = validate_onnx(folder / "model.onnx", model, val_images, config.atol)
-        seconds["export"] = time.perf_counter() - t0
-        seconds["total"] = time.perf_counter() - start
-        report = BuildReport(
-            name=config.name, version=version, task=task, classes=data.classes, config=config,
-            variants=results, comparison=comparison, export=check, seconds=seconds,
-        )  # fmt: skip
-        meta = _metadata(config, version, data.classes, clf_a, clf_b, comparison, folder / "model.onnx", check)
-        (folder / "metadata.json").write_text(meta.model_dump_json(indent=2))
-        write_build_report(folder, report)
-    write_model_files(models, meta)
+    try:
+        with new_version(models, config.name) as (version, folder):
+            export_onnx(model, clf_a.meta.preprocess.input_size, folder / "model.onnx")
+            check = validate_onnx(folder / "model.onnx", model, val_images, config.atol)
+            seconds["export"] = time.perf_counter() - t0
+            seconds["total"] = time.perf_counter() - start
+            report = BuildReport(
+                name=config.name, version=version, task=task, classes=data.classes, config=config,
+                variants=results, comparison=comparison, export=check, seconds=seconds,
+                runtime={**runtime.record(), "processes": dist.world_size()},
+            )  # fmt: skip
+            meta = _metadata(config, version, data.classes, clf_a, clf_b, comparison, folder / "model.onnx", check)
+            (folder / "metadata.json").write_text(meta.model_dump_json(indent=2))
+            write_build_report(folder, report)
+        write_model_files(models, meta)
+    finally:
+        dist.barrier()
     return BuildResult(report=report, path=Path(models) / config.name / str(version), model=model)
 
 
@@ -134,13 +151,17 @@ def _work_root(cache_dir: Path | None) -> Path:
     return root
 
 
-def _variants(g: IsomorphismNet, pairs: dict[str, tuple[FeatureSet, FeatureSet]], config: BuildConfig, work: Path) -> list[_Variant]:
-    """Feature sources of every variant: x_A, x_B, and prefix sums of g's orders (on disk)."""
+def _variants(
+    g: IsomorphismNet, pairs: dict[str, tuple[FeatureSet, FeatureSet]], config: BuildConfig, work: Path
+) -> tuple[list[_Variant], dict[str, VarianceTable]]:
+    """Feature sources of every variant (x_A, x_B, prefix sums of g's orders, on disk) and the Var tables."""
     k_max = g.orders
     orders = list(range(k_max + 1)) if config.ablations else [k_max]
     splits = ("train", "val", "test")
     labels = {s: pairs[s][0].y for s in splits}
-    derived = {s: _order_sums(g, pairs[s][0].x, orders, work / s) for s in splits}
+    derived, tables = {}, {}
+    for s in splits:
+        derived[s], tables[s] = _derive(g, *pairs[s], orders, work / s, measure=s != "train")
     out = [
         _Variant("features from A", "x_A", "A", {s: pairs[s][0].x for s in splits}, labels),
         _Variant("features from B (no Delta removal)", "x_B", "B", {s: pairs[s][1].x for s in splits}, labels),
@@ -149,60 +170,87 @@ def _variants(g: IsomorphismNet, pairs: dict[str, tuple[FeatureSet, FeatureSet]]
     for m in orders[:-1]:
         name = " + ".join(f"x^({k})" for k in range(m + 1))
         out.append(_Variant(f"ablation: {name}", name, "B", {s: derived[s][m] for s in splits}, labels))
-    return out
+    return out, {s: tables[s] for s in ("val", "test")}
 
 
 @torch.no_grad()
-def _order_sums(g: IsomorphismNet, x_a: np.ndarray, orders: list[int], folder: Path) -> dict[int, np.ndarray]:
-    """x^(0) + ... + x^(m) in B's feature space for each m in `orders`, as memory maps."""
+def _derive(
+    g: IsomorphismNet, fa: FeatureSet, fb: FeatureSet, orders: list[int], folder: Path, measure: bool
+) -> tuple[dict[int, np.ndarray], VarianceTable | None]:
+    """x^(0) + ... + x^(m) in B's feature space for each m in `orders` (memory maps), and the Var table.
+
+    One decomposition per batch serves both; when neither ablations nor the
+    Var table are wanted, the plain forward pass g(x_A) is enough.
+    """
     folder.mkdir(parents=True)
-    shape = (len(x_a), *g.shape_b)
+    shape = (len(fa.x), *g.shape_b)
     arrays = {m: np.lib.format.open_memmap(folder / f"order{m}.npy", mode="w+", dtype=np.float32, shape=shape) for m in orders}
+    acc = VarianceAccumulator(g) if measure else None
+    device = next(g.parameters()).device
     start = 0
-    for (xa,) in iter_batches(x_a, batch_size=256):
-        sums = torch.stack(g.decompose(xa).components).cumsum(0)
-        for m, arr in arrays.items():
-            arr[start : start + len(xa)] = g.unstandardize(sums[m]).numpy()
+    for xa, xb in iter_batches(fa.x, fb.x, batch_size=256):
+        xa, xb = xa.to(device), xb.to(device)
+        if acc is None and len(orders) == 1:
+            arrays[orders[0]][start : start + len(xa)] = g(xa).cpu().numpy()
+        else:
+            dec = g.decompose(xa, xb if acc else None)
+            if acc:
+                acc.add(xa, xb, dec)
+            sums = torch.stack(dec.components).cumsum(0)
+            for m, arr in arrays.items():
+                arr[start : start + len(xa)] = g.unstandardize(sums[m]).cpu().numpy()
         start += len(xa)
     for arr in arrays.values():
         arr.flush()
-    return arrays
+    return arrays, acc.table() if acc else None
 
 
 def _finetune_all(
-    variants: list[_Variant], heads: dict[str, tuple[nn.Module, str]], num_classes: int, config: BuildConfig
+    variants: list[_Variant], heads: dict[str, tuple[nn.Module, str]], num_classes: int, config: BuildConfig, runtime: Runtime
 ) -> tuple[list[VariantResult], nn.Module]:
-    """Fine-tune every variant for every seed; return results and the best refined head."""
-    results, best = [], (-1.0, None)
-    for variant in variants:
-        val_accs, test_accs = [], []
-        for seed in range(config.seeds):
-            torch.manual_seed(seed)
-            base, arch = heads[variant.head_from]
-            head = replace_classifier(base, arch, num_classes)
-            for p in head.parameters():
-                p.requires_grad_(True)
-            rng = np.random.default_rng(seed)
+    """Fine-tune every variant for every seed (jobs split across ranks); return results and the best refined head."""
+    jobs = [(v, seed) for v in variants for seed in range(config.seeds)]
+    mine: dict[int, dict[str, torch.Tensor]] = {}  # this rank's refined heads (state dicts)
 
-            def loader(split: str, shuffle: bool = False):
-                x, y = variant.sets[split], variant.labels[split]
-                return lambda: iter_batches(x, y, indices=rng.permutation(len(y)) if shuffle else None, batch_size=config.head.batch_size)
+    def run(index: int) -> tuple[float, float]:
+        variant, seed = jobs[index]
+        torch.manual_seed(seed)
+        base, arch = heads[variant.head_from]
+        head = replace_classifier(base, arch, num_classes)
+        for p in head.parameters():
+            p.requires_grad_(True)
+        rng = np.random.default_rng(seed)
 
-            head, res = finetune_head(
-                head, loader("train", True), loader("val"), loader("test"), config.head, seed, desc=f"{variant.features} seed {seed}"
-            )
-            val_accs.append(res.val_acc)
-            test_accs.append(res.test_acc)
-            if variant.features == "g(x_A)" and res.val_acc > best[0]:
-                best = (res.val_acc, head)
+        def loader(split: str, shuffle: bool = False):
+            x, y = variant.sets[split], variant.labels[split]
+            return lambda: iter_batches(x, y, indices=rng.permutation(len(y)) if shuffle else None, batch_size=config.head.batch_size)
+
+        head, res = finetune_head(
+            head, loader("train", True), loader("val"), loader("test"), config.head, seed,
+            desc=f"{variant.features} seed {seed}", runtime=runtime,
+        )  # fmt: skip
+        if variant.features == "g(x_A)":
+            mine[index] = {k: v.detach().cpu() for k, v in head.state_dict().items()}
+        return res.val_acc, res.test_acc
+
+    scores = dist.run_split(list(range(len(jobs))), run)
+    results = []
+    for v in variants:
+        val_accs = [scores[i][0] for i, (w, _) in enumerate(jobs) if w is v]
+        test_accs = [scores[i][1] for i, (w, _) in enumerate(jobs) if w is v]
         results.append(
             VariantResult(
-                name=variant.name, features=variant.features, head_from=variant.head_from, val_acc=val_accs, test_acc=test_accs,
+                name=v.name, features=v.features, head_from=v.head_from, val_acc=val_accs, test_acc=test_accs,
                 mean=statistics.fmean(test_accs), std=statistics.pstdev(test_accs),
             )  # fmt: skip
         )
-    assert best[1] is not None
-    return results, best[1]
+    refined = [i for i, (v, _) in enumerate(jobs) if v.features == "g(x_A)"]
+    best = max(refined, key=lambda i: (scores[i][0], -i))  # best validation accuracy, first seed on ties
+    state = dist.broadcast(mine.get(best), src=best % dist.world_size())  # run_split gives job i to rank i % world
+    base, arch = heads["B"]
+    head = replace_classifier(base, arch, num_classes)
+    head.load_state_dict(state)
+    return results, head.eval()
 
 
 def _images(clf: Classifier, samples: list, classes: list[str], n: int) -> torch.Tensor:

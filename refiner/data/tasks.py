@@ -52,7 +52,7 @@ class SplitOptions(BaseModel):
 
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5)  # share of each class's training data held out
     subset: str | None = Field(None, pattern="^half-[ab]$")  # disjoint halves of training data, as in the paper
-    train_per_class: int | None = Field(None, ge=1)  # keep at most this many training images per class
+    train_per_class: int | None = Field(None, ge=1)  # keep at most this many training images per class (val shrinks in proportion)
     seed: int = 0  # fixed: the same data always gives the same splits
 
 
@@ -123,6 +123,8 @@ def load_task(
         train = _half(train, options.subset, options.seed)
     if options.train_per_class:
         train = _per_class(train, options.train_per_class)
+        # Validation in proportion to the kept training data (still carved before trimming, so disjoint).
+        val = _per_class(val, max(1, round(options.train_per_class * options.val_fraction / (1 - options.val_fraction))))
     for split_name, split in (("train", train), ("val", val), ("test", test)):
         have = {s.label for s in split}
         if not split or (missing := [c for c in wanted if c not in have]):

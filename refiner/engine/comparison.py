@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from refiner.data.tasks import TaskData
+from refiner.engine.device import Runtime, RuntimeConfig
 from refiner.engine.features import FeatureSet, classifier_features, iter_batches
 from refiner.engine.fitting import FitConfig, FitResult, fit_isomorphism
 from refiner.engine.isomorphism import IsomorphismConfig, IsomorphismNet
@@ -29,7 +31,8 @@ class CompareConfig(BaseModel):
     layer_b: str | None = None
     g: IsomorphismConfig = Field(default_factory=IsomorphismConfig)
     fit: FitConfig = Field(default_factory=FitConfig)
-    num_workers: int = Field(0, ge=0)  # DataLoader workers for feature extraction
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)  # device, AMP, threads, workers
+    cache_dtype: Literal["float32", "float16"] = "float32"  # storage of cached features (float16 halves the disk)
 
 
 class NetSide(BaseModel):
@@ -53,6 +56,7 @@ class ComparisonReport(BaseModel):
     fit: FitResult
     tables: dict[str, VarianceTable]  # split name -> Var table
     seconds: dict[str, float]
+    runtime: dict[str, object]  # device, its name, AMP mode, threads, workers
 
 
 def default_layer(clf: Classifier) -> str:
@@ -70,12 +74,15 @@ def compare(
     config: CompareConfig | None = None,
     cache_dir: Path | None = None,
     measure: tuple[str, ...] = ("train", "test"),
+    extra: tuple[str, ...] = (),
 ) -> tuple[IsomorphismNet, ComparisonReport, dict[str, tuple[FeatureSet, FeatureSet]]]:
     """Fit g: x_A -> x_B on the training split and measure the Var table on `measure` splits.
 
-    Returns g, the report, and the cached feature pairs of every split touched.
+    Returns g, the report, and the cached feature pairs of every split touched
+    (train, `measure` and `extra`: splits the caller measures itself).
     """
     config = config or CompareConfig()
+    runtime = Runtime.resolve(config.runtime)
     layer_a = config.layer_a or default_layer(clf_a)
     layer_b = config.layer_b or default_layer(clf_b)
     shapes = []
@@ -91,15 +98,15 @@ def compare(
     t0 = time.perf_counter()
     pairs = {
         split: (
-            classifier_features(clf_a, layer_a, data, split, cache_dir, num_workers=config.num_workers),
-            classifier_features(clf_b, layer_b, data, split, cache_dir, num_workers=config.num_workers),
+            classifier_features(clf_a, layer_a, data, split, cache_dir, runtime=runtime, dtype=config.cache_dtype),
+            classifier_features(clf_b, layer_b, data, split, cache_dir, runtime=runtime, dtype=config.cache_dtype),
         )
-        for split in dict.fromkeys(("train", *measure))
+        for split in dict.fromkeys(("train", *measure, *extra))
     }
     seconds["features"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     fa, fb = pairs["train"]
-    g, fit = fit_isomorphism(fa.x, fb.x, config.g, config.fit)
+    g, fit = fit_isomorphism(fa.x, fb.x, config.g, config.fit, runtime=runtime)
     seconds["fit"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     tables = {split: measure_split(g, *pairs[split]) for split in measure}
@@ -113,5 +120,6 @@ def compare(
         fit=fit,
         tables=tables,
         seconds=seconds,
+        runtime=runtime.record(),
     )
     return g, report, pairs

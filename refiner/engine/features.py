@@ -7,6 +7,8 @@ no partial entry, and readers map the file instead of loading it into RAM.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -16,17 +18,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from refiner.atomic import atomic_dir
 from refiner.data.datasets import ImageDataset, fingerprint
 from refiner.data.tasks import TaskData
+from refiner.engine import distributed as dist
+from refiner.engine.device import Runtime
+from refiner.errors import DataError
 from refiner.models.checkpoints import Classifier
 from refiner.models.layers import split_model
 
-__all__ = ["FeatureSet", "default_cache_dir", "cached_features", "classifier_features", "iter_batches"]
+__all__ = ["FeatureSet", "default_cache_dir", "cached_features", "classifier_features", "inference_trunk", "iter_batches"]
 
 
 @dataclass
@@ -57,33 +62,40 @@ def cached_features(
     key_parts: dict[str, object],
     cache_dir: Path | None = None,
     *,
+    runtime: Runtime | None = None,
     batch_size: int = 128,
-    num_workers: int = 0,
+    dtype: str = "float32",
     desc: str = "features",
 ) -> FeatureSet:
     """Return trunk features of `dataset`, computing and caching them on first use.
 
     `key_parts` must identify the trunk and the data (checkpoint hash, layer,
-    task, split fingerprint, preprocessing).
+    task, split fingerprint, preprocessing). Under torchrun every rank extracts
+    its own block of images into the same entry, which rank 0 then publishes.
     """
+    runtime = runtime or Runtime.resolve()
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    entry = root / _key(key_parts)
+    entry = root / _key({**key_parts, "amp": runtime.config.amp, "dtype": dtype})
     if not (entry / "features.npy").is_file():
-        try:
-            with atomic_dir(entry) as tmp:
-                _extract(trunk, dataset, tmp, batch_size, num_workers, desc)
-                (tmp / "key.json").write_text(json.dumps(key_parts, indent=2, default=str))
-        except FileExistsError:
-            pass  # another process completed the same entry first
+        if dist.is_distributed():
+            _extract_sharded(trunk, dataset, entry, runtime, batch_size, dtype, desc, key_parts)
+        else:
+            try:
+                with atomic_dir(entry) as tmp:
+                    _extract(trunk, dataset, tmp, runtime, batch_size, dtype, desc, range(len(dataset)), create=True)
+                    (tmp / "key.json").write_text(json.dumps(key_parts, indent=2, default=str))
+            except FileExistsError:
+                pass  # another process completed the same entry first
     return FeatureSet(np.load(entry / "features.npy", mmap_mode="r"), np.load(entry / "labels.npy"))
 
 
 def classifier_features(
-    clf: Classifier, layer: str, data: TaskData, split: str, cache_dir: Path | None = None, *, num_workers: int = 0
-) -> FeatureSet:
+    clf: Classifier, layer: str, data: TaskData, split: str, cache_dir: Path | None = None, *,
+    runtime: Runtime | None = None, dtype: str = "float32",
+) -> FeatureSet:  # fmt: skip
     """Features of `clf` at `layer` on one split of a task, fed with clf's own preprocessing."""
+    runtime = runtime or Runtime.resolve()
     samples = data.split(split)
-    trunk, _ = split_model(clf.model, layer)
     key = {
         "checkpoint": clf.sha256,
         "layer": layer,
@@ -95,30 +107,107 @@ def classifier_features(
     }
     dataset = ImageDataset(samples, data.classes, clf.meta.preprocess)
     desc = f"{clf.path.name}:{layer} {split}"
-    return cached_features(trunk, dataset, key, cache_dir, num_workers=num_workers, desc=desc)
+    trunk = _Lazy(lambda: inference_trunk(split_model(clf.model, layer)[0], runtime))
+    return cached_features(trunk, dataset, key, cache_dir, runtime=runtime, dtype=dtype, desc=desc)
 
 
-def _extract(trunk: nn.Module, dataset: Dataset, out: Path, batch_size: int, num_workers: int, desc: str) -> None:
+class _Lazy(nn.Module):
+    """Builds the (optimised) trunk on first call only, so a cache hit costs no tracing or folding."""
+
+    def __init__(self, make) -> None:
+        super().__init__()
+        self._make, self._trunk = make, None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._trunk is None:
+            self._trunk = self._make()
+        return self._trunk(x)
+
+
+def inference_trunk(trunk: nn.Module, runtime: Runtime) -> nn.Module:
+    """An eval-mode copy of `trunk` on the device, BatchNorm folded into convs, channels_last.
+
+    Folding (torch.fx's conv-bn fusion) and channels_last are each kept only
+    when they apply; the result matches the plain trunk within float tolerance.
+    """
+    model = copy.deepcopy(trunk).eval()
+    try:
+        from torch.fx.experimental.optimization import fuse
+
+        model = fuse(model)
+    except Exception:  # untraceable or unusual graphs keep their BatchNorm
+        pass
+    model = model.to(runtime.device)
+    if any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _extract(
+    trunk: nn.Module, dataset: Dataset, out: Path, runtime: Runtime, batch_size: int, dtype: str, desc: str,
+    rows: range, create: bool,
+) -> None:  # fmt: skip
+    """Run the trunk over dataset[rows] and write features and labels into out/ (memory maps)."""
     was_training = trunk.training
     trunk.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    feats = None
-    labels = np.empty(len(dataset), dtype=np.int64)
-    start = 0
+    loader = DataLoader(
+        Subset(dataset, rows), batch_size=batch_size, num_workers=runtime.workers, pin_memory=runtime.pin_memory,
+        persistent_workers=False,
+    )  # fmt: skip
+    feats = labels = None
+    start = rows.start
     try:
-        for x, y in tqdm(loader, desc=desc, unit="batch", leave=False):
-            f = trunk(x).float().numpy()
+        for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not dist.is_main()):
+            (x,) = runtime.to(x)
+            if x.dim() == 4 and runtime.device.type != "mps":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with runtime.autocast():
+                f = trunk(x)
+            f = f.float().contiguous().cpu().numpy()
             if feats is None:
-                feats = np.lib.format.open_memmap(out / "features.npy", mode="w+", dtype=np.float32, shape=(len(dataset), *f.shape[1:]))
+                feats, labels = _open(out, len(dataset), f.shape[1:], dtype, create)
             feats[start : start + len(f)] = f
             labels[start : start + len(f)] = y.numpy()
             start += len(f)
     finally:
         trunk.train(was_training)
-    assert feats is not None and start == len(dataset), "empty dataset or short read"
-    feats.flush()
-    del feats
-    np.save(out / "labels.npy", labels)
+    if feats is None and create:  # an empty shard still needs the files (only when this rank creates them)
+        raise DataError(f"cannot extract features of {desc}: the split has no images")
+    assert start == rows.stop, "short read"
+    if feats is not None:
+        feats.flush()
+        labels.flush()
+
+
+def _open(out: Path, n: int, shape: tuple[int, ...], dtype: str, create: bool) -> tuple[np.ndarray, np.ndarray]:
+    mode = "w+" if create else "r+"
+    feats = np.lib.format.open_memmap(out / "features.npy", mode=mode, dtype=np.dtype(dtype), shape=(n, *shape) if create else None)
+    labels = np.lib.format.open_memmap(out / "labels.npy", mode=mode, dtype=np.int64, shape=(n,) if create else None)
+    return feats, labels
+
+
+def _extract_sharded(
+    trunk: nn.Module, dataset: Dataset, entry: Path, runtime: Runtime, batch_size: int, dtype: str, desc: str,
+    key_parts: dict[str, object],
+) -> None:  # fmt: skip
+    """Every rank extracts its block of images into one temporary entry; rank 0 renames it into place."""
+    with contextlib.ExitStack() as stack:
+        tmp = None
+        if dist.is_main():
+            tmp = stack.enter_context(atomic_dir(entry))
+            x0 = dataset[0][0].unsqueeze(0)
+            (x0,) = runtime.to(x0)
+            trunk.eval()
+            with runtime.autocast():
+                shape = tuple(trunk(x0).shape[1:])
+            _open(tmp, len(dataset), shape, dtype, create=True)
+            (tmp / "key.json").write_text(json.dumps(key_parts, indent=2, default=str))
+        tmp = Path(dist.broadcast(str(tmp) if tmp else None))
+        rows = dist.shard(len(dataset))
+        if len(rows):
+            _extract(trunk, dataset, tmp, runtime, batch_size, dtype, desc, rows, create=False)
+        dist.barrier()  # every block is written before rank 0 publishes the entry
+    dist.barrier()  # the entry exists before any rank reads it
 
 
 def iter_batches(
@@ -131,4 +220,10 @@ def iter_batches(
         idx = order[start : start + batch_size]
         sorted_idx = np.sort(idx)  # sorted reads are faster on memory maps
         inverse = np.argsort(np.argsort(idx))
-        yield tuple(torch.from_numpy(np.ascontiguousarray(a[sorted_idx][inverse])) for a in arrays)
+        yield tuple(_tensor(a[sorted_idx][inverse]) for a in arrays)
+
+
+def _tensor(a: np.ndarray) -> Tensor:
+    """A tensor of a batch; fp16-cached features are widened to float32 for computing."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.float() if t.dtype == torch.float16 else t

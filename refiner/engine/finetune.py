@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from refiner.engine import distributed as dist
+from refiner.engine.device import Runtime
 from refiner.engine.training import evaluate, train_one_epoch
 
 __all__ = ["HeadConfig", "HeadResult", "finetune_head"]
@@ -38,22 +40,26 @@ class HeadResult(BaseModel):
 
 
 def finetune_head(
-    head: nn.Module, train: Batches, val: Batches, test: Batches, config: HeadConfig, seed: int, desc: str = "head"
-) -> tuple[nn.Module, HeadResult]:
-    """Train `head` for config.epochs; return the weights of the best validation epoch and its figures."""
+    head: nn.Module, train: Batches, val: Batches, test: Batches, config: HeadConfig, seed: int, desc: str = "head",
+    runtime: Runtime | None = None,
+) -> tuple[nn.Module, HeadResult]:  # fmt: skip
+    """Train `head` for config.epochs on the runtime's device; return the best validation epoch's weights and figures."""
+    runtime = runtime or Runtime.resolve()
     torch.manual_seed(seed)
+    head.to(runtime.device)
+    scaler = runtime.grad_scaler()
     optimizer = torch.optim.Adam(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs)
     best_state, best_acc, best_epoch = None, -1.0, 0
     history = []
-    for epoch in tqdm(range(config.epochs), desc=desc, unit="epoch", leave=False):
-        stats = train_one_epoch(head, train(), optimizer)
+    for epoch in tqdm(range(config.epochs), desc=desc, unit="epoch", leave=False, disable=not dist.is_main()):
+        stats = train_one_epoch(head, train(), optimizer, runtime=runtime, scaler=scaler)
         scheduler.step()
-        val_acc = evaluate(head, val())["acc"]
+        val_acc = evaluate(head, val(), runtime)["acc"]
         history.append({"epoch": epoch + 1, "train_acc": stats["acc"], "train_loss": stats["loss"], "val_acc": val_acc})
         if val_acc > best_acc:
             best_state, best_acc, best_epoch = copy.deepcopy(head.state_dict()), val_acc, epoch + 1
     head.load_state_dict(best_state)
     head.eval()
-    test_acc = evaluate(head, test())["acc"]
+    test_acc = evaluate(head, test(), runtime)["acc"]
     return head, HeadResult(best_epoch=best_epoch, val_acc=best_acc, test_acc=test_acc, history=history)

@@ -1,42 +1,74 @@
-"""Fit g on cached features: Adam with a log-spaced learning-rate decay, a held-out split."""
+"""Fit g on cached features until the held-out reconstruction error stops improving.
+
+Default: Adam over a budget of optimiser steps that does not depend on the
+dataset size; every `eval_every` steps the held-out MSE is checked, the
+learning rate is cut after `plateau` checks without improvement, and fitting
+stops after `patience` such checks (the best held-out weights are kept).
+`epochs` switches to the old fixed budget (log-spaced lr, no early stop).
+Under torchrun the batches are split across ranks and gradients all-reduced (DDP).
+"""
 
 from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from refiner.engine import distributed as dist
+from refiner.engine.device import Runtime
 from refiner.engine.features import iter_batches
 from refiner.engine.isomorphism import IsomorphismConfig, IsomorphismNet
 from refiner.errors import DataError
 
-__all__ = ["FitConfig", "FitResult", "fit_isomorphism", "channel_stats", "reconstruction_mse"]
+__all__ = ["FitConfig", "FitResult", "fit_isomorphism", "channel_stats"]
 
 
 class FitConfig(BaseModel):
-    """Optimisation of g (reference: Adam, lr 1e-4 decayed log-linearly to 1e-6)."""
+    """Optimisation of g (Eq. 2). The reference code trains g for 800-1000 epochs; here it runs to convergence."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr_start: float = Field(1e-3, gt=0)  # first epoch's learning rate
-    lr_end: float = Field(1e-5, gt=0)  # last epoch's learning rate (log-spaced in between)
-    holdout: float = Field(0.1, ge=0.0, lt=0.5)  # share of training pairs kept out to watch over-fitting
+    max_steps: int = Field(20_000, ge=1)  # optimiser-step budget, independent of the dataset size
+    eval_every: int = Field(100, ge=1)  # steps between held-out checks
+    patience: int = Field(10, ge=1)  # checks without improvement before fitting stops
+    plateau: int = Field(3, ge=1)  # checks without improvement before the learning rate is cut
+    lr_decay: float = Field(0.3, gt=0, lt=1)  # factor of each cut
+    rel_tol: float = Field(1e-3, ge=0, lt=1)  # an improvement must beat the best MSE by this fraction ...
+    abs_tol: float = Field(1e-4, ge=0)  # ... and by this much (MSE is in units of Var(x_B) = 1)
+    lr_start: float = Field(1e-2, gt=0)  # initial learning rate
+    lr_end: float = Field(1e-5, gt=0)  # floor of the cuts; with `epochs`, the last epoch's rate
+    epochs: int | None = Field(None, ge=1)  # override: a fixed number of epochs, lr log-spaced, no early stop
+    batch_size: int = Field(64, ge=1)  # per process
+    holdout: float = Field(0.1, ge=0.0, lt=0.5)  # share of pairs held out; 0: the training MSE is watched
     seed: int = 0
+    preload_gib: float = Field(2.0, ge=0)  # features up to this size are held on the device, larger ones stream
 
 
 class FitResult(BaseModel):
-    """Per-epoch reconstruction error (MSE in B's standardised space) and final p^(k)."""
+    """The fitting curve (one point per check) and how fitting ended."""
 
-    train_mse: list[float]
-    holdout_mse: list[float]
-    p: list[float]
+    steps: list[int] = []  # optimiser steps at each check
+    train_mse: list[float] = []  # mean training MSE since the previous check (B's standardised space)
+    holdout_mse: list[float] = []  # held-out MSE at each check (nan without a held-out split)
+    lr: list[float] = []  # learning rate in use before each check
+    p_history: list[list[float]] = []  # p^(1..K) at each check
+    p: list[float] = []  # final p^(1..K) (of the weights kept)
+    best_step: int = 0  # step of the weights kept
+    total_steps: int = 0
+    stop: str = ""  # "converged" (patience ran out), "budget" (max_steps) or "epochs" (fixed budget)
+    seconds: float = 0.0
+    samples_per_s: float = 0.0  # training pairs per second, all processes together
 
 
-def channel_stats(x: np.ndarray, indices: np.ndarray, transform=None, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std over samples (and positions) of x[indices], streamed."""
+def channel_stats(x: np.ndarray, indices: np.ndarray, transform=None, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std over samples (and positions) of x[indices], streamed in float64."""
     total = total_sq = None
     count = 0
     for (batch,) in iter_batches(x, indices=indices, batch_size=batch_size):
@@ -51,16 +83,54 @@ def channel_stats(x: np.ndarray, indices: np.ndarray, transform=None, batch_size
     return mean.float(), std.float()
 
 
+class _Pairs:
+    """Training pairs (x_A, x_B) drawn as batches: from device memory when they fit, else from the memory map."""
+
+    def __init__(self, x_a: np.ndarray, x_b: np.ndarray, indices: np.ndarray, runtime: Runtime, preload_gib: float) -> None:
+        self.indices, self.runtime = indices, runtime
+        self.x_a, self.x_b = x_a, x_b
+        self.on_device = len(indices) * (x_a[0].nbytes + x_b[0].nbytes) <= preload_gib * 2**30
+        if self.on_device:
+            self.rows = np.sort(indices)  # dataset index of each preloaded row
+            self.a, self.b = runtime.to(*(torch.from_numpy(np.ascontiguousarray(x[self.rows])) for x in (x_a, x_b)))
+
+    def batches(self, order: np.ndarray, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches of the pairs with dataset indices `order`, on the device."""
+        if self.on_device:
+            rows = torch.from_numpy(np.searchsorted(self.rows, order)).to(self.a.device)
+            for start in range(0, len(rows), batch_size):
+                idx = rows[start : start + batch_size]
+                yield self.a[idx], self.b[idx]
+            return
+        for xa, xb in iter_batches(self.x_a, self.x_b, indices=order, batch_size=batch_size):
+            if self.runtime.pin_memory:
+                xa, xb = xa.pin_memory(), xb.pin_memory()
+            yield tuple(self.runtime.to(xa, xb))
+
+
+class _Loss(nn.Module):
+    """g's loss as a forward pass, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, g: IsomorphismNet) -> None:
+        super().__init__()
+        self.g = g
+
+    def forward(self, x_a: Tensor, x_b: Tensor) -> tuple[Tensor, Tensor]:
+        return self.g.loss(x_a, x_b)
+
+
 def fit_isomorphism(
     x_a: np.ndarray,
     x_b: np.ndarray,
     g_config: IsomorphismConfig | None = None,
     config: FitConfig | None = None,
     *,
+    runtime: Runtime | None = None,
     desc: str = "fit g",
 ) -> tuple[IsomorphismNet, FitResult]:
-    """Fit g: x_A -> x_B on paired features (N, ...) and return it in eval mode."""
+    """Fit g: x_A -> x_B on paired features (N, ...) and return it, on the runtime's device, in eval mode."""
     config = config or FitConfig()
+    runtime = runtime or Runtime.resolve()
     if len(x_a) != len(x_b):
         raise DataError(f"x_A has {len(x_a)} samples but x_B has {len(x_b)}; they must be paired")
     n = len(x_a)
@@ -73,36 +143,96 @@ def fit_isomorphism(
     torch.manual_seed(config.seed)
     g = IsomorphismNet(x_a.shape[1:], x_b.shape[1:], g_config)
     g.set_standardization(*channel_stats(x_a, train_idx, g.resize), *channel_stats(x_b, train_idx))
+    g.to(runtime.device)
+    model = dist.wrap(_Loss(g), runtime)
     optimizer = torch.optim.Adam(g.parameters(), lr=config.lr_start)
-    lrs = np.logspace(np.log10(config.lr_start), np.log10(config.lr_end), config.epochs)
-    result = FitResult(train_mse=[], holdout_mse=[], p=[])
-    bar = tqdm(lrs, desc=desc, unit="epoch")
-    for lr in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = float(lr)
-        g.train()
-        mse_sum = 0.0
-        for xa, xb in iter_batches(x_a, x_b, indices=rng.permutation(train_idx), batch_size=config.batch_size):
-            loss, mse = g.loss(xa, xb)
+    scaler = runtime.grad_scaler()
+    pairs = _Pairs(x_a, x_b, train_idx, runtime, config.preload_gib)
+    hold = _Pairs(x_a, x_b, hold_idx, runtime, config.preload_gib) if n_hold else None
+    world, rank = dist.world_size(), dist.rank()
+
+    if config.epochs is not None:
+        steps_per_epoch = math.ceil(len(train_idx) / (config.batch_size * world))
+        budget = config.epochs * steps_per_epoch
+        eval_every = steps_per_epoch
+        lrs = np.logspace(np.log10(config.lr_start), np.log10(config.lr_end), config.epochs)
+    else:
+        budget, eval_every, lrs = config.max_steps, config.eval_every, None
+
+    result = FitResult()
+    best = (math.inf, None, 0)  # (monitored MSE, state, step)
+    since_best = 0
+    lr = config.lr_start
+    step, mse_sum, mse_count, epoch = 0, torch.zeros((), dtype=torch.float64, device=runtime.device), 0, 0
+    start = time.perf_counter()
+    bar = tqdm(total=budget, desc=desc, unit="step", disable=not dist.is_main())
+    g.train()
+    while step < budget and result.stop == "":
+        epoch_order = rng.permutation(train_idx)[rank::world]  # every rank draws the same permutation
+        if lrs is not None:
+            lr = float(lrs[min(epoch, len(lrs) - 1)])
+        epoch += 1
+        for xa, xb in pairs.batches(epoch_order, config.batch_size):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with runtime.autocast():
+                loss, mse = model(xa, xb)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            mse_sum += mse.item() * len(xa)
-        result.train_mse.append(mse_sum / len(train_idx))
-        result.holdout_mse.append(reconstruction_mse(g, x_a, x_b, hold_idx) if n_hold else float("nan"))
-        bar.set_postfix(train=f"{result.train_mse[-1]:.4f}", holdout=f"{result.holdout_mse[-1]:.4f}")
-    g.eval()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            mse_sum += mse.detach().double() * len(xa)
+            mse_count += len(xa)
+            step += 1
+            bar.update(1)
+            if step % eval_every == 0 or step == budget:
+                train_mse = dist.mean(mse_sum.item(), mse_count)
+                mse_sum.zero_()
+                mse_count = 0
+                hold_mse = _holdout_mse(g, hold) if hold is not None else float("nan")
+                g.train()
+                result.steps.append(step)
+                result.train_mse.append(train_mse)
+                result.holdout_mse.append(hold_mse)
+                result.lr.append(lr)
+                result.p_history.append(g.p.tolist())
+                bar.set_postfix(train=f"{train_mse:.4f}", holdout=f"{hold_mse:.4f}", lr=f"{lr:.1e}")
+                watched = hold_mse if hold is not None else train_mse
+                if not math.isfinite(best[0]) or watched < best[0] - max(config.rel_tol * best[0], config.abs_tol):
+                    best, since_best = (watched, copy.deepcopy(g.state_dict()), step), 0
+                else:
+                    since_best += 1
+                if lrs is None:
+                    if since_best >= config.patience:
+                        result.stop = "converged"
+                    elif since_best and since_best % config.plateau == 0:
+                        lr = max(lr * config.lr_decay, config.lr_end)
+            if step >= budget or result.stop:
+                break
+    bar.close()
+    if lrs is not None:
+        result.stop = "epochs"
+    else:
+        result.stop = result.stop or "budget"
+        if best[1] is not None:
+            g.load_state_dict(best[1])
+    result.best_step = best[2] if lrs is None else step
+    result.total_steps = step
+    result.seconds = time.perf_counter() - start
+    result.samples_per_s = step * config.batch_size * world / max(result.seconds, 1e-9)
     result.p = g.p.tolist()
+    g.eval()
     return g, result
 
 
 @torch.no_grad()
-def reconstruction_mse(g: IsomorphismNet, x_a: np.ndarray, x_b: np.ndarray, indices: np.ndarray | None = None) -> float:
-    """Mean squared error of g(x_A) against x_B in B's standardised space."""
+def _holdout_mse(g: IsomorphismNet, pairs: _Pairs) -> float:
+    """Mean squared error of g(x_A) against x_B in B's standardised space (float64 sum)."""
     g.eval()
-    total, count = 0.0, 0
-    for xa, xb in iter_batches(x_a, x_b, indices=indices, batch_size=256):
+    total = torch.zeros((), dtype=torch.float64, device=pairs.runtime.device)
+    count = 0
+    for xa, xb in pairs.batches(pairs.indices, 256):
         err = g.forward_standardized(g.standardize_input(xa)) - g.standardize_target(xb)
-        total += err.double().pow(2).sum().item()
+        total += err.double().pow(2).sum()
         count += err.numel()
-    return total / max(count, 1)
+    return total.item() / max(count, 1)

@@ -204,7 +204,7 @@ def save_isomorphism(path: Path | str, g: IsomorphismNet, info: dict[str, Any]) 
         "shape_a": list(g.shape_a),
         "shape_b": list(g.shape_b),
         "info": info,
-        "state_dict": g.state_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in g.state_dict().items()},
     }
     with atomic_file(path) as tmp:
         torch.save(payload, tmp)

@@ -12,9 +12,9 @@ import torch
 from pydantic import BaseModel
 from torch import Tensor
 
-from refiner.engine.isomorphism import IsomorphismNet
+from refiner.engine.isomorphism import Decomposition, IsomorphismNet
 
-__all__ = ["RunningVariance", "LinearCKA", "VarianceTable", "measure_isomorphism"]
+__all__ = ["RunningVariance", "LinearCKA", "VarianceTable", "VarianceAccumulator", "measure_isomorphism"]
 
 
 class RunningVariance:
@@ -26,7 +26,7 @@ class RunningVariance:
         self.total_sq = 0.0
 
     def add(self, x: Tensor) -> None:
-        x = x.detach().double()
+        x = _f64(x)
         self.count += x.numel()
         self.total += x.sum().item()
         self.total_sq += x.pow(2).sum().item()
@@ -72,8 +72,14 @@ class LinearCKA:
         return float(torch.linalg.norm(cov_ab) ** 2 / denom) if denom > 0 else float("nan")
 
 
+def _f64(x: Tensor) -> Tensor:
+    """x in float64, on its own device (on the CPU for Apple MPS, which has no float64)."""
+    x = x.detach()
+    return (x.cpu() if x.device.type == "mps" else x).double()
+
+
 def _rows(x: Tensor) -> Tensor:
-    x = x.detach().double()
+    x = _f64(x)
     if x.dim() == 2:
         return x
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
@@ -91,28 +97,45 @@ class VarianceTable(BaseModel):
     images: int  # number of images measured
 
 
+class VarianceAccumulator:
+    """The Var table of g, accumulated over batches whose decomposition the caller already has."""
+
+    def __init__(self, g: IsomorphismNet) -> None:
+        self.g = g
+        self.orders = [RunningVariance() for _ in range(g.orders + 1)]
+        self.delta, self.target, self.output, self.cka = RunningVariance(), RunningVariance(), RunningVariance(), LinearCKA()
+        self.images = 0
+
+    def add(self, x_a: Tensor, x_b: Tensor, dec: Decomposition) -> None:
+        """One batch: its features and `g.decompose(x_a, x_b)`."""
+        for acc, comp in zip(self.orders, dec.components):
+            acc.add(comp)
+        self.delta.add(dec.delta)
+        self.target.add(self.g.standardize_target(x_b))
+        self.output.add(dec.output)
+        self.cka.add(self.g.resize(x_a), x_b if self.g.is_map else x_b.flatten(1))
+        self.images += x_a.shape[0]
+
+    def table(self) -> VarianceTable:
+        delta, target = self.delta.value, self.target.value
+        return VarianceTable(
+            var_orders=[acc.value for acc in self.orders],
+            var_delta=delta,
+            var_target=target,
+            var_output=self.output.value,
+            instability=delta / target if target > 0 else float("nan"),
+            cka=self.cka.value,
+            images=self.images,
+        )
+
+
 @torch.no_grad()
 def measure_isomorphism(g: IsomorphismNet, pairs: Iterable[tuple[Tensor, Tensor]]) -> VarianceTable:
     """Stream (x_A, x_B) batches through g's decomposition and collect the Var table."""
     g.eval()
-    orders = [RunningVariance() for _ in range(g.orders + 1)]
-    delta, target, output, cka = RunningVariance(), RunningVariance(), RunningVariance(), LinearCKA()
-    images = 0
+    acc = VarianceAccumulator(g)
+    device = next(g.parameters()).device
     for x_a, x_b in pairs:
-        dec = g.decompose(x_a, x_b)
-        for acc, comp in zip(orders, dec.components):
-            acc.add(comp)
-        delta.add(dec.delta)
-        target.add(g.standardize_target(x_b))
-        output.add(dec.output)
-        cka.add(g.resize(x_a), x_b if g.is_map else x_b.flatten(1))
-        images += x_a.shape[0]
-    return VarianceTable(
-        var_orders=[acc.value for acc in orders],
-        var_delta=delta.value,
-        var_target=target.value,
-        var_output=output.value,
-        instability=delta.value / target.value if target.value > 0 else float("nan"),
-        cka=cka.value,
-        images=images,
-    )
+        x_a, x_b = x_a.to(device), x_b.to(device)
+        acc.add(x_a, x_b, g.decompose(x_a, x_b))
+    return acc.table()

@@ -9,11 +9,13 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from refiner.data.datasets import ImageDataset
 from refiner.data.tasks import SplitOptions, load_task
+from refiner.engine import distributed as dist
+from refiner.engine.device import Runtime, RuntimeConfig
 from refiner.models.architectures import create_model
 from refiner.models.checkpoints import CheckpointMeta, save_checkpoint
 
@@ -32,7 +34,7 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(5e-4, ge=0)
     augment: bool = False  # random crop (pad 4) and horizontal flip; off as in the paper
     seed: int = 0
-    num_workers: int = Field(0, ge=0)  # DataLoader worker processes
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)  # device, AMP, threads, workers
 
 
 def augment(x: Tensor) -> Tensor:
@@ -41,7 +43,7 @@ def augment(x: Tensor) -> Tensor:
     padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
     i, j = torch.randint(0, 9, (2,)).tolist()
     x = padded[:, :, i : i + h, j : j + w]
-    flip = torch.rand(n) < 0.5
+    flip = (torch.rand(n) < 0.5).to(x.device)
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
@@ -55,62 +57,100 @@ def train_one_epoch(
     transform: Callable[[Tensor], Tensor] | None = None,
     desc: str = "train",
     loss_fn: LossFn | None = None,
+    runtime: Runtime | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
-    """One pass of training (cross-entropy unless `loss_fn` says otherwise); returns mean loss and accuracy."""
+    """One pass of training (cross-entropy unless `loss_fn` says otherwise); this process's mean loss and accuracy."""
+    runtime = runtime or Runtime.resolve(device=_device_of(model))
+    scaler = scaler or runtime.grad_scaler()
     model.train()
-    total, correct, loss_sum = 0, 0, 0.0
-    bar = tqdm(batches, desc=desc, unit="batch", leave=False)
+    total, correct = 0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
+    bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=not dist.is_main())
     for x, y in bar:
+        x, y = runtime.to(x, y)
         if transform is not None:
             x = transform(x)
-        logits = model(x)
-        loss = loss_fn(logits, x, y) if loss_fn else F.cross_entropy(logits, y)
+        with runtime.autocast():
+            logits = model(x)
+            loss = loss_fn(logits, x, y) if loss_fn else F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         total += len(y)
         correct += (logits.argmax(1) == y).sum().item()
-        loss_sum += loss.item() * len(y)
-        bar.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{correct / total:.3f}")
-    return {"loss": loss_sum / max(total, 1), "acc": correct / max(total, 1)}
+        loss_sum += loss.detach().double() * len(y)
+        bar.set_postfix(acc=f"{correct / total:.3f}")
+    return {"loss": loss_sum.item() / max(total, 1), "acc": correct / max(total, 1), "images": total}
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
-    """Loss and top-1 accuracy in eval mode; restores the model's mode after."""
+def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], runtime: Runtime | None = None) -> dict[str, float]:
+    """Loss and top-1 accuracy in eval mode (sums in float64); restores the model's mode after."""
+    runtime = runtime or Runtime.resolve(device=_device_of(model))
     was_training = model.training
     model.eval()
-    total, correct, loss_sum = 0, 0, 0.0
+    total, correct = 0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
     for x, y in batches:
-        logits = model(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        x, y = runtime.to(x, y)
+        with runtime.autocast():
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
         correct += (logits.argmax(1) == y).sum().item()
         total += len(y)
     model.train(was_training)
-    return {"loss": loss_sum / max(total, 1), "acc": correct / max(total, 1)}
+    return {"loss": loss_sum.item() / max(total, 1), "acc": correct / max(total, 1)}
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def train_classifier(
     model: nn.Module, train: Dataset, val: Dataset, config: TrainConfig, loss_fn: LossFn | None = None, desc: str = "epochs"
 ) -> list[dict[str, float]]:
-    """Train from scratch; returns per-epoch train/val figures (model is left in eval mode)."""
+    """Train from scratch on the configured device; returns per-epoch train/val figures (model left in eval mode).
+
+    Under torchrun the model is wrapped in DDP and each rank reads its share of
+    every epoch (DistributedSampler); the weights end identical on every rank.
+    """
+    runtime = Runtime.resolve(config.runtime)
     torch.manual_seed(config.seed)
+    model.to(runtime.device)
+    if runtime.device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    net = dist.wrap(model, runtime)
     generator = torch.Generator().manual_seed(config.seed)
+    world = dist.world_size()
+    drop_last = len(train) > config.batch_size * world
+    sampler = DistributedSampler(train, shuffle=True, seed=config.seed, drop_last=drop_last) if dist.is_distributed() else None
     train_loader = DataLoader(
-        train, batch_size=config.batch_size, shuffle=True, generator=generator, num_workers=config.num_workers, drop_last=len(train) > config.batch_size
-    )
-    val_loader = DataLoader(val, batch_size=256, num_workers=config.num_workers)
+        train, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler, generator=generator,
+        num_workers=runtime.workers, pin_memory=runtime.pin_memory, drop_last=drop_last,
+    )  # fmt: skip
+    val_loader = DataLoader(val, batch_size=256, num_workers=runtime.workers, pin_memory=runtime.pin_memory)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=config.epochs * len(train_loader), pct_start=0.15
     )
+    scaler = runtime.grad_scaler()
     history = []
-    epochs = tqdm(range(config.epochs), desc=desc, unit="epoch")
+    epochs = tqdm(range(config.epochs), desc=desc, unit="epoch", disable=not dist.is_main())
     for epoch in epochs:
-        stats = train_one_epoch(model, _stepping(train_loader, scheduler), optimizer, augment if config.augment else None, loss_fn=loss_fn)
-        val_stats = evaluate(model, val_loader)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        stats = train_one_epoch(
+            net, _stepping(train_loader, scheduler), optimizer, augment if config.augment else None,
+            loss_fn=loss_fn, runtime=runtime, scaler=scaler,
+        )  # fmt: skip
+        stats = {key: dist.mean(stats[key] * stats["images"], stats["images"]) for key in ("loss", "acc")}  # all ranks
+        val_stats = evaluate(model, val_loader, runtime)
         history.append({"epoch": epoch + 1, "train_loss": stats["loss"], "train_acc": stats["acc"], "val_loss": val_stats["loss"], "val_acc": val_stats["acc"]})
         epochs.set_postfix(train_acc=f"{stats['acc']:.3f}", val_acc=f"{val_stats['acc']:.3f}")
+    model.to(memory_format=torch.contiguous_format)
     model.eval()
     return history
 
@@ -132,7 +172,8 @@ def train_base(
     torch.manual_seed(config.seed)
     model = create_model(arch, len(task_data.classes), pre.input_size[0])
     history = train_classifier(model, datasets["train"], datasets["val"], config)
-    test = evaluate(model, DataLoader(datasets["test"], batch_size=256, num_workers=config.num_workers))
+    runtime = Runtime.resolve(config.runtime)
+    test = evaluate(model, DataLoader(datasets["test"], batch_size=256, num_workers=runtime.workers, pin_memory=runtime.pin_memory), runtime)
     meta = CheckpointMeta(
         arch=arch,
         num_classes=len(task_data.classes),
@@ -145,7 +186,10 @@ def train_base(
             "images": {name: len(d) for name, d in datasets.items()},
             "history": history,
             "test_acc": test["acc"],
+            "runtime": runtime.record(),
         },
     )
-    save_checkpoint(out, model, meta)
+    if dist.is_main():
+        save_checkpoint(out, model, meta)
+    dist.barrier()
     return meta

@@ -66,8 +66,9 @@ def file_sha256(path: Path) -> str:
 
 
 def save_checkpoint(path: Path | str, model: nn.Module, meta: CheckpointMeta) -> Path:
-    """Write a refiner checkpoint atomically."""
-    payload = {"format": FORMAT, "meta": meta.model_dump(mode="json"), "state_dict": model.state_dict()}
+    """Write a refiner checkpoint atomically (weights on the CPU, whatever device the model is on)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {"format": FORMAT, "meta": meta.model_dump(mode="json"), "state_dict": state}
     with atomic_file(path) as tmp:
         torch.save(payload, tmp)
     return Path(path)
