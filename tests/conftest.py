@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 
 # Tiny tensors run faster on one thread, and two threads thrash on a shared 2-core machine.
 torch.set_num_threads(1)
+os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars are noise in test logs
 
 
 def pytest_collection_modifyitems(config, items):

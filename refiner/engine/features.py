@@ -157,7 +157,7 @@ def _extract(
     feats = labels = None
     start = rows.start
     try:
-        for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not dist.is_main()):
+        for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, **dist.progress()):
             (x,) = runtime.to(x)
             if x.dim() == 4 and runtime.device.type != "mps":
                 x = x.contiguous(memory_format=torch.channels_last)

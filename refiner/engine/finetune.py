@@ -52,7 +52,7 @@ def finetune_head(
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs)
     best_state, best_acc, best_epoch = None, -1.0, 0
     history = []
-    for epoch in tqdm(range(config.epochs), desc=desc, unit="epoch", leave=False, disable=not dist.is_main()):
+    for epoch in tqdm(range(config.epochs), desc=desc, unit="epoch", leave=False, **dist.progress()):
         stats = train_one_epoch(head, train(), optimizer, runtime=runtime, scaler=scaler)
         scheduler.step()
         val_acc = evaluate(head, val(), runtime)["acc"]

@@ -40,7 +40,7 @@ class FitConfig(BaseModel):
     patience: int = Field(10, ge=1)  # checks without improvement before fitting stops
     plateau: int = Field(3, ge=1)  # checks without improvement before the learning rate is cut
     lr_decay: float = Field(0.3, gt=0, lt=1)  # factor of each cut
-    rel_tol: float = Field(1e-3, ge=0, lt=1)  # an improvement must beat the best MSE by this fraction ...
+    rel_tol: float = Field(1e-3, ge=0, lt=1)  # an improvement (for patience) must beat the last one by this fraction ...
     abs_tol: float = Field(1e-4, ge=0)  # ... and by this much (MSE is in units of Var(x_B) = 1)
     lr_start: float = Field(1e-2, gt=0)  # initial learning rate
     lr_end: float = Field(1e-5, gt=0)  # floor of the cuts; with `epochs`, the last epoch's rate
@@ -160,12 +160,12 @@ def fit_isomorphism(
         budget, eval_every, lrs = config.max_steps, config.eval_every, None
 
     result = FitResult()
-    best = (math.inf, None, 0)  # (monitored MSE, state, step)
-    since_best = 0
+    best = (math.inf, None, 0)  # (lowest monitored MSE, its weights, its step): what is kept
+    reference, since_best = math.inf, 0  # the last MSE that counted as an improvement, checks since then
     lr = config.lr_start
     step, mse_sum, mse_count, epoch = 0, torch.zeros((), dtype=torch.float64, device=runtime.device), 0, 0
     start = time.perf_counter()
-    bar = tqdm(total=budget, desc=desc, unit="step", disable=not dist.is_main())
+    bar = tqdm(total=budget, desc=desc, unit="step", **dist.progress())
     g.train()
     while step < budget and result.stop == "":
         epoch_order = rng.permutation(train_idx)[rank::world]  # every rank draws the same permutation
@@ -198,8 +198,10 @@ def fit_isomorphism(
                 result.p_history.append(g.p.tolist())
                 bar.set_postfix(train=f"{train_mse:.4f}", holdout=f"{hold_mse:.4f}", lr=f"{lr:.1e}")
                 watched = hold_mse if hold is not None else train_mse
-                if not math.isfinite(best[0]) or watched < best[0] - max(config.rel_tol * best[0], config.abs_tol):
-                    best, since_best = (watched, copy.deepcopy(g.state_dict()), step), 0
+                if watched < best[0]:
+                    best = (watched, copy.deepcopy(g.state_dict()), step)
+                if not math.isfinite(reference) or watched < reference - max(config.rel_tol * reference, config.abs_tol):
+                    reference, since_best = watched, 0
                 else:
                     since_best += 1
                 if lrs is None:

@@ -66,7 +66,7 @@ def train_one_epoch(
     model.train()
     total, correct = 0, 0
     loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
-    bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=not dist.is_main())
+    bar = tqdm(batches, desc=desc, unit="batch", leave=False, **dist.progress())
     for x, y in bar:
         x, y = runtime.to(x, y)
         if transform is not None:
@@ -138,7 +138,7 @@ def train_classifier(
     )
     scaler = runtime.grad_scaler()
     history = []
-    epochs = tqdm(range(config.epochs), desc=desc, unit="epoch", disable=not dist.is_main())
+    epochs = tqdm(range(config.epochs), desc=desc, unit="epoch", **dist.progress())
     for epoch in epochs:
         if sampler is not None:
             sampler.set_epoch(epoch)
