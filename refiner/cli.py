@@ -113,7 +113,11 @@ def _run_train(args) -> None:
     from refiner.engine.training import TrainConfig, train_base
 
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, augment=args.augment, seed=args.seed, runtime=_runtime(args))
+    from refiner.engine import distributed as dist
+
     meta = train_base(args.arch, args.task, args.data, config, args.out, _split(args, args.subset))
+    if not dist.is_main():
+        return
     last = meta.info["history"][-1]
     print(f"{args.out}: {meta.arch} on {args.task} ({meta.num_classes} classes) "
           f"train acc {last['train_acc']:.3f}, val acc {last['val_acc']:.3f}, test acc {meta.info['test_acc']:.3f}")

@@ -108,6 +108,21 @@ class _Pairs:
             yield tuple(self.runtime.to(xa, xb))
 
 
+def _local_order(order: np.ndarray, batch_size: int, rank: int, world: int) -> np.ndarray:
+    """This rank's share of an epoch: its 1/world of every global batch of batch_size * world pairs.
+
+    Every rank draws the same permutation, so N processes at batch B take the
+    same gradient steps as one process at batch N * B (up to summation order).
+    """
+    if world == 1:
+        return order
+    size = batch_size * world
+    chunks = [order[i : i + size] for i in range(0, len(order), size)]
+    if len(chunks[-1]) < world:  # a last global batch too small to give every rank a pair
+        chunks.pop()
+    return np.concatenate([c[rank::world] for c in chunks])
+
+
 class _Loss(nn.Module):
     """g's loss as a forward pass, so DistributedDataParallel can wrap it."""
 
@@ -168,7 +183,7 @@ def fit_isomorphism(
     bar = tqdm(total=budget, desc=desc, unit="step", **dist.progress())
     g.train()
     while step < budget and result.stop == "":
-        epoch_order = rng.permutation(train_idx)[rank::world]  # every rank draws the same permutation
+        epoch_order = _local_order(rng.permutation(train_idx), config.batch_size, rank, world)
         if lrs is not None:
             lr = float(lrs[min(epoch, len(lrs) - 1)])
         epoch += 1
