@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 
 import numpy as np
 import pytest
 import torch
+from tqdm import tqdm
 
 # Tiny tensors run faster on one thread, and two threads thrash on a shared 2-core machine.
 torch.set_num_threads(1)
-os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars are noise in test logs
+os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars are noise in test logs (and in subprocesses) ...
+tqdm.__init__ = functools.partialmethod(tqdm.__init__, disable=True)  # ... also where tqdm was imported before this file
 
 
 def pytest_collection_modifyitems(config, items):
