@@ -58,7 +58,7 @@ def test_artifact_layout_and_metadata(tiny_build, digit_nets):
     model_dir = folder.parent
     assert folder.name == "1"
     assert sorted(p.name for p in folder.iterdir()) == [
-        "accuracy.png", "metadata.json", "model.onnx", "report.html", "report.json", "variance.png",
+        "accuracy.png", "fit.png", "metadata.json", "model.onnx", "report.html", "report.json", "variance.png",
     ]  # fmt: skip
     assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt", "labels.txt"]
     meta = json.loads((folder / "metadata.json").read_text())
@@ -76,7 +76,10 @@ def test_artifact_layout_and_metadata(tiny_build, digit_nets):
     assert names[3:] == ["ablation: x^(0)", "ablation: x^(0) + x^(1)"]
     test_table = report["comparison"]["tables"]["test"]
     assert len(test_table["var_orders"]) == 3 and 0 <= test_table["instability"]
-    assert "<table>" in (folder / "report.html").read_text()
+    assert set(report["comparison"]["tables"]) == {"val", "test"}
+    assert report["runtime"]["device"] == "cpu" and report["runtime"]["amp"] == "off" and report["runtime"]["name"]
+    assert report["comparison"]["fit"]["stop"] == "epochs" and len(report["comparison"]["fit"]["steps"]) == 3
+    assert "<table>" in (folder / "report.html").read_text() and "fit.png" in (folder / "report.html").read_text()
     assert (model_dir / "labels.txt").read_text().split() == list("012345")
 
 
@@ -125,3 +128,30 @@ def test_bad_inputs(tmp_path, digit_nets):
     with pytest.raises(ConfigError, match="model name"):
         build(a, b, "digits", None, BuildConfig(name="../evil", **FAST), models=tmp_path / "models")
     assert not (tmp_path / "models").exists()
+
+
+def test_one_decomposition_pass_gives_the_order_sums_and_the_var_table(tmp_path):
+    """The build derives x^(0..m) sums and the Var table in one pass; both equal the separate computations."""
+    from refiner.build.pipeline import _derive
+    from refiner.engine.features import FeatureSet, iter_batches
+    from refiner.engine.fitting import fit_isomorphism
+    from refiner.engine.metrics import measure_isomorphism
+
+    rng = np.random.default_rng(0)
+    x_a = rng.standard_normal((300, 4, 5, 5)).astype(np.float32)
+    x_b = np.tanh(x_a[:, ::-1] * 2).astype(np.float32)
+    fa, fb = FeatureSet(x_a, np.zeros(300, dtype=np.int64)), FeatureSet(x_b, np.zeros(300, dtype=np.int64))
+    g, _ = fit_isomorphism(x_a, x_b, config=FitConfig(epochs=2))
+    sums, table = _derive(g, fa, fb, [0, 1, 2], tmp_path / "all", measure=True)
+    separate = measure_isomorphism(g, iter_batches(x_a, x_b, batch_size=64)).model_dump()
+    for key, value in table.model_dump().items():
+        assert value == pytest.approx(separate[key], rel=1e-6), key
+    with torch.no_grad():
+        comps = g.decompose(torch.from_numpy(x_a)).components
+        np.testing.assert_allclose(sums[0], g.unstandardize(comps[0]).numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(sums[1], g.unstandardize(comps[0] + comps[1]).numpy(), rtol=1e-4, atol=1e-5)
+        full = g(torch.from_numpy(x_a)).numpy()
+    np.testing.assert_allclose(sums[2], full, rtol=1e-4, atol=1e-5)
+    plain, none = _derive(g, fa, fb, [2], tmp_path / "plain", measure=False)  # --no-ablations on train: forward only
+    assert none is None
+    np.testing.assert_allclose(plain[2], full, rtol=1e-4, atol=1e-5)
