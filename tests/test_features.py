@@ -66,3 +66,13 @@ def test_iter_batches_keeps_requested_order():
     xs, ys = zip(*iter_batches(a, b, indices=order, batch_size=3))
     np.testing.assert_array_equal(torch.cat(ys).numpy(), order)
     np.testing.assert_array_equal(torch.cat(xs).numpy(), a[order])
+
+
+def test_fp16_cache_halves_storage_and_reads_back_as_float32(tmp_path):
+    full = cached_features(_Counting(), _dataset(), {"k": 1}, tmp_path, batch_size=4)
+    half = cached_features(_Counting(), _dataset(), {"k": 1}, tmp_path, batch_size=4, dtype="float16")
+    assert half.x.dtype == np.float16 and half.x.nbytes * 2 == full.x.nbytes
+    assert len(list(tmp_path.iterdir())) == 2  # the storage type is part of the cache key
+    (batch, _), *_ = iter_batches(half.x, half.y, batch_size=4)
+    assert batch.dtype == torch.float32
+    np.testing.assert_allclose(batch.numpy(), full.x[:4], rtol=1e-3)

@@ -120,8 +120,6 @@ def train_classifier(
     runtime = Runtime.resolve(config.runtime)
     torch.manual_seed(config.seed)
     model.to(runtime.device)
-    if runtime.device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
     net = dist.wrap(model, runtime)
     generator = torch.Generator().manual_seed(config.seed)
     world = dist.world_size()
@@ -150,7 +148,6 @@ def train_classifier(
         val_stats = evaluate(model, val_loader, runtime)
         history.append({"epoch": epoch + 1, "train_loss": stats["loss"], "train_acc": stats["acc"], "val_loss": val_stats["loss"], "val_acc": val_stats["acc"]})
         epochs.set_postfix(train_acc=f"{stats['acc']:.3f}", val_acc=f"{val_stats['acc']:.3f}")
-    model.to(memory_format=torch.contiguous_format)
     model.eval()
     return history
 
