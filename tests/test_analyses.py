@@ -55,6 +55,7 @@ def test_stability_cli_report(digit_nets, tmp_path, capsys):
     assert "features.5: instability" in capsys.readouterr().out
     assert {"report.json", "report.html", "instability.png", "orders.png"} <= _files(out)
     report = json.loads((out / "report.json").read_text())
+    assert report["runtime"]["device"] == "cpu" and report["runtime"]["amp"] == "off" and report["runtime"]["name"]
     assert [s["layer"] for s in report["layers"]] == ["features.2", "features.5"]
     assert len(report["pairs"]) == 4  # 2 ordered pairs x 2 layers
     for s in report["layers"]:

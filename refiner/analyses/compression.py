@@ -30,6 +30,7 @@ from refiner.analyses.measure import (
     load_analysis_data,
     measure_pair,
     require_same_classes,
+    runtime_record,
     top_images,
 )
 from refiner.data.datasets import ImageDataset
@@ -87,6 +88,7 @@ class CompressionReport(BaseModel):
     pictured_channel: int | None  # channel with the largest discarded share at the highest sparsity
     pictured_images: list[int]
     seconds: float
+    runtime: dict[str, object]  # device, its name, AMP mode, threads
 
 
 def magnitude_prune(model: nn.Module, sparsity: float) -> nn.Module:
@@ -136,6 +138,7 @@ def compression(
             )
         channel, indices = _pictures(folder, measured, results, data, clf, config.images)
         report = CompressionReport(
+            runtime=runtime_record(config.analysis),
             config=config, data=DataRecord.of(data), model=clf.path.name, original_test_acc=original_acc, pruned=results,
             pictured_channel=channel, pictured_images=indices, seconds=time.perf_counter() - start,
         )  # fmt: skip

@@ -24,6 +24,7 @@ from refiner.analyses.measure import (
     channel_shares,
     load_analysis_data,
     measure_pair,
+    runtime_record,
     top_images,
 )
 from refiner.engine.comparison import ComparisonReport
@@ -67,6 +68,7 @@ class DiagnoseReport(BaseModel):
     unreliable: Direction
     blind_spots: Direction
     seconds: float
+    runtime: dict[str, object]  # device, its name, AMP mode, threads
 
 
 _MEANINGS = {
@@ -104,6 +106,7 @@ def diagnose(
             )  # fmt: skip
         acc = accuracies_on_test({"weak": weak, "strong": strong}, data, config.analysis.runtime)
         report = DiagnoseReport(
+            runtime=runtime_record(config.analysis),
             config=config, data=DataRecord.of(data), weak=weak.path.name, strong=strong.path.name, test_acc=acc,
             unreliable=directions["unreliable features"], blind_spots=directions["blind spots"],
             seconds=time.perf_counter() - start,

@@ -27,6 +27,7 @@ from refiner.analyses.measure import (
     load_analysis_data,
     measure_pair,
     require_same_classes,
+    runtime_record,
 )
 from refiner.data.datasets import ImageDataset
 from refiner.engine.comparison import ComparisonReport
@@ -70,6 +71,7 @@ class DistillationReport(BaseModel):
     model: str
     generations: list[Generation]
     seconds: float
+    runtime: dict[str, object]  # device, its name, AMP mode, threads
 
 
 def kd_loss(student: Tensor, teacher: Tensor, labels: Tensor, kd_weight: float, temperature: float) -> Tensor:
@@ -126,7 +128,10 @@ def distillation(
             )  # fmt: skip
             for t, net in enumerate(nets)
         ]
-        report = DistillationReport(config=config, data=DataRecord.of(data), model=clf.path.name, generations=generations, seconds=time.perf_counter() - start)
+        report = DistillationReport(
+            config=config, data=DataRecord.of(data), model=clf.path.name, generations=generations,
+            seconds=time.perf_counter() - start, runtime=runtime_record(config.analysis),
+        )  # fmt: skip
         _plot(folder, report)
         write_pages(folder, f"Born-again generations of {clf.path.name}", report, _sections(report))
     return report

@@ -39,6 +39,7 @@ __all__ = [
     "accuracies_on_test",
     "require_same_classes",
     "top_images",
+    "runtime_record",
 ]
 
 
@@ -160,3 +161,8 @@ def top_images(g: IsomorphismNet, fa: FeatureSet, fb: FeatureSet, channel: int, 
     for xa, xb in iter_batches(fa.x, fb.x, batch_size=128):
         energy.append(g.decompose(xa, xb).delta[:, channel].pow(2).mean((1, 2)))
     return np.argsort(-torch.cat(energy).numpy(), kind="stable")[:n].tolist()
+
+
+def runtime_record(config: AnalysisConfig) -> dict[str, object]:
+    """Device, its name, AMP mode and threads, for report.json."""
+    return Runtime.resolve(config.runtime).record()

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from refiner.analyses.figures import grouped_bars, img, report_folder, setup_html, variance_rows, write_pages
-from refiner.analyses.measure import AnalysisConfig, DataRecord, load_analysis_data, measure_pair
+from refiner.analyses.measure import AnalysisConfig, DataRecord, load_analysis_data, measure_pair, runtime_record
 from refiner.engine.comparison import ComparisonReport, default_layer
 from refiner.errors import ConfigError
 from refiner.models.checkpoints import Classifier
@@ -60,6 +60,7 @@ class StabilityReport(BaseModel):
     layers: list[LayerStability]
     pairs: list[ComparisonReport]  # every ordered pair at every layer, with its fit history
     seconds: float
+    runtime: dict[str, object]  # device, its name, AMP mode, threads
 
 
 def stability(
@@ -78,6 +79,7 @@ def stability(
         for layer, i, j in tqdm(runs, desc="stability", unit="pair"):
             pairs[layer].append(measure_pair(nets[i], nets[j], data, layer, layer, config.analysis, cache_dir).report)
         report = StabilityReport(
+            runtime=runtime_record(config.analysis),
             config=config, data=DataRecord.of(data), models=[n.path.name for n in nets],
             layers=[_summary(layer, reports) for layer, reports in pairs.items()],
             pairs=[r for reports in pairs.values() for r in reports], seconds=time.perf_counter() - start,
