@@ -27,7 +27,7 @@ from refiner.data.tasks import SplitOptions, load_task
 from refiner.engine.device import Runtime, RuntimeConfig
 from refiner.engine.features import cached_features, inference_trunk
 from refiner.engine.fitting import FitConfig, fit_isomorphism
-from refiner.engine.training import TrainConfig, train_one_epoch
+from refiner.engine.training import train_one_epoch
 from refiner.models.architectures import create_model
 from refiner.models.layers import split_model
 

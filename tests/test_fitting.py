@@ -88,3 +88,10 @@ def test_fit_errors_name_the_problem():
         fit_isomorphism(x_a, x_b[:19])
     with pytest.raises(DataError, match="at least 2 training pairs"):
         fit_isomorphism(x_a[:2], x_b[:2], config=FitConfig(holdout=0.4))
+
+
+def test_divergence_is_reported_not_hidden():
+    x_a, x_b = _toy(n=60)
+    x_b[3, 0, 0, 0] = np.nan
+    with pytest.raises(DataError, match="diverged at step 10 .* lower the learning rate"):
+        fit_isomorphism(x_a, x_b, config=FitConfig(max_steps=30, eval_every=10))

@@ -108,6 +108,28 @@ class _Pairs:
             yield tuple(self.runtime.to(xa, xb))
 
 
+class _Plateau:
+    """The default schedule: lr cut after `plateau` checks without improvement, stop after `patience`; keeps the best weights."""
+
+    def __init__(self, config: FitConfig) -> None:
+        self.config, self.lr = config, config.lr_start
+        self.best_mse, self.best_state, self.best_step = math.inf, None, 0  # the lowest MSE seen: its weights are kept
+        self.reference, self.since = math.inf, 0  # the last MSE that counted as an improvement, and checks since
+
+    def check(self, mse: float, g: IsomorphismNet, step: int) -> bool:
+        """Record one check of the watched MSE; True when fitting should stop."""
+        c = self.config
+        if mse < self.best_mse:
+            self.best_mse, self.best_state, self.best_step = mse, copy.deepcopy(g.state_dict()), step
+        if not math.isfinite(self.reference) or mse < self.reference - max(c.rel_tol * self.reference, c.abs_tol):
+            self.reference, self.since = mse, 0
+            return False
+        self.since += 1
+        if self.since % c.plateau == 0:
+            self.lr = max(self.lr * c.lr_decay, c.lr_end)
+        return self.since >= c.patience
+
+
 def _local_order(order: np.ndarray, batch_size: int, rank: int, world: int) -> np.ndarray:
     """This rank's share of an epoch: its 1/world of every global batch of batch_size * world pairs.
 
@@ -175,8 +197,7 @@ def fit_isomorphism(
         budget, eval_every, lrs = config.max_steps, config.eval_every, None
 
     result = FitResult()
-    best = (math.inf, None, 0)  # (lowest monitored MSE, its weights, its step): what is kept
-    reference, since_best = math.inf, 0  # the last MSE that counted as an improvement, checks since then
+    plateau = _Plateau(config) if lrs is None else None
     lr = config.lr_start
     step, mse_sum, mse_count, epoch = 0, torch.zeros((), dtype=torch.float64, device=runtime.device), 0, 0
     start = time.perf_counter()
@@ -205,6 +226,11 @@ def fit_isomorphism(
                 mse_sum.zero_()
                 mse_count = 0
                 hold_mse = _holdout_mse(g, hold) if hold is not None else float("nan")
+                if not math.isfinite(train_mse) or (hold is not None and not math.isfinite(hold_mse)):
+                    raise DataError(
+                        f"fitting g diverged at step {step} (train MSE {train_mse}, held-out {hold_mse}) with lr {lr:g}: "
+                        "lower the learning rate (--g-lr) or check the features for inf/nan"
+                    )
                 g.train()
                 result.steps.append(step)
                 result.train_mse.append(train_mse)
@@ -212,28 +238,19 @@ def fit_isomorphism(
                 result.lr.append(lr)
                 result.p_history.append(g.p.tolist())
                 bar.set_postfix(train=f"{train_mse:.4f}", holdout=f"{hold_mse:.4f}", lr=f"{lr:.1e}")
-                watched = hold_mse if hold is not None else train_mse
-                if watched < best[0]:
-                    best = (watched, copy.deepcopy(g.state_dict()), step)
-                if not math.isfinite(reference) or watched < reference - max(config.rel_tol * reference, config.abs_tol):
-                    reference, since_best = watched, 0
-                else:
-                    since_best += 1
-                if lrs is None:
-                    if since_best >= config.patience:
+                if plateau is not None:
+                    if plateau.check(hold_mse if hold is not None else train_mse, g, step):
                         result.stop = "converged"
-                    elif since_best and since_best % config.plateau == 0:
-                        lr = max(lr * config.lr_decay, config.lr_end)
+                    lr = plateau.lr
             if step >= budget or result.stop:
                 break
     bar.close()
-    if lrs is not None:
-        result.stop = "epochs"
+    if plateau is None:
+        result.stop, result.best_step = "epochs", step
     else:
         result.stop = result.stop or "budget"
-        if best[1] is not None:
-            g.load_state_dict(best[1])
-    result.best_step = best[2] if lrs is None else step
+        g.load_state_dict(plateau.best_state)
+        result.best_step = plateau.best_step
     result.total_steps = step
     result.seconds = time.perf_counter() - start
     result.samples_per_s = step * config.batch_size * world / max(result.seconds, 1e-9)

@@ -83,6 +83,7 @@ def feature_shape(trunk: nn.Module, input_size: tuple[int, int, int]) -> tuple[i
     was_training = trunk.training
     trunk.eval()
     try:
-        return tuple(trunk(torch.zeros(1, *input_size)).shape[1:])
+        param = next(trunk.parameters(), None)
+        return tuple(trunk(torch.zeros(1, *input_size, device=param.device if param is not None else None)).shape[1:])
     finally:
         trunk.train(was_training)
