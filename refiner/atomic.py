@@ -18,6 +18,7 @@ def atomic_file(path: Path | str) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the result should read like any file the user writes
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -29,6 +30,12 @@ def atomic_file(path: Path | str) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_dir(path: Path | str) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; rename it to `path` only if the block succeeds.
@@ -38,6 +45,7 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield tmp
         if path.exists():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -76,3 +78,16 @@ def test_fp16_cache_halves_storage_and_reads_back_as_float32(tmp_path):
     (batch, _), *_ = iter_batches(half.x, half.y, batch_size=4)
     assert batch.dtype == torch.float32
     np.testing.assert_allclose(batch.numpy(), full.x[:4], rtol=1e-3)
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    from refiner.atomic import atomic_file
+
+    with atomic_file(tmp_path / "f.json") as tmp:
+        tmp.write_text("{}")
+    with atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "x").write_text("x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o777 & ~mask
