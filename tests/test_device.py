@@ -24,7 +24,8 @@ def _toy(n: int = 120) -> tuple[np.ndarray, np.ndarray]:
 def test_auto_resolves_to_cpu_without_a_gpu_and_records_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
-    record = Runtime.resolve(RuntimeConfig(amp="bf16")).record()
+    with pytest.warns(UserWarning, match="bf16 on the CPU.*AMP pays off on GPUs"):
+        record = Runtime.resolve(RuntimeConfig(amp="bf16")).record()
     assert record["device"] == "cpu" and record["amp"] == "bf16" and record["name"]
     assert default_workers(torch.device("cpu")) >= 0
 
