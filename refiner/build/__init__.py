@@ -1,0 +1,1 @@
+"""Stage 4, build: the refined model, its fine-tuning and controls, ONNX export and the model repository."""
