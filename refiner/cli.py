@@ -203,12 +203,22 @@ def _build_args(sub) -> None:
         "build",
         "Fit g, build and fine-tune the refined model, compare with and without Delta removal, export ONNX.",
         "  refiner build --a a.pt --b b.pt --task digits --name digits-refined\n"
-        "  refiner build --a a.pt --b b.pt --task cifar-animal --data cifar10/ --seeds 3 --models models/\n",
+        "  refiner build --a a.pt --b b.pt --task cifar-animal --data cifar10/ --seeds 3 --models models/\n"
+        "  refiner build --a a.pt --b b.pt --task cifar-animal --data cifar10/ --protocol paper --seeds 5\n",
     )
     _add_pair(p)
-    p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per variant (default: 3)")
-    p.add_argument("--head-epochs", type=int, default=20, help="fine-tuning epochs of the upper layers (default: 20)")
-    p.add_argument("--head-lr", type=float, default=1e-3, help="Adam learning rate of the upper layers (default: 1e-3)")
+    p.add_argument(
+        "--protocol", choices=["sound", "paper"], default="sound",
+        help="sound: new target classifier, epoch chosen on validation data; paper: the authors' protocol, B's whole upper "
+        "part kept with its base classifier, Adam 1e-5 -> 1e-7 for 100 epochs, best-on-test reported too (default: sound)",
+    )  # fmt: skip
+    p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per variant, also the sample of the paired tests (default: 3)")
+    p.add_argument("--head-epochs", type=int, help="fine-tuning epochs of the upper layers (default: 20 sound, 100 paper)")
+    p.add_argument(
+        "--head-lr", type=float, nargs="+", metavar=("START", "END"),
+        help="Adam learning rate of the upper layers; with END, log-spaced per epoch from START to END, else cosine to 0 "
+        "(default: 1e-3 sound, 1e-5 1e-7 paper)",
+    )  # fmt: skip
     p.add_argument("--no-ablations", action="store_true", help="skip the order ablations x^(0), x^(0)+x^(1), ...")
     p.add_argument("--name", help="model name in the repository (default: <task>-refined)")
     p.add_argument("--models", type=Path, default=Path("models"), help="model repository folder (default: models/)")
@@ -216,15 +226,24 @@ def _build_args(sub) -> None:
 
 
 def _run_build(args) -> None:
-    from refiner.build.config import BuildConfig
+    from refiner.build.config import BuildConfig, default_head
     from refiner.build.pipeline import build
     from refiner.engine.finetune import HeadConfig
+    from refiner.errors import ConfigError
 
+    head = default_head(args.protocol).model_dump()
+    if args.head_epochs is not None:
+        head["epochs"] = args.head_epochs
+    if args.head_lr is not None:
+        if len(args.head_lr) > 2:
+            raise ConfigError(f"--head-lr takes START or START END, got {len(args.head_lr)} values")
+        head.update(lr=args.head_lr[0], lr_end=args.head_lr[1] if len(args.head_lr) == 2 else None)
     a, b = _load_pair(args, args.task)
     config = BuildConfig(
         compare=_compare_config(args),
+        protocol=args.protocol,
         seeds=args.seeds,
-        head=HeadConfig(epochs=args.head_epochs, lr=args.head_lr),
+        head=HeadConfig(**head),
         ablations=not args.no_ablations,
         name=args.name or f"{args.task}-refined",
     )

@@ -50,8 +50,10 @@ def html_table(head: list[str], rows: list[list[str]]) -> str:
     return "<table><tr>" + cells("th", head) + "</tr>" + "".join(f"<tr>{cells('td', r)}</tr>" for r in rows) + "</table>"
 
 
-def save_bar_plot(path: Path, labels: list[str], values: list[float], errors: list[float] | None, ylabel: str, title: str) -> None:
-    """A labelled bar chart as PNG (matplotlib, no display needed)."""
+def save_bar_plot(
+    path: Path, labels: list[str], values: list[float], errors: list[float] | None, ylabel: str, title: str, zoom: bool = False
+) -> None:
+    """A labelled bar chart as PNG (matplotlib, no display needed); `zoom` fits the y axis to the bars so differences show."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,6 +62,11 @@ def save_bar_plot(path: Path, labels: list[str], values: list[float], errors: li
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(labels)), 3.6))
     ax.bar(range(len(values)), values, yerr=errors, capsize=4, color="#4c72b0")
     ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+    if zoom and values:
+        errs = errors or [0.0] * len(values)
+        lo, hi = min(v - e for v, e in zip(values, errs)), max(v + e for v, e in zip(values, errs))
+        pad = max(0.15 * (hi - lo), 0.5)
+        ax.set_ylim(lo - pad, hi + pad)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     fig.tight_layout()

@@ -71,6 +71,6 @@ def tiny_build(tmp_path_factory, digit_nets):
         name="digits-tiny",
         compare=CompareConfig(fit=FitConfig(epochs=3, lr_start=1e-2, lr_end=1e-3)),
         head=HeadConfig(epochs=2),
-        seeds=1,
+        seeds=2,
     )
     return build(*digit_nets, "digits", None, config, models=models, cache_dir=tmp_path_factory.mktemp("cache"))

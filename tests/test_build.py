@@ -73,7 +73,7 @@ def test_artifact_layout_and_metadata(tiny_build, digit_nets):
     report = json.loads((folder / "report.json").read_text())
     names = [v["name"] for v in report["variants"]]
     assert names[:3] == ["features from A", "features from B (no Delta removal)", "refined: g(x_A) (Delta removed)"]
-    assert names[3:] == ["ablation: x^(0)", "ablation: x^(0) + x^(1)"]
+    assert names[3:] == ["control: x_B minus another image's Delta", "ablation: x^(0)", "ablation: x^(0) + x^(1)"]
     test_table = report["comparison"]["tables"]["test"]
     assert len(test_table["var_orders"]) == 3 and 0 <= test_table["instability"]
     assert set(report["comparison"]["tables"]) == {"val", "test"}

@@ -31,7 +31,7 @@ def test_train_then_fit(tmp_path, capsys):
     from refiner.engine.isomorphism import load_isomorphism
 
     g, info = load_isomorphism(tmp_path / "g.pt")
-    assert g.orders == 2 and info["report"]["a"]["layer"] == "features.5"
+    assert g.orders == 2 and info["report"]["a"]["layer"] == "features.4"
 
 
 def test_errors_exit_2_with_message(tmp_path, capsys):

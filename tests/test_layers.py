@@ -7,7 +7,7 @@ import torch
 
 from refiner.errors import ConfigError, LayerError
 from refiner.models.architectures import create_model, get_arch, list_archs
-from refiner.models.layers import feature_shape, split_model
+from refiner.models.layers import feature_shape, list_layers, split_model
 
 
 @pytest.mark.parametrize("arch", ["tiny_vgg", "tiny_resnet", "small_vgg", "cifar_resnet20"])
@@ -40,3 +40,17 @@ def test_feature_shape_and_registry_errors():
     with pytest.raises(ConfigError, match="unknown architecture 'vgg99'; valid names: alexnet"):
         create_model("vgg99", 3)
     assert {"alexnet", "vgg16", "vgg16_bn", "resnet50", "small_vgg", "cifar_resnet20"} <= set(list_archs())
+
+
+@pytest.mark.parametrize("arch", list_archs())
+def test_default_layer_is_before_bn_and_activation(arch):
+    """As the authors take them: a conv's output (before BN/ReLU) or a residual sum (before its ReLU)."""
+    with torch.device("meta"):  # the graph only: no weights allocated for VGG-16 and friends
+        model = create_model(arch, 5)
+    layer = get_arch(arch).default_layer
+    assert layer in list_layers(model)
+    if layer.endswith(".add"):
+        block = model.get_submodule(layer.removesuffix(".add"))
+        assert hasattr(block, "downsample") or hasattr(block, "shortcut"), f"{layer} is not a residual block's sum"
+    else:
+        assert isinstance(model.get_submodule(layer), torch.nn.Conv2d)

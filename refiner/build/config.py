@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from refiner.engine.comparison import CompareConfig
 from refiner.engine.finetune import HeadConfig
 
-__all__ = ["BuildConfig"]
+__all__ = ["BuildConfig", "Protocol", "default_head"]
+
+Protocol = Literal["paper", "sound"]
+
+
+def default_head(protocol: Protocol) -> HeadConfig:
+    """The fine-tuning schedule of each protocol.
+
+    paper: the authors' Adam 1e-5 -> 1e-7 log-spaced over 100 epochs on B's
+    kept upper layers; sound: a new classifier learns at 1e-3 (cosine) for 20.
+    """
+    if protocol == "paper":
+        return HeadConfig(epochs=100, lr=1e-5, lr_end=1e-7, weight_decay=1e-4)
+    return HeadConfig()
 
 
 class BuildConfig(BaseModel):
@@ -16,10 +31,19 @@ class BuildConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str  # model name in the repository
+    protocol: Protocol = "sound"  # paper: keep the base classifiers, label space of the base nets; sound: new target classifier
     compare: CompareConfig = Field(default_factory=CompareConfig)
-    head: HeadConfig = Field(default_factory=HeadConfig)
+    head: HeadConfig  # default: default_head(protocol)
     seeds: int = Field(3, ge=1)  # fine-tuning seeds per variant
     ablations: bool = True  # also fine-tune on x^(0), x^(0)+x^(1), ...
+    control_seed: int = 0  # which other image's Delta each image gets in the Delta-shuffle control
     max_batch_size: int = Field(32, ge=1)  # written into config.pbtxt and metadata.json
     atol: float = Field(1e-4, gt=0)  # ONNX vs PyTorch tolerance on logits
     validation_images: int = Field(16, ge=3)  # real validation images used to check the export
+
+    @model_validator(mode="before")
+    @classmethod
+    def _protocol_head(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("head") is None:
+            data = {**data, "head": default_head(data.get("protocol", "sound"))}
+        return data

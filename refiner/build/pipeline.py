@@ -9,8 +9,8 @@ the frozen trunks run once per image, not once per epoch.
 
 from __future__ import annotations
 
+import copy
 import shutil
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -18,28 +18,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from refiner.models.checkpoints import Classifier, file_sha256
 from refiner.build.config import BuildConfig
-from refiner.build.report import BuildReport, VariantResult, format_accuracy_table, write_build_report
+from refiner.build.export import INPUT_NAME, OUTPUT_NAME, ExportCheck, export_onnx, validate_onnx
+from refiner.build.refined import OutputSlice, RefinedModel, replace_classifier
+from refiner.build.report import BuildReport, format_accuracy_table, write_build_report
+from refiner.build.repository import ArtifactMetadata, TensorSpec, new_version, now_iso, write_model_files
+from refiner.build.results import CONTROL, REFINED, VariantResult, headline, paired_tests
+from refiner.data.datasets import ImageDataset
+from refiner.data.tasks import SplitOptions, get_task, load_task
 from refiner.engine import distributed as dist
 from refiner.engine.comparison import ComparisonReport, compare
 from refiner.engine.device import Runtime
-from refiner.engine.metrics import VarianceAccumulator, VarianceTable
-from refiner.data.datasets import ImageDataset
-from refiner.errors import CheckpointError
-from refiner.build.export import INPUT_NAME, OUTPUT_NAME, ExportCheck, export_onnx, validate_onnx
 from refiner.engine.features import FeatureSet, default_cache_dir, iter_batches
-from refiner.engine.finetune import HeadConfig, finetune_head
+from refiner.engine.finetune import HeadResult, finetune_head
 from refiner.engine.isomorphism import IsomorphismNet
+from refiner.engine.metrics import VarianceAccumulator, VarianceTable
+from refiner.errors import CheckpointError, ConfigError
+from refiner.models.checkpoints import Classifier, file_sha256
 from refiner.models.layers import split_model
-from refiner.build.refined import RefinedModel, replace_classifier
-from refiner.build.repository import ArtifactMetadata, TensorSpec, new_version, now_iso, write_model_files
-from refiner.data.tasks import SplitOptions, get_task, load_task
 
-__all__ = ["BuildResult", "build"]
+__all__ = ["BuildResult", "build", "derangement"]
+
+# Paired tests per protocol: with a new target classifier (sound) full-label and target-restricted figures coincide.
+METRICS = {"sound": ("acc_target", "ce_target"), "paper": ("acc_target", "acc", "ce_target", "ce")}
 
 
 @dataclass
@@ -51,7 +54,7 @@ class BuildResult:
     def summary(self) -> str:
         r = self.report
         return (
-            f"{format_accuracy_table(r.variants)}\n\n"
+            f"{format_accuracy_table(r.variants, r.config.protocol)}\n\n{r.verdict}\n\n"
             f"instability Var(x^D)/Var(x_B) on test: {r.comparison.tables['test'].instability:.4f}\n"
             f"ONNX max |logit diff| {r.export.max_abs_diff:.2e} at batch {r.export.batch_size}\n"
             f"artifact: {self.path}"
@@ -62,9 +65,17 @@ class BuildResult:
 class _Variant:
     name: str
     features: str
-    head_from: str
+    head_from: str  # "A" or "B": whose upper layers are fine-tuned
     sets: dict[str, np.ndarray]  # split -> head input features
-    labels: dict[str, np.ndarray]
+
+
+@dataclass
+class _Head:
+    """One side's upper layers and how the target classes sit among its outputs."""
+
+    module: nn.Module  # the pretrained upper layers, including the classifier
+    arch: str
+    target: list[int]  # output index of each target class (paper protocol; sound: 0..T-1 of a new classifier)
 
 
 def build(
@@ -90,19 +101,22 @@ def build(
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     data = load_task(task, data_dir, target=True, classes=classes, options=split)
+    if config.protocol == "paper":
+        _check_label_spaces(clf_a, clf_b, data.classes)
     g, comparison, pairs = compare(clf_a, clf_b, data, config.compare, cache_dir, measure=(), extra=("val", "test"))
     seconds["features_and_g"] = time.perf_counter() - start
     layer_a, layer_b = comparison.a.layer, comparison.b.layer
     trunk_a, head_a = split_model(clf_a.model, layer_a)
     _, head_b = split_model(clf_b.model, layer_b)
+    heads = {"A": _head(head_a, clf_a, data.classes, config), "B": _head(head_b, clf_b, data.classes, config)}
     work = Path(tempfile.mkdtemp(prefix="build-", dir=_work_root(cache_dir)))
     try:
         t0 = time.perf_counter()
         variants, comparison.tables = _variants(g, pairs, config, work)
+        labels = {s: pairs[s][0].y for s in ("train", "val", "test")}
         seconds["refined_features_and_var"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        heads = {"A": (head_a, clf_a.meta.arch), "B": (head_b, clf_b.meta.arch)}
-        results, refined_head = _finetune_all(variants, heads, len(data.classes), config, runtime)
+        results, refined_head = _finetune_all(variants, labels, heads, config, runtime)
         seconds["finetune"] = time.perf_counter() - t0
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -114,6 +128,7 @@ def build(
         p.requires_grad_(False)
     t0 = time.perf_counter()
     val_images = _images(clf_a, data.val, data.classes, config.validation_images)
+    paired = paired_tests(results, METRICS[config.protocol])
     try:
         with new_version(models, config.name) as (version, folder):
             export_onnx(model, clf_a.meta.preprocess.input_size, folder / "model.onnx")
@@ -122,8 +137,8 @@ def build(
             seconds["total"] = time.perf_counter() - start
             report = BuildReport(
                 name=config.name, version=version, task=task, classes=data.classes, config=config,
-                variants=results, comparison=comparison, export=check, seconds=seconds,
-                runtime={**runtime.record(), "processes": dist.world_size()},
+                variants=results, paired=paired, verdict=headline(paired, config.seeds), comparison=comparison,
+                export=check, seconds=seconds, runtime={**runtime.record(), "processes": dist.world_size()},
             )  # fmt: skip
             meta = _metadata(config, version, data.classes, clf_a, clf_b, comparison, folder / "model.onnx", check)
             (folder / "metadata.json").write_text(meta.model_dump_json(indent=2))
@@ -145,6 +160,29 @@ def _check_sources(clf_a: Classifier, clf_b: Classifier, task: str) -> None:
             )
 
 
+def _check_label_spaces(clf_a: Classifier, clf_b: Classifier, target: list[str]) -> None:
+    """The paper protocol keeps the base classifiers: A and B must share one label set holding every target class."""
+    names_a, names_b = set(clf_a.meta.class_names), set(clf_b.meta.class_names)
+    if names_a != names_b:
+        raise ConfigError(
+            f"--protocol paper keeps the base classifiers, but A and B disagree on class names: only in A "
+            f"{sorted(names_a - names_b)}, only in B {sorted(names_b - names_a)}; use --protocol sound"
+        )
+    missing = [c for c in target if c not in names_a]
+    if missing:
+        raise ConfigError(
+            f"--protocol paper scores target classes among the base nets' outputs, but {missing} are not among "
+            f"their {len(names_a)} classes ({', '.join(clf_a.meta.class_names)}); use --protocol sound or --classes"
+        )
+
+
+def _head(upper: nn.Module, clf: Classifier, target: list[str], config: BuildConfig) -> _Head:
+    """The paper keeps the pretrained classifier (targets at their base indices); sound gets a new target classifier."""
+    if config.protocol == "paper":
+        return _Head(upper, clf.meta.arch, [clf.meta.class_names.index(c) for c in target])
+    return _Head(replace_classifier(upper, clf.meta.arch, len(target)), clf.meta.arch, list(range(len(target))))
+
+
 def _work_root(cache_dir: Path | None) -> Path:
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
@@ -154,22 +192,23 @@ def _work_root(cache_dir: Path | None) -> Path:
 def _variants(
     g: IsomorphismNet, pairs: dict[str, tuple[FeatureSet, FeatureSet]], config: BuildConfig, work: Path
 ) -> tuple[list[_Variant], dict[str, VarianceTable]]:
-    """Feature sources of every variant (x_A, x_B, prefix sums of g's orders, on disk) and the Var tables."""
+    """Feature sources of every variant (x_A, x_B, g(x_A), the Delta-shuffle control, prefix sums of orders) and the Var tables."""
     k_max = g.orders
     orders = list(range(k_max + 1)) if config.ablations else [k_max]
     splits = ("train", "val", "test")
-    labels = {s: pairs[s][0].y for s in splits}
-    derived, tables = {}, {}
+    derived, tables, control = {}, {}, {}
     for s in splits:
         derived[s], tables[s] = _derive(g, *pairs[s], orders, work / s, measure=s != "train")
+        control[s] = _shuffled_delta(pairs[s][1].x, derived[s][k_max], work / s / "control.npy", seed=config.control_seed)
     out = [
-        _Variant("features from A", "x_A", "A", {s: pairs[s][0].x for s in splits}, labels),
-        _Variant("features from B (no Delta removal)", "x_B", "B", {s: pairs[s][1].x for s in splits}, labels),
-        _Variant("refined: g(x_A) (Delta removed)", "g(x_A)", "B", {s: derived[s][k_max] for s in splits}, labels),
+        _Variant("features from A", "x_A", "A", {s: pairs[s][0].x for s in splits}),
+        _Variant("features from B (no Delta removal)", "x_B", "B", {s: pairs[s][1].x for s in splits}),
+        _Variant("refined: g(x_A) (Delta removed)", REFINED, "B", {s: derived[s][k_max] for s in splits}),
+        _Variant("control: x_B minus another image's Delta", CONTROL, "B", control),
     ]
     for m in orders[:-1]:
         name = " + ".join(f"x^({k})" for k in range(m + 1))
-        out.append(_Variant(f"ablation: {name}", name, "B", {s: derived[s][m] for s in splits}, labels))
+        out.append(_Variant(f"ablation: {name}", name, "B", {s: derived[s][m] for s in splits}))
     return out, {s: tables[s] for s in ("val", "test")}
 
 
@@ -205,51 +244,75 @@ def _derive(
     return arrays, acc.table() if acc else None
 
 
+def derangement(n: int, seed: int) -> np.ndarray:
+    """A permutation with no fixed point: image i is paired with another image pi[i]."""
+    if n < 2:
+        raise ValueError(f"the Delta-shuffle control needs at least 2 images in a split, got {n}")
+    order = np.random.default_rng(seed).permutation(n)
+    pi = np.empty(n, dtype=np.int64)
+    pi[order] = np.roll(order, -1)
+    return pi
+
+
+def _shuffled_delta(xb: np.ndarray, gxa: np.ndarray, path: Path, seed: int, batch: int = 256) -> np.ndarray:
+    """x_B - x^Delta of another image of the same split (x^Delta = x_B - g(x_A)): Delta's energy, no image-specific content."""
+    pi = derangement(len(xb), seed)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=xb.shape)
+    for i in range(0, len(xb), batch):
+        j = np.sort(pi[i : i + batch])  # memory maps read faster in order
+        delta = dict(zip(j.tolist(), np.asarray(xb[j], dtype=np.float32) - gxa[j]))
+        other = np.stack([delta[k] for k in pi[i : i + batch].tolist()])
+        out[i : i + batch] = np.asarray(xb[i : i + batch], dtype=np.float32) - other
+    out.flush()
+    return out
+
+
 def _finetune_all(
-    variants: list[_Variant], heads: dict[str, tuple[nn.Module, str]], num_classes: int, config: BuildConfig, runtime: Runtime
+    variants: list[_Variant], labels: dict[str, np.ndarray], heads: dict[str, _Head], config: BuildConfig, runtime: Runtime
 ) -> tuple[list[VariantResult], nn.Module]:
-    """Fine-tune every variant for every seed (jobs split across ranks); return results and the best refined head."""
+    """Fine-tune every variant for every seed (jobs split across ranks); return results and the best refined head.
+
+    Labels are target indices; the paper protocol maps them to each side's base indices.
+    """
     jobs = [(v, seed) for v in variants for seed in range(config.seeds)]
     mine: dict[int, dict[str, torch.Tensor]] = {}  # this rank's refined heads (state dicts)
+    track_test = config.protocol == "paper"
 
-    def run(index: int) -> tuple[float, float]:
+    def run(index: int) -> HeadResult:
         variant, seed = jobs[index]
         torch.manual_seed(seed)
-        base, arch = heads[variant.head_from]
-        head = replace_classifier(base, arch, num_classes)
+        side = heads[variant.head_from]
+        head = copy.deepcopy(side.module)
         for p in head.parameters():
             p.requires_grad_(True)
         rng = np.random.default_rng(seed)
+        to_output = np.asarray(side.target)
 
         def loader(split: str, shuffle: bool = False):
-            x, y = variant.sets[split], variant.labels[split]
+            x, y = variant.sets[split], to_output[labels[split]]
             return lambda: iter_batches(x, y, indices=rng.permutation(len(y)) if shuffle else None, batch_size=config.head.batch_size)
 
         head, res = finetune_head(
             head, loader("train", True), loader("val"), loader("test"), config.head, seed,
-            desc=f"{variant.features} seed {seed}", runtime=runtime,
+            target=side.target, track_test=track_test, desc=f"{variant.features} seed {seed}", runtime=runtime,
         )  # fmt: skip
-        if variant.features == "g(x_A)":
+        if variant.features == REFINED:
             mine[index] = {k: v.detach().cpu() for k, v in head.state_dict().items()}
-        return res.val_acc, res.test_acc
+        return res
 
-    scores = dist.run_split(list(range(len(jobs))), run)
-    results = []
-    for v in variants:
-        val_accs = [scores[i][0] for i, (w, _) in enumerate(jobs) if w is v]
-        test_accs = [scores[i][1] for i, (w, _) in enumerate(jobs) if w is v]
-        results.append(
-            VariantResult(
-                name=v.name, features=v.features, head_from=v.head_from, val_acc=val_accs, test_acc=test_accs,
-                mean=statistics.fmean(test_accs), std=statistics.pstdev(test_accs),
-            )  # fmt: skip
-        )
-    refined = [i for i, (v, _) in enumerate(jobs) if v.features == "g(x_A)"]
-    best = max(refined, key=lambda i: (scores[i][0], -i))  # best validation accuracy, first seed on ties
+    runs = dist.run_split(list(range(len(jobs))), run)
+    results = [
+        VariantResult.from_runs(v.name, v.features, v.head_from, [runs[i] for i, (w, _) in enumerate(jobs) if w is v])
+        for v in variants
+    ]
+    refined = [i for i, (v, _) in enumerate(jobs) if v.features == REFINED]
+    best = max(refined, key=lambda i: (runs[i].val.acc, -i))  # best validation accuracy, first seed on ties
     state = dist.broadcast(mine.get(best), src=best % dist.world_size())  # run_split gives job i to rank i % world
-    base, arch = heads["B"]
-    head = replace_classifier(base, arch, num_classes)
+    side = heads["B"]
+    head = copy.deepcopy(side.module)
     head.load_state_dict(state)
+    if config.protocol == "paper":  # the artifact answers in the target classes, sliced from the base outputs
+        head = nn.Sequential(head, OutputSlice(side.target))
     return results, head.eval()
 
 

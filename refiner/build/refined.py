@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import Tensor, nn
 
-from refiner.models.architectures import get_arch
 from refiner.engine.isomorphism import IsomorphismNet
+from refiner.models.architectures import get_arch
 
-__all__ = ["RefinedModel", "replace_classifier"]
+__all__ = ["RefinedModel", "OutputSlice", "replace_classifier"]
 
 
 class RefinedModel(nn.Module):
@@ -34,6 +35,17 @@ class RefinedModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+class OutputSlice(nn.Module):
+    """Keep the given output columns, in order: the target classes among a kept base classifier's outputs."""
+
+    def __init__(self, indices: list[int]) -> None:
+        super().__init__()
+        self.register_buffer("indices", torch.as_tensor(indices, dtype=torch.long))
+
+    def forward(self, logits: Tensor) -> Tensor:
+        return logits.index_select(1, self.indices)
 
 
 def replace_classifier(head: nn.Module, arch: str, num_classes: int) -> nn.Module:

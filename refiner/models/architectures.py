@@ -24,7 +24,7 @@ class ArchSpec:
     name: str
     build: Callable[[int, int], nn.Module]  # (num_classes, in_chans) -> model
     classifier: str  # state_dict prefix of the last linear layer, e.g. "fc"
-    default_layer: str  # the paper's choice of split layer
+    default_layer: str  # the paper's split point: a conv output before BN/ReLU, or a residual sum before its ReLU
     input_size: tuple[int, int, int]  # natural (C, H, W)
 
 
@@ -63,16 +63,17 @@ def _torchvision(name: str) -> Callable[[int, int], nn.Module]:
     return build
 
 
-def _vgg_block4_relu(cfg: str, batch_norm: bool) -> str:
-    """Node of the ReLU closing VGG's 4th block (conv4-3 for VGG-16), as in the paper."""
-    index, pools = 0, 0
+def _vgg_block4_conv(cfg: str, batch_norm: bool) -> str:
+    """Output of the last conv of VGG's 4th block (conv4-3 for VGG-16), before its BN and ReLU, as the authors take it."""
+    index, pools, last_conv = 0, 0, None
     for item in torchvision.models.vgg.cfgs[cfg]:
         if item == "M":
             pools += 1
             if pools == 4:
-                return f"features.{index - 1}"
+                return f"features.{last_conv}"
             index += 1
         else:
+            last_conv = index
             index += 3 if batch_norm else 2
     raise AssertionError(f"VGG config {cfg} has fewer than 4 blocks")
 
@@ -145,24 +146,25 @@ class CifarResNet(nn.Module):
 
 
 def _register_all() -> None:
-    for name in ("alexnet",):
-        register_arch(ArchSpec(name, _torchvision(name), "classifier.6", "features.11", (3, 224, 224)))
+    # AlexNet's conv5 output, before its ReLU.
+    register_arch(ArchSpec("alexnet", _torchvision("alexnet"), "classifier.6", "features.10", (3, 224, 224)))
     for name, cfg in (("vgg11", "A"), ("vgg13", "B"), ("vgg16", "D")):
         for bn in (False, True):
             full = name + ("_bn" if bn else "")
-            register_arch(ArchSpec(full, _torchvision(full), "classifier.6", _vgg_block4_relu(cfg, bn), (3, 224, 224)))
-    for name in ("resnet18", "resnet34", "resnet50"):
-        register_arch(ArchSpec(name, _torchvision(name), "fc", "layer3", (3, 224, 224)))
-    # SmallVGG(32, 64, 128) x 2 convs: features.12 is block 2's last ReLU (64 x 16 x 16 at 32 px).
+            register_arch(ArchSpec(full, _torchvision(full), "classifier.6", _vgg_block4_conv(cfg, bn), (3, 224, 224)))
+    # ResNets: the residual sum of layer3's last block, before its ReLU (the authors' layer3.N.add).
+    for name, last in (("resnet18", 1), ("resnet34", 5), ("resnet50", 5)):
+        register_arch(ArchSpec(name, _torchvision(name), "fc", f"layer3.{last}.add", (3, 224, 224)))
+    # SmallVGG(32, 64, 128) x 2 convs: features.10 is block 2's last conv, before BN (64 x 16 x 16 at 32 px).
     register_arch(
-        ArchSpec("small_vgg", lambda n, c: SmallVGG((32, 64, 128), 2, n, c, 256), "classifier.4", "features.12", (3, 32, 32))
+        ArchSpec("small_vgg", lambda n, c: SmallVGG((32, 64, 128), 2, n, c, 256), "classifier.4", "features.10", (3, 32, 32))
     )
     register_arch(
-        ArchSpec("cifar_resnet20", lambda n, c: CifarResNet((16, 32, 64), 3, n, c), "fc", "layer2", (3, 32, 32))
+        ArchSpec("cifar_resnet20", lambda n, c: CifarResNet((16, 32, 64), 3, n, c), "fc", "layer2.2.add", (3, 32, 32))
     )
     # Tiny nets for tests: one conv per block, a few channels.
-    register_arch(ArchSpec("tiny_vgg", lambda n, c: SmallVGG((8, 16, 16), 1, n, c, 32), "classifier.4", "features.5", (3, 16, 16)))
-    register_arch(ArchSpec("tiny_resnet", lambda n, c: CifarResNet((8, 16), 1, n, c), "fc", "layer1", (3, 16, 16)))
+    register_arch(ArchSpec("tiny_vgg", lambda n, c: SmallVGG((8, 16, 16), 1, n, c, 32), "classifier.4", "features.4", (3, 16, 16)))
+    register_arch(ArchSpec("tiny_resnet", lambda n, c: CifarResNet((8, 16), 1, n, c), "fc", "layer1.0.add", (3, 16, 16)))
 
 
 _register_all()
