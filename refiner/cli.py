@@ -95,32 +95,45 @@ def _train_args(sub) -> None:
         "train",
         "Train a base classifier from scratch and write a refiner checkpoint.",
         "  refiner train --arch small_vgg --task digits --seed 0 --out a.pt\n"
-        "  refiner train --arch small_vgg --task cifar10 --data cifar10/ --seed 1 --subset half-b --out b.pt\n",
+        "  refiner train --arch small_vgg --task cifar10 --data cifar10/ --seed 1 --subset half-b --out b.pt\n"
+        "  refiner train --arch small_vgg --task cifar-animal --data cifar10/ --regime paper --train-per-class 200 --imbalance 4 --out a.pt\n",
     )
     p.add_argument("--arch", required=True, help="architecture name (e.g. small_vgg, cifar_resnet20, vgg16, resnet18)")
     p.add_argument("--seed", type=int, default=0, help="random seed (A and B: different seeds)")
     p.add_argument("--subset", choices=["half-a", "half-b"], help="train on one of two disjoint halves of the training data")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument(
+        "--regime", choices=["default", "paper"], default="default",
+        help="paper: no augmentation, train until training CE <= 0.02 or --epochs (default 60), warn if not reached (default: default)",
+    )  # fmt: skip
+    p.add_argument("--epochs", type=int, help="epoch budget (default: 12; 60 with --regime paper)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per SGD step, per process (default: 128)")
+    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the one-cycle schedule (default: 0.05)")
     p.add_argument("--augment", action="store_true", help="random crop and flip (off by default, as in the paper)")
+    p.add_argument(
+        "--imbalance", type=float, metavar="R",
+        help="keep 1/R of each target class's training images, so the task's other classes are over-represented R times",
+    )  # fmt: skip
     p.add_argument("--out", required=True, type=Path, help="checkpoint to write")
     _add_task(p)
     p.set_defaults(run=_run_train)
 
 
 def _run_train(args) -> None:
-    from refiner.engine.training import TrainConfig, train_base
-
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, augment=args.augment, seed=args.seed, runtime=_runtime(args))
+    from refiner.data.tasks import SplitOptions
     from refiner.engine import distributed as dist
+    from refiner.engine.training import TrainConfig, paper_regime, train_base
 
-    meta = train_base(args.arch, args.task, args.data, config, args.out, _split(args, args.subset))
+    chosen = dict(batch_size=args.batch_size, lr=args.lr, augment=args.augment, seed=args.seed, runtime=_runtime(args))
+    if args.epochs is not None:
+        chosen["epochs"] = args.epochs
+    config = paper_regime(**chosen) if args.regime == "paper" else TrainConfig(**chosen)
+    split = SplitOptions(subset=args.subset, train_per_class=args.train_per_class, imbalance=args.imbalance)
+    meta = train_base(args.arch, args.task, args.data, config, args.out, split)
     if not dist.is_main():
         return
-    last = meta.info["history"][-1]
-    print(f"{args.out}: {meta.arch} on {args.task} ({meta.num_classes} classes) "
-          f"train acc {last['train_acc']:.3f}, val acc {last['val_acc']:.3f}, test acc {meta.info['test_acc']:.3f}")
+    last, final = meta.info["history"][-1], meta.info["train_eval"]
+    print(f"{args.out}: {meta.arch} on {args.task} ({meta.num_classes} classes), {meta.info['epochs_run']} epochs: "
+          f"train CE {final['loss']:.4f} acc {final['acc']:.3f} (eval mode), val acc {last['val_acc']:.3f}, test acc {meta.info['test_acc']:.3f}")
 
 
 def _fit_args(sub) -> None:
@@ -162,10 +175,10 @@ def _runtime(args):
     return RuntimeConfig(device=args.device, amp=args.amp, threads=args.threads, workers=args.workers)
 
 
-def _split(args, subset: str | None = None):
+def _split(args):
     from refiner.data.tasks import SplitOptions
 
-    return SplitOptions(subset=subset, train_per_class=args.train_per_class)
+    return SplitOptions(train_per_class=args.train_per_class)
 
 
 def _classes(args) -> list[str] | None:

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from refiner.data.datasets import ImageDataset, Preprocess
-from refiner.data.tasks import CIFAR10_CLASSES, SplitOptions, load_task
+from refiner.data.tasks import CIFAR10_CLASSES, SplitOptions, _target_classes, get_task, load_task
 from refiner.errors import ConfigError, DataError, DataLayoutError
 
 
@@ -154,3 +154,24 @@ def test_mix_layout_splits_birds_and_dogs(tmp_path):
     dogs_task = load_task("mix-dogs", tmp_path, target=True)
     assert dogs_task.classes == ["n02085620-Chihuahua"]
     assert dogs_task.test[0].load().size == (20, 10)
+
+
+def test_imbalanced_base_data_over_represents_non_target_classes():
+    """--imbalance R keeps 1/R of each target class's images; the other classes keep all theirs (base nets only)."""
+    plain = load_task("digits", None, target=False)
+    skewed = load_task("digits", None, target=False, options=SplitOptions(imbalance=4))
+
+    def counts(samples):
+        return {c: sum(s.label == c for s in samples) for c in plain.classes}
+
+    for split in ("train", "val"):
+        before, after = counts(plain.split(split)), counts(skewed.split(split))
+        for c in plain.classes:
+            assert after[c] == (max(1, round(before[c] / 4)) if c in "012345" else before[c])
+    def same(a, b):
+        return len(a) == len(b) and all(x.label == y.label and (x.array == y.array).all() for x, y in zip(a, b))
+
+    assert same(skewed.test, plain.test)  # test data stay as they are
+    assert same(load_task("digits", None, target=True, options=SplitOptions(imbalance=4)).train, load_task("digits", None, target=True).train)
+    with pytest.raises(ConfigError, match="targets all its classes"):
+        _target_classes(get_task("cifar10"), CIFAR10_CLASSES)

@@ -53,6 +53,7 @@ class SplitOptions(BaseModel):
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5)  # share of each class's training data held out
     subset: str | None = Field(None, pattern="^half-[ab]$")  # disjoint halves of training data, as in the paper
     train_per_class: int | None = Field(None, ge=1)  # keep at most this many training images per class (val shrinks in proportion)
+    imbalance: float | None = Field(None, ge=1)  # base classes only: non-target classes keep this many times the images of each target class
     seed: int = 0  # fixed: the same data always gives the same splits
 
 
@@ -125,6 +126,8 @@ def load_task(
         train = _per_class(train, options.train_per_class)
         # Validation in proportion to the kept training data (still carved before trimming, so disjoint).
         val = _per_class(val, max(1, round(options.train_per_class * options.val_fraction / (1 - options.val_fraction))))
+    if options.imbalance and not target:
+        train, val = (_imbalanced(part, _target_classes(spec, found), options.imbalance) for part in (train, val))
     for split_name, split in (("train", train), ("val", val), ("test", test)):
         have = {s.label for s in split}
         if not split or (missing := [c for c in wanted if c not in have]):
@@ -153,6 +156,24 @@ def _carve(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Samp
         held += group[:n_held]
         keep += group[n_held:]
     return keep, held
+
+
+def _target_classes(spec: TaskSpec, found: list[str]) -> set[str]:
+    chosen = spec.target_classes
+    if chosen is None:
+        raise ConfigError(f"task {spec.name!r} has no separate target classes, so --imbalance has nothing to under-represent")
+    target = set(chosen(found) if callable(chosen) else chosen)
+    if target >= set(spec.base_classes or found):
+        raise ConfigError(f"task {spec.name!r} targets all its classes, so --imbalance has nothing to over-represent; use a task such as cifar-animal")
+    return target
+
+
+def _imbalanced(samples: list[Sample], target: set[str], ratio: float) -> list[Sample]:
+    """Keep 1/ratio of each target class, so non-target classes are over-represented (as "person" is in VOC)."""
+    out = []
+    for label, group in _by_class(samples).items():
+        out += group[: max(1, round(len(group) / ratio))] if label in target else group
+    return out
 
 
 def _half(samples: list[Sample], which: str, seed: int) -> list[Sample]:

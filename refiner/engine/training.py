@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -16,10 +17,13 @@ from refiner.data.datasets import ImageDataset
 from refiner.data.tasks import SplitOptions, load_task
 from refiner.engine import distributed as dist
 from refiner.engine.device import Runtime, RuntimeConfig
+from refiner.errors import ConfigError
 from refiner.models.architectures import create_model
 from refiner.models.checkpoints import CheckpointMeta, save_checkpoint
 
-__all__ = ["TrainConfig", "train_base", "train_classifier", "train_one_epoch", "evaluate", "augment"]
+__all__ = ["TrainConfig", "PAPER_STOP_LOSS", "paper_regime", "train_base", "train_classifier", "train_one_epoch", "evaluate", "augment"]
+
+PAPER_STOP_LOSS = 0.02  # the paper's nets are over-fitted: training cross-entropy at most this
 
 
 class TrainConfig(BaseModel):
@@ -33,8 +37,16 @@ class TrainConfig(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     augment: bool = False  # random crop (pad 4) and horizontal flip; off as in the paper
+    stop_loss: float | None = Field(None, gt=0)  # stop once an epoch's training CE is at most this (the paper's regime: 0.02)
     seed: int = 0
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)  # device, AMP, threads, workers
+
+
+def paper_regime(**overrides) -> TrainConfig:
+    """The paper's base-net regime: no augmentation, train until training CE <= 0.02 or the epoch budget ends."""
+    if overrides.get("augment"):
+        raise ConfigError("the paper's regime trains without augmentation; drop --augment or use --regime default")
+    return TrainConfig(**{"epochs": 60, **overrides, "augment": False, "stop_loss": PAPER_STOP_LOSS})
 
 
 def augment(x: Tensor) -> Tensor:
@@ -148,6 +160,8 @@ def train_classifier(
         val_stats = evaluate(model, val_loader, runtime)
         history.append({"epoch": epoch + 1, "train_loss": stats["loss"], "train_acc": stats["acc"], "val_loss": val_stats["loss"], "val_acc": val_stats["acc"]})
         epochs.set_postfix(train_acc=f"{stats['acc']:.3f}", val_acc=f"{val_stats['acc']:.3f}")
+        if config.stop_loss is not None and stats["loss"] <= config.stop_loss:
+            break
     model.eval()
     return history
 
@@ -170,7 +184,16 @@ def train_base(
     model = create_model(arch, len(task_data.classes), pre.input_size[0])
     history = train_classifier(model, datasets["train"], datasets["val"], config)
     runtime = Runtime.resolve(config.runtime)
-    test = evaluate(model, DataLoader(datasets["test"], batch_size=256, num_workers=runtime.workers, pin_memory=runtime.pin_memory), runtime)
+    final = {
+        name: evaluate(model, DataLoader(datasets[name], batch_size=256, num_workers=runtime.workers, pin_memory=runtime.pin_memory), runtime)
+        for name in ("train", "test")
+    }  # eval mode: what the features the comparison reads were trained to
+    if config.stop_loss is not None and final["train"]["loss"] > config.stop_loss and dist.is_main():
+        warnings.warn(
+            f"{out.name} is not over-fitted as the paper's regime asks: eval-mode training CE {final['train']['loss']:.4f} "
+            f"> {config.stop_loss} after {len(history)} epochs; train longer (--epochs) or with a higher --lr",
+            stacklevel=2,
+        )
     meta = CheckpointMeta(
         arch=arch,
         num_classes=len(task_data.classes),
@@ -182,7 +205,9 @@ def train_base(
             "split": (split or SplitOptions()).model_dump(),
             "images": {name: len(d) for name, d in datasets.items()},
             "history": history,
-            "test_acc": test["acc"],
+            "epochs_run": len(history),
+            "train_eval": final["train"],  # final eval-mode training loss and accuracy
+            "test_acc": final["test"]["acc"],
             "runtime": runtime.record(),
         },
     )
