@@ -233,6 +233,7 @@ def _build_args(sub) -> None:
         "(default: 1e-3 sound, 1e-5 1e-7 paper)",
     )  # fmt: skip
     p.add_argument("--no-ablations", action="store_true", help="skip the order ablations x^(0), x^(0)+x^(1), ...")
+    p.add_argument("--g", type=Path, dest="g_file", help="reuse a g written by `refiner fit --on target` for the same A, B and layers instead of fitting one")
     p.add_argument("--name", help="model name in the repository (default: <task>-refined)")
     p.add_argument("--models", type=Path, default=Path("models"), help="model repository folder (default: models/)")
     p.set_defaults(run=_run_build)
@@ -260,7 +261,7 @@ def _run_build(args) -> None:
         ablations=not args.no_ablations,
         name=args.name or f"{args.task}-refined",
     )
-    result = build(a, b, args.task, args.data, config, models=args.models, classes=_classes(args), split=_split(args), cache_dir=args.cache)
+    result = build(a, b, args.task, args.data, config, models=args.models, classes=_classes(args), split=_split(args), cache_dir=args.cache, g_file=args.g_file)
     if result is not None:  # rank 0 (or the only process)
         print(result.summary())
 

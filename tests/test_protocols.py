@@ -18,7 +18,7 @@ from refiner.engine.comparison import CompareConfig
 from refiner.engine.device import Runtime
 from refiner.engine.finetune import HeadConfig, score_head
 from refiner.engine.fitting import FitConfig
-from refiner.errors import ConfigError
+from refiner.errors import CheckpointError, ConfigError
 from refiner.models.checkpoints import Classifier
 from refiner.models.layers import split_model
 
@@ -147,3 +147,24 @@ def test_paired_test_matches_scipy_and_verdicts():
     assert paired_test([0.3, 0.31], [0.5, 0.52], "x_B", "ce_target").verdict == "helps"  # lower CE is better
     one = paired_test([0.5], [0.4], "x_B", "acc")
     assert one.verdict == "cannot be judged" and one.p_value is None and "one seed" in verdict_line(one, "B's features", 1)
+
+
+def test_build_reuses_a_fitted_g_and_refuses_other_nets(tmp_path, digit_nets):
+    from refiner.cli import main
+    from refiner.engine.isomorphism import load_isomorphism
+
+    a, b = digit_nets
+    g_path = tmp_path / "g.pt"
+    assert main(["fit", "--a", str(a.path), "--b", str(b.path), "--task", "digits", "--on", "target", "--g-epochs", "2", "--out", str(g_path), "--cache", str(tmp_path / "c")]) == 0
+    g, info = load_isomorphism(g_path)
+    config = BuildConfig(name="m", head=HeadConfig(epochs=1), **FAST)
+    result = build(a, b, "digits", None, config, models=tmp_path / "models", cache_dir=tmp_path / "c", g_file=g_path)
+    assert result.report.g_file == "g.pt"
+    assert result.report.comparison.fit.model_dump() == info["report"]["fit"]
+    for key, value in g.state_dict().items():
+        assert torch.equal(result.model.g.state_dict()[key], value)
+    with pytest.raises(CheckpointError, match=r"g.pt was fitted with net A .* not with b.pt"):
+        build(b, a, "digits", None, config, models=tmp_path / "models", g_file=g_path)
+    other_layer = BuildConfig(name="m", **{**FAST, "compare": CompareConfig(layer_a="features.2")})
+    with pytest.raises(ConfigError, match="was fitted at layer 'features.4' of A, not 'features.2'"):
+        build(a, b, "digits", None, other_layer, models=tmp_path / "models", g_file=g_path)

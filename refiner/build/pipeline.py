@@ -29,11 +29,12 @@ from refiner.build.results import CONTROL, REFINED, VariantResult, headline, pai
 from refiner.data.datasets import ImageDataset
 from refiner.data.tasks import SplitOptions, get_task, load_task
 from refiner.engine import distributed as dist
-from refiner.engine.comparison import ComparisonReport, compare
+from refiner.engine.comparison import CompareConfig, ComparisonReport, compare
 from refiner.engine.device import Runtime
 from refiner.engine.features import FeatureSet, default_cache_dir, iter_batches
 from refiner.engine.finetune import HeadResult, finetune_head
-from refiner.engine.isomorphism import IsomorphismNet
+from refiner.engine.fitting import FitResult
+from refiner.engine.isomorphism import IsomorphismNet, load_isomorphism
 from refiner.engine.metrics import VarianceAccumulator, VarianceTable
 from refiner.errors import CheckpointError, ConfigError
 from refiner.models.checkpoints import Classifier, file_sha256
@@ -89,9 +90,11 @@ def build(
     classes: list[str] | None = None,
     split: SplitOptions | None = None,
     cache_dir: Path | None = None,
+    g_file: Path | None = None,
 ) -> BuildResult | None:
     """Run the whole build and write models/<name>/<version>; nothing is written on failure.
 
+    `g_file`: a g written by `refiner fit` for the same A, B and layers, used instead of fitting one.
     Under torchrun the features are extracted in shards, g is fitted with DDP,
     the variant x seed fine-tuning jobs are split across ranks, and rank 0
     exports and writes the artifact (other ranks return None).
@@ -103,7 +106,10 @@ def build(
     data = load_task(task, data_dir, target=True, classes=classes, options=split)
     if config.protocol == "paper":
         _check_label_spaces(clf_a, clf_b, data.classes)
-    g, comparison, pairs = compare(clf_a, clf_b, data, config.compare, cache_dir, measure=(), extra=("val", "test"))
+    compare_config, fitted = config.compare, None
+    if g_file is not None:
+        compare_config, fitted = _fitted_g(g_file, clf_a, clf_b, config.compare)
+    g, comparison, pairs = compare(clf_a, clf_b, data, compare_config, cache_dir, measure=(), extra=("val", "test"), fitted=fitted)
     seconds["features_and_g"] = time.perf_counter() - start
     layer_a, layer_b = comparison.a.layer, comparison.b.layer
     trunk_a, head_a = split_model(clf_a.model, layer_a)
@@ -138,6 +144,7 @@ def build(
             report = BuildReport(
                 name=config.name, version=version, task=task, classes=data.classes, config=config,
                 variants=results, paired=paired, verdict=headline(paired, config.seeds), comparison=comparison,
+                g_file=Path(g_file).name if g_file else None,
                 export=check, seconds=seconds, runtime={**runtime.record(), "processes": dist.world_size()},
             )  # fmt: skip
             meta = _metadata(config, version, data.classes, clf_a, clf_b, comparison, folder / "model.onnx", check)
@@ -174,6 +181,21 @@ def _check_label_spaces(clf_a: Classifier, clf_b: Classifier, target: list[str])
             f"--protocol paper scores target classes among the base nets' outputs, but {missing} are not among "
             f"their {len(names_a)} classes ({', '.join(clf_a.meta.class_names)}); use --protocol sound or --classes"
         )
+
+
+def _fitted_g(path: Path, clf_a: Classifier, clf_b: Classifier, config: CompareConfig) -> tuple[CompareConfig, tuple[IsomorphismNet, FitResult]]:
+    """Load a g from `refiner fit` and check that it was fitted between these very nets (sha256) and layers."""
+    g, info = load_isomorphism(path)
+    report = ComparisonReport.model_validate(info["report"])
+    for side, clf, net, layer in (("A", clf_a, report.a, config.layer_a), ("B", clf_b, report.b, config.layer_b)):
+        if net.sha256 != clf.sha256:
+            raise CheckpointError(
+                f"{Path(path).name} was fitted with net {side} {net.path} (sha256 {net.sha256[:12]}), not with "
+                f"{clf.path.name} (sha256 {clf.sha256[:12]}); refit g or pass the nets it was fitted for"
+            )
+        if layer is not None and layer != net.layer:
+            raise ConfigError(f"{Path(path).name} was fitted at layer {net.layer!r} of {side}, not {layer!r}; drop --layer-{side.lower()} or refit g")
+    return config.model_copy(update={"layer_a": report.a.layer, "layer_b": report.b.layer}), (g, report.fit)
 
 
 def _head(upper: nn.Module, clf: Classifier, target: list[str], config: BuildConfig) -> _Head:

@@ -30,6 +30,7 @@ class BuildReport(BaseModel):
     paired: list[PairedTest]  # refined vs every other variant, per metric
     verdict: str  # one line: does Delta removal help, hurt, or sit within seed noise here?
     comparison: ComparisonReport
+    g_file: str | None = None  # the `refiner fit` file g came from; None: fitted by this build
     export: ExportCheck
     seconds: dict[str, float]
     runtime: dict[str, object]  # device, its name, AMP mode, threads, workers, processes

@@ -75,9 +75,11 @@ def compare(
     cache_dir: Path | None = None,
     measure: tuple[str, ...] = ("train", "test"),
     extra: tuple[str, ...] = (),
+    fitted: tuple[IsomorphismNet, FitResult] | None = None,
 ) -> tuple[IsomorphismNet, ComparisonReport, dict[str, tuple[FeatureSet, FeatureSet]]]:
     """Fit g: x_A -> x_B on the training split and measure the Var table on `measure` splits.
 
+    `fitted`: a g fitted before for these layers (and its fit record); fitting is skipped.
     Returns g, the report, and the cached feature pairs of every split touched
     (train, `measure` and `extra`: splits the caller measures itself).
     """
@@ -106,7 +108,13 @@ def compare(
     seconds["features"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     fa, fb = pairs["train"]
-    g, fit = fit_isomorphism(fa.x, fb.x, config.g, config.fit, runtime=runtime)
+    if fitted is None:
+        g, fit = fit_isomorphism(fa.x, fb.x, config.g, config.fit, runtime=runtime)
+    else:
+        g, fit = fitted
+        if (tuple(g.shape_a), tuple(g.shape_b)) != (tuple(shapes[0]), tuple(shapes[1])):
+            raise ConfigError(f"the given g maps {tuple(g.shape_a)} -> {tuple(g.shape_b)}, but the layers give {shapes[0]} -> {shapes[1]}")
+        g = g.to(runtime.device)
     seconds["fit"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     tables = {split: measure_split(g, *pairs[split]) for split in measure}
@@ -116,7 +124,7 @@ def compare(
         classes=data.classes,
         a=NetSide(path=clf_a.path.name, sha256=clf_a.sha256, arch=clf_a.meta.arch, layer=layer_a, feature_shape=list(shapes[0])),
         b=NetSide(path=clf_b.path.name, sha256=clf_b.sha256, arch=clf_b.meta.arch, layer=layer_b, feature_shape=list(shapes[1])),
-        g=config.g,
+        g=g.config,
         fit=fit,
         tables=tables,
         seconds=seconds,
