@@ -56,7 +56,7 @@ def _cache(args) -> None:
             feats[s], labels[s], indices=np.random.permutation(len(labels[s])) if shuffle else None, batch_size=64
         )
         t0 = time.perf_counter()
-        finetune_head(replace_classifier(head_b, b.meta.arch, n_classes), cached("train", True), cached("val"), cached("test"), head_cfg, 0)
+        finetune_head(replace_classifier(head_b, b.meta.arch, n_classes), cached("train", True), cached("val"), cached("test"), head_cfg, 0, target=range(n_classes))
         t_cached = time.perf_counter() - t0
 
         frozen = torch.nn.Sequential(trunk_a, g).eval()
@@ -73,7 +73,7 @@ def _cache(args) -> None:
             return batches
 
         t0 = time.perf_counter()
-        finetune_head(replace_classifier(head_b, b.meta.arch, n_classes), rerun("train", True), rerun("val"), rerun("test"), head_cfg, 0)
+        finetune_head(replace_classifier(head_b, b.meta.arch, n_classes), rerun("train", True), rerun("val"), rerun("test"), head_cfg, 0, target=range(n_classes))
         t_rerun = time.perf_counter() - t0
     print(f"task {args.task}: {len(labels['train'])} train / {len(labels['val'])} val / {len(labels['test'])} test images, {args.epochs} epochs")
     print(f"one-time: features of A and B + 1 epoch of g {extract:.1f} s; g(x_A) for all splits {derive:.1f} s")

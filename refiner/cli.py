@@ -146,6 +146,7 @@ def _fit_args(sub) -> None:
     )
     _add_pair(p)
     p.add_argument("--on", choices=["base", "target"], default="base", help="fit on the task's base classes or its target classes")
+    p.add_argument("--test-per-class", type=int, help="measure on the first N test images per class (default: all)")
     p.add_argument("--out", required=True, type=Path, help="g file to write; the report goes beside it as .json")
     p.set_defaults(run=_run_fit)
 
@@ -178,7 +179,7 @@ def _runtime(args):
 def _split(args):
     from refiner.data.tasks import SplitOptions
 
-    return SplitOptions(train_per_class=args.train_per_class)
+    return SplitOptions(train_per_class=args.train_per_class, test_per_class=args.test_per_class)
 
 
 def _classes(args) -> list[str] | None:
@@ -233,6 +234,7 @@ def _build_args(sub) -> None:
         "(default: 1e-3 sound, 1e-5 1e-7 paper)",
     )  # fmt: skip
     p.add_argument("--no-ablations", action="store_true", help="skip the order ablations x^(0), x^(0)+x^(1), ...")
+    p.add_argument("--test-per-class", type=int, help="score on the first N test images per class (default: all)")
     p.add_argument("--g", type=Path, dest="g_file", help="reuse a g written by `refiner fit --on target` for the same A, B and layers instead of fitting one")
     p.add_argument("--name", help="model name in the repository (default: <task>-refined)")
     p.add_argument("--models", type=Path, default=Path("models"), help="model repository folder (default: models/)")
@@ -274,12 +276,17 @@ def _serve_args(sub) -> None:
         "  refiner serve --models models/\n  refiner serve --models models/ --host 0.0.0.0 --port 8080\n",
     )
     p.add_argument("--models", type=Path, default=Path("models"), help="model repository folder (default: models/)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    p.epilog += "\nother settings (limits, timeouts, batching) come from REFINER_SERVE_* variables; see serving/settings.py\n"
     p.set_defaults(run=_run_serve)
 
 
 def _run_serve(args) -> None:
+    from refiner.errors import ConfigError
+
+    if not args.models.is_dir():
+        raise ConfigError(f"model repository {str(args.models)!r} is not a folder; run `refiner build` first or pass --models DIR")
     from serving.app import serve
     from serving.settings import ServeSettings
 

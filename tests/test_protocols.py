@@ -145,6 +145,10 @@ def test_paired_test_matches_scipy_and_verdicts():
     assert paired_test(b, r, "x_B", "acc_target").verdict == "hurts"
     assert paired_test([0.5, 0.6, 0.4], [0.52, 0.55, 0.45], "x_B", "acc").verdict == "is within noise"
     assert paired_test([0.3, 0.31], [0.5, 0.52], "x_B", "ce_target").verdict == "helps"  # lower CE is better
+    # the same difference on every seed: an exact sign test, so 3 seeds cannot reach 0.05 but 6 can
+    assert paired_test([0.5] * 3, [0.4] * 3, "x_B", "acc").p_value == 0.25
+    assert paired_test([0.5] * 6, [0.4] * 6, "x_B", "acc").verdict == "helps"
+    assert paired_test([0.5] * 3, [0.5] * 3, "x_B", "acc").p_value == 1.0
     one = paired_test([0.5], [0.4], "x_B", "acc")
     assert one.verdict == "cannot be judged" and one.p_value is None and "one seed" in verdict_line(one, "B's features", 1)
 

@@ -53,6 +53,7 @@ class SplitOptions(BaseModel):
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5)  # share of each class's training data held out
     subset: str | None = Field(None, pattern="^half-[ab]$")  # disjoint halves of training data, as in the paper
     train_per_class: int | None = Field(None, ge=1)  # keep at most this many training images per class (val shrinks in proportion)
+    test_per_class: int | None = Field(None, ge=1)  # keep the first N test images per class (cheaper scoring; None: all)
     imbalance: float | None = Field(None, ge=1)  # base classes only: non-target classes keep this many times the images of each target class
     seed: int = 0  # fixed: the same data always gives the same splits
 
@@ -126,6 +127,8 @@ def load_task(
         train = _per_class(train, options.train_per_class)
         # Validation in proportion to the kept training data (still carved before trimming, so disjoint).
         val = _per_class(val, max(1, round(options.train_per_class * options.val_fraction / (1 - options.val_fraction))))
+    if options.test_per_class:
+        test = _per_class(test, options.test_per_class)
     if options.imbalance and not target:
         train, val = (_imbalanced(part, _target_classes(spec, found), options.imbalance) for part in (train, val))
     for split_name, split in (("train", train), ("val", val), ("test", test)):

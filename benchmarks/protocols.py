@@ -1,0 +1,130 @@
+"""Rerun the protocol table of docs/benchmarks.md: what Delta removal does on CIFAR-10, with controls.
+
+Grid: base data (balanced, or non-target classes over-represented 4x) x layer
+(before BN, after ReLU) x protocol (paper, sound), with g converged (refiner's
+default); at the default layer (before BN) also with g fitted for 10 epochs,
+to show whether convergence changes the verdict. Base nets are small_vgg in the paper's regime (no augmentation,
+trained to training CE <= 0.02), A and B from different seeds. Each step is a
+`refiner` command run in a subprocess; finished steps are skipped on a rerun.
+
+    python benchmarks/protocols.py --data CIFAR_ROOT --out runs/protocols --jobs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from itertools import product
+from pathlib import Path
+
+TASK = "cifar-animal"
+LAYERS = {"pre-BN": "features.10", "post-ReLU": "features.12"}  # small_vgg block 2's last conv, and its ReLU
+BASES = {"balanced": [], "imbalanced": ["--imbalance", "4"]}
+
+
+def _run(cmd: list[str], log: Path, threads: int) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
+    start = time.perf_counter()
+    with log.open("w") as f:
+        code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if code:
+        raise SystemExit(f"failed ({code}): {' '.join(cmd)}\nsee {log}")
+    print(f"[{time.perf_counter() - start:7.0f} s] {log.stem}", flush=True)
+
+
+def _parallel(steps: list[tuple[list[str], Path, Path]], jobs: int, threads: int) -> None:
+    """Run (command, log, output) steps whose output is missing, `jobs` at a time."""
+    todo = [(cmd, log) for cmd, log, out in steps if not out.exists()]
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(lambda s: _run(*s, threads), todo))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, type=Path, help="CIFAR-10 root (train/, test/ of class folders)")
+    p.add_argument("--out", required=True, type=Path, help="working folder: nets, g files, builds, logs, table.md")
+    p.add_argument("--per-class", type=int, default=200, help="training images per class, base nets and heads (default: 200)")
+    p.add_argument("--test-per-class", type=int, default=200, help="test images per class scored (default: 200)")
+    p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per variant (default: 3)")
+    p.add_argument("--paper-epochs", type=int, default=100, help="head epochs of the paper protocol (default: 100)")
+    p.add_argument("--net-epochs", type=int, default=60, help="epoch budget of the base nets (default: 60)")
+    p.add_argument("--short-g-epochs", type=int, default=10, help="epochs of the unconverged g (default: 10)")
+    p.add_argument("--g-steps", type=int, help="step budget of the converged g (default: refiner's)")
+    p.add_argument("--jobs", type=int, default=1, help="steps run at once (default: 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per step (default: 1)")
+    args = p.parse_args()
+    out, refiner = args.out, [sys.executable, "-m", "refiner"]
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    cache = ["--cache", str(out / "cache"), "--device", "cpu"]
+    data = ["--task", TASK, "--data", str(args.data), "--train-per-class", str(args.per_class)]
+
+    nets = []
+    for base, seed in product(BASES, (0, 1)):
+        net = out / f"{base}-s{seed}.pt"
+        cmd = [*refiner, "train", "--arch", "small_vgg", *data, "--regime", "paper", "--epochs", str(args.net_epochs),
+               "--seed", str(seed), *BASES[base], "--out", str(net), "--device", "cpu"]  # fmt: skip
+        nets.append((cmd, out / "logs" / f"train-{base}-s{seed}.log", net))
+    _parallel(nets, args.jobs, args.threads)
+
+    fits = []
+    grid = [(base, layer, g_kind) for base, layer, g_kind in product(BASES, LAYERS, ("converged", "short")) if g_kind == "converged" or layer == "pre-BN"]
+    for base, layer, g_kind in grid:
+        g = out / f"g-{base}-{layer}-{g_kind}.pt"
+        budget = ["--g-epochs", str(args.short_g_epochs), "--g-lr", "1e-2", "1e-4"] if g_kind == "short" else []
+        if g_kind == "converged" and args.g_steps:
+            budget = ["--g-steps", str(args.g_steps)]
+        cmd = [*refiner, "fit", "--a", str(out / f"{base}-s0.pt"), "--b", str(out / f"{base}-s1.pt"), *data, *cache,
+               "--on", "target", "--layer-a", LAYERS[layer], "--layer-b", LAYERS[layer], "--test-per-class",
+               str(args.test_per_class), *budget, "--out", str(g)]  # fmt: skip
+        fits.append((cmd, out / "logs" / f"fit-{base}-{layer}-{g_kind}.log", g))
+    _parallel(fits, args.jobs, args.threads)
+
+    builds, keys = [], []
+    for (base, layer, g_kind), protocol in product(grid, ("paper", "sound")):
+        keys.append((base, layer, g_kind, protocol))
+        name = f"{base}-{layer}-{g_kind}-{protocol}"
+        epochs = ["--head-epochs", str(args.paper_epochs)] if protocol == "paper" else []
+        cmd = [*refiner, "build", "--a", str(out / f"{base}-s0.pt"), "--b", str(out / f"{base}-s1.pt"), *data, *cache,
+               "--test-per-class", str(args.test_per_class), "--g", str(out / f"g-{base}-{layer}-{g_kind}.pt"),
+               "--protocol", protocol, *epochs, "--seeds", str(args.seeds), "--no-ablations",
+               "--name", name, "--models", str(out / "models")]  # fmt: skip
+        builds.append((cmd, out / "logs" / f"build-{name}.log", out / "models" / name / "1" / "report.json"))
+    _parallel(builds, args.jobs, args.threads)
+
+    table = _table(dict(zip(keys, [b[2] for b in builds])))
+    (out / "table.md").write_text(table)
+    print(table)
+
+
+def _ms(values: list[float], scale: float = 100.0) -> str:
+    return f"{scale * statistics.fmean(values):.1f} ± {scale * statistics.pstdev(values):.1f}"
+
+
+def _table(reports: dict[tuple[str, str, str, str], Path]) -> str:
+    """One row per build and variant: figures over seeds and the paired verdict against the refined model."""
+    lines = [
+        "| base data | layer | g | protocol | variant | acc, target classes | acc, all outputs | best on test (optimistic) | test CE, target | refined − this (target acc, 95% CI, p) |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    for (base, layer, g_kind, protocol), path in reports.items():
+        r = json.loads(path.read_text())
+        fit = r["comparison"]["fit"]
+        g_desc = f"{g_kind}: {fit['total_steps']} steps, held-out MSE {min(fit['holdout_mse']):.3f}"
+        tests = {t["baseline"]: t for t in r["paired"] if t["metric"] == "acc_target"}
+        for v in r["variants"]:
+            t = tests.get(v["features"])
+            diff = "—" if t is None else f"{100 * t['mean']:+.1f} ({100 * t['ci95'][0]:+.1f} to {100 * t['ci95'][1]:+.1f}, p {t['p_value']:.2g}): {t['verdict']}"
+            best = _ms(v["best_test_acc"]) if v["best_test_acc"] else "—"
+            full = _ms(v["test_acc"]) if protocol == "paper" else "(= target)"
+            lines.append(f"| {base} | {layer} | {g_desc} | {protocol} | {v['features']} | {_ms(v['test_acc_target'])} | {full} | {best} | {statistics.fmean(v['test_ce_target']):.3f} | {diff} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
