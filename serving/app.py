@@ -1,27 +1,30 @@
 """The FastAPI app: `uvicorn serving.app:app` (settings from REFINER_SERVE_* variables) or `create_app(settings)`.
 
 Models are loaded in the lifespan, not at import; every refused request is
-answered {"error": "..."} with a 4xx status saying what was wrong.
+answered {"error": "..."} with a 4xx status saying what was wrong, every 503
+carries Retry-After. `make_server` (what `refiner serve` runs) adds the
+connection guards of serving/connection.py: bounded request heads, head and
+keep-alive timeouts, a connection limit and a shutdown grace.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
 
 from serving import routes_classify, routes_metrics, routes_v2
-from serving.errors import PayloadTooLarge, ServingError
+from serving.connection import guarded_protocol
+from serving.errors import PayloadTooLarge, RequestTimeout, ServingError
 from serving.metrics import Metrics
 from serving.middleware import RequestMetricsMiddleware
 from serving.settings import ServeSettings
-from serving.state import ServerState
+from serving.state import ServerState, watch_shutdown_signals
 
 __all__ = ["create_app", "make_server", "serve", "app"]
 
@@ -37,8 +40,10 @@ async def _serving_error(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code >= 500:
         log.error("%s %s: %s", request.method, request.url.path, exc.message)
     response = _error(exc.status_code, exc.message)
-    if isinstance(exc, PayloadTooLarge):  # the rest of the body was not read: the connection cannot be reused
+    if isinstance(exc, PayloadTooLarge | RequestTimeout):  # the rest of the body was not read: the connection cannot be reused
         response.headers["Connection"] = "close"
+    if exc.status_code == 503:
+        response.headers["Retry-After"] = str(request.app.state.server.settings.retry_after_s)
     return response
 
 
@@ -58,11 +63,6 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
 
 
-async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("%s %s failed", request.method, request.url.path, exc_info=exc)
-    return _error(500, "internal server error; the server log has the details")
-
-
 def _configure_logging() -> None:
     """Show the serving logs (models loaded, providers, refusals) when nothing else configured logging."""
     logger = logging.getLogger("serving")
@@ -79,25 +79,30 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     state = ServerState(settings, Metrics())
     _configure_logging()
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await state.start()
+    async def lifespan(scope: Scope, receive: Receive, send: Send) -> None:
+        """ASGI lifespan: a missing repository ends startup with its one-line reason, not a traceback."""
+        await receive()  # lifespan.startup
         try:
-            yield
-        finally:
-            await state.stop()
+            await state.start()
+        except FileNotFoundError as e:  # uvicorn logs the message and, startup having failed, not the traceback
+            await send({"type": "lifespan.startup.failed", "message": str(e)})
+            raise
+        watch_shutdown_signals(state)
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        await state.stop()
+        await send({"type": "lifespan.shutdown.complete"})
 
     application = FastAPI(
         title="refiner serving",
         summary="Refined models over HTTP: KServe v2 / Open Inference Protocol and an image endpoint",
-        lifespan=lifespan,
     )
+    application.router.lifespan = lifespan  # type: ignore[method-assign]
     application.state.server = state
     application.add_middleware(RequestMetricsMiddleware, state=state)
     application.add_exception_handler(ServingError, _serving_error)
     application.add_exception_handler(RequestValidationError, _validation_error)
     application.add_exception_handler(HTTPException, _http_error)
-    application.add_exception_handler(Exception, _unexpected_error)
     for module in (routes_v2, routes_classify, routes_metrics):
         application.include_router(module.router)
     return application
@@ -111,16 +116,18 @@ class _DrainingServer(uvicorn.Server):
         self._state = state
 
     def handle_exit(self, sig: int, frame: object) -> None:
-        self._state.draining = True
+        self._state.begin_drain()
         super().handle_exit(sig, frame)
 
 
 def make_server(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, **options: object) -> uvicorn.Server:
-    """A uvicorn server of a new app; in-flight requests get `drain_timeout_s` to finish at shutdown."""
+    """A uvicorn server of a new app with the connection guards; in-flight requests get `drain_timeout_s` at shutdown."""
     application = create_app(settings)
     config = uvicorn.Config(
-        application, host=host, port=port, timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)), **options
-    )
+        application, host=host, port=port, http=guarded_protocol(settings),
+        timeout_keep_alive=settings.keep_alive_timeout_s, limit_concurrency=settings.max_connections,
+        timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)), **options,
+    )  # fmt: skip
     return _DrainingServer(config, application.state.server)
 
 

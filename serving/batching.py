@@ -3,8 +3,9 @@
 A worker task takes the oldest waiting request, then adds more until the batch
 holds max_batch_size rows or the oldest request has waited max_delay (as
 Triton's max_queue_delay_microseconds). It waits only for requests known to be
-coming: a request announces itself (`arrival()`) before its body is read and
-parsed, so a lone request runs at once instead of paying the delay for nothing.
+coming: a request announces itself (`arrival()`) once its body has been read,
+before it is parsed or decoded, so a lone request runs at once instead of paying
+the delay for nothing, and a stalled upload holds no batch back.
 The batch runs on a dedicated thread, never on the event loop. The waiting
 queue is bounded: when it is full, new requests are refused with 503 at once.
 """
@@ -111,7 +112,7 @@ class DynamicBatcher:
 
     @contextmanager
     def arrival(self) -> Iterator[Arrival]:
-        """Announce a request before reading its body; a forming batch waits (up to max_delay) for it."""
+        """Announce a request whose body is in (being parsed); a forming batch waits (up to max_delay) for it."""
         arrival = Arrival(self)
         try:
             yield arrival

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 from starlette.datastructures import UploadFile
@@ -9,26 +10,30 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
-from serving.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from serving.errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 
 __all__ = ["read_body", "multipart_file"]
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The whole body, or PayloadTooLarge (413) as soon as more than `max_bytes` have arrived."""
+async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The whole body; PayloadTooLarge (413) once more than `max_bytes` have arrived, RequestTimeout (408) after `timeout_s`."""
     if request.headers.get("content-encoding", "identity").lower() != "identity":
         raise UnsupportedMediaType(
             f"Content-Encoding {request.headers['content-encoding']!r} is not accepted; send the body uncompressed"
         )
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {max_bytes} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):  # the whole body: a client trickling bytes gains nothing
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s ({size} bytes came)") from None
     return b"".join(chunks)
 
 

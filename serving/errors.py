@@ -6,6 +6,7 @@ __all__ = [
     "ServingError",
     "BadRequest",
     "NotFound",
+    "RequestTimeout",
     "PayloadTooLarge",
     "UnsupportedMediaType",
     "Unavailable",
@@ -31,6 +32,12 @@ class BadRequest(ServingError):
 
 class NotFound(ServingError):
     status_code = 404
+
+
+class RequestTimeout(ServingError):
+    """The body did not arrive in time; the connection is closed after the answer."""
+
+    status_code = 408
 
 
 class PayloadTooLarge(ServingError):

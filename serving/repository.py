@@ -44,17 +44,15 @@ class ModelRepository:
         """The model `name` (at `version` if given); NotFound (404) saying what is available."""
         model = self.models.get(name)
         if model is None:
-            if name in self.refused:
-                reasons = "; ".join(f"version {v}: {why}" for v, why in self.refused[name].items())
-                raise NotFound(f"model {name!r} could not be loaded ({reasons})")
+            if name in self.refused:  # the reasons name server paths and hashes: they stay in the log
+                versions = ", ".join(map(str, sorted(self.refused[name])))
+                raise NotFound(f"model {name!r} could not be loaded (version {versions} refused; the server log says why)")
             raise NotFound(f"unknown model {name!r}; available models: {', '.join(sorted(self.models)) or 'none'}")
-        if version is not None and version != str(model.meta.version):
-            why = ""
-            if version.isdigit() and int(version) in self.refused.get(name, {}):
-                why = f" (refused: {self.refused[name][int(version)]})"
-            raise NotFound(
-                f"model {name!r} has no version {version!r} loaded{why}; the served version is {model.meta.version}"
-            )
+        if version is not None and not (version.isascii() and version.isdigit()):
+            raise NotFound(f"model {name!r} has no version {version!r} (versions are ASCII decimal numbers); the served version is {model.meta.version}")
+        if version is not None and int(version) != model.meta.version:
+            why = " (refused at load; the server log says why)" if int(version) in self.refused.get(name, {}) else ""
+            raise NotFound(f"model {name!r} has no version {version!r} loaded{why}; the served version is {model.meta.version}")
         return model
 
 

@@ -70,10 +70,10 @@ async def classify(
     if top_k is not None and top_k > len(classes):
         raise BadRequest(f"top_k is {top_k}; model {name!r} has {len(classes)} classes, so expected 1 to {len(classes)}")
     k = top_k or min(server.settings.top_k, len(classes))
-    with model.batcher.arrival() as arrival:
-        body = await read_body(request, server.settings.max_body_bytes)
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            body = await multipart_file(request, body)
+    body = await read_body(request, server.settings.max_image_bytes, server.settings.body_timeout_s)
+    if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):  # media types are case-insensitive
+        body = await multipart_file(request, body)
+    with model.batcher.arrival() as arrival:  # announced once its body is in: a slow upload delays no one else
         x = await server.to_thread(_image_array, body, model.meta.preprocess, server.settings.max_image_pixels)
         probs = _softmax((await arrival.infer(x))[0])
     order = np.argsort(-probs, kind="stable")[:k]

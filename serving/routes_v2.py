@@ -7,7 +7,6 @@ from importlib.metadata import version as package_version
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
 
 from serving.body import read_body
 from serving.deps import ServerDep
@@ -34,14 +33,19 @@ def _server_version() -> str:
         return "unknown"
 
 
-@router.get("/health/live", summary="Server liveness")
-async def live() -> dict[str, bool]:
-    return {"live": True}
+def _health(ok: bool) -> Response:
+    """The v2 health answer: 200 for true, 400 for false, no body either way."""
+    return Response(status_code=200 if ok else 400)
 
 
-@router.get("/health/ready", summary="Server readiness (503 while loading or shutting down)")
-async def ready(server: ServerDep) -> JSONResponse:
-    return JSONResponse({"ready": server.ready}, status_code=200 if server.ready else 503)
+@router.get("/health/live", summary="Server liveness (200, empty body)")
+async def live() -> Response:
+    return _health(True)
+
+
+@router.get("/health/ready", summary="Server readiness (200; 400 while loading or shutting down; empty body)")
+async def ready(server: ServerDep) -> Response:
+    return _health(server.ready)
 
 
 @router.get("", summary="Server metadata")
@@ -68,11 +72,11 @@ async def config(name: str, server: ServerDep, version: str | None = None) -> di
     return model_config(model.meta, int(s.max_queue_delay_ms * 1000), s.batching)
 
 
-@router.get(_MODEL + "/ready", summary="Model readiness")
-@router.get(_VERSION + "/ready", summary="Model readiness of one version")
-async def model_ready(name: str, server: ServerDep, version: str | None = None) -> JSONResponse:
+@router.get(_MODEL + "/ready", summary="Model readiness (200 or 400, empty body)")
+@router.get(_VERSION + "/ready", summary="Model readiness of one version (200 or 400, empty body)")
+async def model_ready(name: str, server: ServerDep, version: str | None = None) -> Response:
     server.repository.get(name, version)
-    return JSONResponse({"name": name, "ready": server.ready}, status_code=200 if server.ready else 503)
+    return _health(server.ready)
 
 
 _INFER_DOC: dict[str, Any] = {
@@ -94,10 +98,10 @@ _INFER_DOC: dict[str, Any] = {
 @router.post(_VERSION + "/infer", summary="Inference on one version", openapi_extra=_INFER_DOC)
 async def infer(name: str, request: Request, server: ServerDep, version: str | None = None) -> Response:
     model = server.repository.get(name, version)
-    with model.batcher.arrival() as arrival:
-        body = await read_body(request, server.settings.max_body_bytes)
+    body = await read_body(request, server.body_limit, server.settings.body_timeout_s)
+    with model.batcher.arrival() as arrival:  # announced once its body is in: a slow upload delays no one else
         header_length = request.headers.get(BINARY_HEADER)
-        json_bytes = int(header_length) if header_length and header_length.isdigit() else len(body)
+        json_bytes = int(header_length) if header_length and header_length.isascii() and header_length.isdigit() else len(body)
         if json_bytes <= _INLINE_JSON_BYTES:  # a thread hop would cost more than parsing
             parsed = parse_infer_request(body, header_length, model.meta)
         else:

@@ -24,10 +24,24 @@ class ServeSettings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA if a CUDA device really exists
     intra_op_threads: int = Field(0, ge=0)  # onnxruntime threads per session; 0: one per available core
     decode_threads: int = Field(2, ge=1)  # threads decoding images and request bodies
-    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1)  # larger request bodies get 413
+    max_body_bytes: int | None = Field(None, ge=1)  # larger infer bodies get 413; None: derived from the models served
+    json_expansion: float = Field(8.0, ge=1)  # JSON text bytes per binary tensor byte allowed in the derived limit
+    max_image_bytes: int = Field(8 * 1024 * 1024, ge=1)  # larger /classify bodies get 413
     max_image_pixels: int = Field(16_000_000, ge=1, lt=PILLOW_MAX_IMAGE_PIXELS)  # larger images get 413
+    max_header_bytes: int = Field(16 * 1024, ge=1024)  # request line + headers; more get 431 and the connection closes
+    header_timeout_s: float = Field(10.0, gt=0)  # a request's head must arrive within this, else 408 and close
+    body_timeout_s: float = Field(30.0, gt=0)  # a request's whole body must arrive within this, else 408 and close
+    keep_alive_timeout_s: float = Field(5.0, gt=0)  # idle keep-alive connections close after this
+    max_connections: int = Field(1024, ge=1)  # open connections (and tasks); more are answered 503
     batching: bool = True  # coalesce concurrent requests into batches (off: one request per run)
     max_queue_delay_ms: float = Field(2.0, ge=0)  # how long the oldest request waits for a fuller batch
     queue_size: int = Field(256, ge=1)  # requests waiting per model; more get 503
-    drain_timeout_s: float = Field(10.0, ge=0)  # how long shutdown waits for in-flight requests
+    drain_timeout_s: float = Field(10.0, ge=0)  # how long shutdown waits for in-flight requests, then answers them 503
+    shutdown_grace_s: float = Field(0.5, ge=0)  # idle keep-alive connections stay open this long at shutdown for requests in transit
+    retry_after_s: int = Field(1, ge=0)  # Retry-After of every 503
     top_k: int = Field(5, ge=1)  # classes returned by /classify when the request does not say
+
+    @property
+    def hard_deadline_s(self) -> float:
+        """From the first shutdown signal to a forced exit, however the server was started."""
+        return self.drain_timeout_s + self.shutdown_grace_s + 2.0

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import os
+import signal
+import threading
 from collections.abc import Callable
 from functools import partial
 from typing import TypeVar
@@ -19,7 +23,9 @@ from serving.repository import LoadedModel, ModelRepository, load_runtimes
 from serving.runtime import ModelRuntime, choose_providers
 from serving.settings import ServeSettings
 
-__all__ = ["ServerState"]
+__all__ = ["ServerState", "watch_shutdown_signals"]
+
+_JSON_OVERHEAD = 64 * 1024  # bytes of an infer request's JSON beside its tensor data
 
 log = logging.getLogger("serving.state")
 T = TypeVar("T")
@@ -40,6 +46,17 @@ class ServerState:
     @property
     def ready(self) -> bool:
         return self.started and not self.draining and bool(self.repository.models)
+
+    @property
+    def body_limit(self) -> int:
+        """Largest infer body accepted: the setting, else the largest valid request of any model served.
+
+        That is max_batch x input bytes as JSON text (json_expansion bytes per tensor byte) plus the JSON around it.
+        """
+        if self.settings.max_body_bytes is not None:
+            return self.settings.max_body_bytes
+        tensors = [m.meta.max_batch_size * math.prod(m.meta.input.shape) * 4 for m in self.repository.models.values()]
+        return int(max(tensors, default=0) * self.settings.json_expansion) + _JSON_OVERHEAD
 
     async def to_thread(self, func: Callable[..., T], *args: object) -> T:
         """Run blocking `func` (decoding, parsing) on the bounded worker threads, off the event loop."""
@@ -96,6 +113,13 @@ class ServerState:
             raise ValueError(f"the model returns logits of shape {y.shape}, expected (1, {len(meta.class_names)}) classes")
         log.info("model %s version %d answered its warm-up inference", meta.name, meta.version)
 
+    def begin_drain(self) -> None:
+        """The first shutdown signal: not ready from now on, and a hard deadline for the whole shutdown."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("shutdown signal: not ready; in-flight requests get %.1f s", self.settings.drain_timeout_s)
+
     async def stop(self) -> None:
         """Stop being ready, wait for in-flight requests (bounded), then stop the batchers."""
         self.draining = True
@@ -108,3 +132,34 @@ class ServerState:
         remaining = max(0.0, deadline - loop.time())
         await asyncio.gather(*(m.batcher.close(remaining) for m in self.repository.models.values()))
         log.info("shutdown complete")
+
+
+def watch_shutdown_signals(state: ServerState) -> None:
+    """Chain onto the server's SIGINT/SIGTERM handlers (uvicorn's, however it was started).
+
+    The first signal makes the server not ready before connections drain, and
+    arms a hard deadline: past `hard_deadline_s` the server's handler is called
+    again (uvicorn: force exit), and 2 s later the process exits regardless.
+    Signal handlers live in the main thread only; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    loop = asyncio.get_running_loop()
+
+    def deadline(previous: Callable[[int, object], None] | None) -> None:
+        log.error("shutdown passed its hard deadline of %.1f s; exiting", state.settings.hard_deadline_s)
+        if callable(previous):
+            previous(signal.SIGINT, None)
+        loop.call_later(2.0, os._exit, 1)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(sig)
+
+        def handler(signum: int, frame: object, previous=previous) -> None:
+            if not state.draining:
+                state.begin_drain()
+                loop.call_soon_threadsafe(loop.call_later, state.settings.hard_deadline_s, deadline, previous)
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(sig, handler)
