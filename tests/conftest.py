@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -74,3 +76,20 @@ def tiny_build(tmp_path_factory, digit_nets):
         seeds=2,
     )
     return build(*digit_nets, "digits", None, config, models=models, cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def served(tiny_build, tmp_path_factory):
+    """The tiny build's artifact in a private model repository, with real images (tests/serving_support.py)."""
+    from serving_support import Served
+
+    from refiner.data.tasks import load_task
+
+    models = tmp_path_factory.mktemp("serving-models")  # a private copy: other tests may add versions
+    shutil.copytree(tiny_build.path.parent, models / tiny_build.report.name)
+    metadata = json.loads((tiny_build.path / "metadata.json").read_text())
+    data = load_task(tiny_build.report.task, None, target=True)
+    images = [s.load() for s in data.val[:8]]
+    return Served(models, tiny_build.report.name, tiny_build.report.version, metadata, tiny_build.model, images)
+
+

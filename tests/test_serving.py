@@ -9,7 +9,6 @@ tritonclient; graceful shutdown; and the import boundary between the two package
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import json
 import logging
@@ -23,8 +22,6 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +31,9 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+from serving_support import Live, Served, batch, copy_version, encode, infer_json, random_image
 
-from serving.app import create_app, make_server
+from serving.app import create_app
 from serving.artifact import discover
 from serving.batching import BatchStats, DynamicBatcher
 from serving.errors import DeviceError, InferenceFailed, Unavailable
@@ -46,85 +44,6 @@ from serving.settings import PILLOW_MAX_IMAGE_PIXELS, ServeSettings
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Using `httpx` with `starlette.testclient`", "ignore::PIL.Image.DecompressionBombWarning"
 )
-
-
-# --- the artifact ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Served:
-    """The model under test: a copy of the build's repository entry, its torch model and real images."""
-
-    models: Path
-    name: str
-    version: int
-    metadata: dict[str, Any]
-    torch_model: torch.nn.Module
-    images: list[Image.Image]  # validation images of the build's task
-
-    @property
-    def input_shape(self) -> list[int]:
-        return self.metadata["input"]["shape"]
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.metadata["class_names"]
-
-    @property
-    def max_batch_size(self) -> int:
-        return self.metadata["max_batch_size"]
-
-    @cached_property
-    def session(self) -> ort.InferenceSession:
-        return ort.InferenceSession(str(self.models / self.name / str(self.version) / "model.onnx"), providers=[CPU])
-
-
-@pytest.fixture(scope="session")
-def served(tiny_build, tmp_path_factory) -> Served:
-    from refiner.data.tasks import load_task
-
-    models = tmp_path_factory.mktemp("serving-models")  # a private copy: other tests may add versions
-    shutil.copytree(tiny_build.path.parent, models / tiny_build.report.name)
-    metadata = json.loads((tiny_build.path / "metadata.json").read_text())
-    data = load_task(tiny_build.report.task, None, target=True)
-    images = [s.load() for s in data.val[:8]]
-    return Served(models, tiny_build.report.name, tiny_build.report.version, metadata, tiny_build.model, images)
-
-
-def copy_version(served: Served, repo: Path, name: str, version: int, corrupt: str | None = None) -> Path:
-    """Copy the served version to repo/name/version (metadata renamed); corrupt: "flip" a byte or "garbage" ONNX."""
-    folder = repo / name / str(version)
-    shutil.copytree(served.models / served.name / str(served.version), folder)
-    meta = json.loads((folder / "metadata.json").read_text())
-    onnx = folder / "model.onnx"
-    if corrupt == "flip":  # metadata's sha256 no longer matches
-        data = bytearray(onnx.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        onnx.write_bytes(bytes(data))
-    elif corrupt == "garbage":  # sha256 matches, but it is not an ONNX model
-        onnx.write_bytes(b"not an onnx model" * 10)
-        meta["onnx_sha256"] = hashlib.sha256(onnx.read_bytes()).hexdigest()
-    (folder / "metadata.json").write_text(json.dumps({**meta, "name": name, "version": version}))
-    return folder
-
-
-def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
-
-
-def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
-    buf = io.BytesIO()
-    (image.convert("RGB") if fmt == "JPEG" else image).save(buf, fmt)
-    return buf.getvalue()
-
-
-def _infer_json(x: np.ndarray, name: str = "input", **extra: Any) -> dict[str, Any]:
-    return {"inputs": [{"name": name, "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}], **extra}
-
-
-def _batch(served: Served, n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, *served.input_shape)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -207,8 +126,8 @@ def test_preprocessing_is_identical_to_refiners(served):
 
 
 def test_v2_json_round_trip_equals_onnx_session(client, served):
-    x = _batch(served, 3)
-    r = client.post(f"/v2/models/{served.name}/infer", json=_infer_json(x, id="req-7"))
+    x = batch(served, 3)
+    r = client.post(f"/v2/models/{served.name}/infer", json=infer_json(x, id="req-7"))
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["id"] == "req-7" and body["model_name"] == served.name and body["model_version"] == str(served.version)
@@ -219,7 +138,7 @@ def test_v2_json_round_trip_equals_onnx_session(client, served):
 
 
 def test_v2_nested_data_and_versioned_route(client, served):
-    x = _batch(served, 1, seed=3)
+    x = batch(served, 1, seed=3)
     body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.tolist()}]}
     r = client.post(f"/v2/models/{served.name}/versions/{served.version}/infer", json=body)
     expected = served.session.run(None, {"input": x})[0]
@@ -227,7 +146,7 @@ def test_v2_nested_data_and_versioned_route(client, served):
 
 
 def test_v2_binary_tensor_extension(client, served):
-    x = _batch(served, 2, seed=5)
+    x = batch(served, 2, seed=5)
     header = json.dumps({
         "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}],
         "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
@@ -296,9 +215,9 @@ def _metric(text: str, name: str, **labels: str) -> float:
 
 def test_metrics_count_requests_latency_queue_and_batches(served):
     with TestClient(create_app(ServeSettings(models=served.models))) as client:
-        x = _batch(served, 2)
+        x = batch(served, 2)
         for _ in range(3):
-            client.post(f"/v2/models/{served.name}/infer", json=_infer_json(x))
+            client.post(f"/v2/models/{served.name}/infer", json=infer_json(x))
         client.get("/v2/models/nope")
         text = client.get("/metrics").text
     infer_route = "/v2/models/{name}/infer"
@@ -350,9 +269,9 @@ def test_corrupted_versions_are_refused_while_others_serve(mixed_repo, served, c
         for path in ("/v2/models/fallback/versions/2", "/v2/models/unreadable", "/v2/models/nometa"):
             text = client.get(path).text
             assert str(mixed_repo) not in text and not re.search(r"[0-9a-f]{64}", text), text
-        x = _batch(served, 1)
+        x = batch(served, 1)
         for name in ("good", "fallback", "twice"):
-            assert client.post(f"/v2/models/{name}/infer", json=_infer_json(x)).status_code == 200
+            assert client.post(f"/v2/models/{name}/infer", json=infer_json(x)).status_code == 200
     refusals = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and "REFUSED" in r.getMessage()]
     assert any(re.search(r"model fallback version 2: .*sha256 is [0-9a-f]{64}, metadata.json says", m) for m in refusals)
     assert any("model unreadable version 1" in m for m in refusals) and any("model nometa version 1" in m for m in refusals)
@@ -540,7 +459,7 @@ def _other_format(fmt: str) -> bytes:
 
 
 def _binary_infer(s: Served, n: int = 1, size_delta: int = 0, extra: bytes = b"", header_len: str | None = None, nan: bool = False):
-    x = _batch(s, n)
+    x = batch(s, n)
     if nan:
         x.flat[7] = np.nan
     header = json.dumps({
@@ -552,7 +471,7 @@ def _binary_infer(s: Served, n: int = 1, size_delta: int = 0, extra: bytes = b""
 
 def _v2(s: Served, n: int = 1, copies: int = 1, extra: dict[str, Any] | None = None, **changes: Any) -> dict[str, Any]:
     """A JSON infer request (NaN allowed) for `n` rows, with the input tensor's fields changed."""
-    x = _batch(s, n)
+    x = batch(s, n)
     tensor = {"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist(), **changes}
     body = {"inputs": [tensor] * copies, **(extra or {})}
     return {"content": json.dumps(body).encode(), "headers": {"Content-Type": "application/json"}}
@@ -661,8 +580,8 @@ def test_bad_input_is_a_4xx_saying_what_was_expected(strict_client, served, case
 def test_server_keeps_serving_after_bad_inputs_without_any_5xx(strict_client, served):
     for method, path, make, _, _ in BAD_INPUTS.values():
         strict_client.request(method, path.format(m=served.name), **make(served))
-    x = _batch(served, 1)
-    assert strict_client.post(f"/v2/models/{served.name}/infer", json=_infer_json(x)).status_code == 200
+    x = batch(served, 1)
+    assert strict_client.post(f"/v2/models/{served.name}/infer", json=infer_json(x)).status_code == 200
     text = strict_client.get("/metrics").text
     statuses = set(re.findall(r'refiner_http_requests_total\{.*status="(\d+)"\}', text))
     assert statuses and not any(s.startswith("5") for s in statuses), statuses
@@ -671,34 +590,9 @@ def test_server_keeps_serving_after_bad_inputs_without_any_5xx(strict_client, se
 # --- a live server: stock tritonclient, streaming body limit, graceful shutdown -------------------
 
 
-class _Live:
-    """A uvicorn server on a free loopback port, run in a background thread."""
-
-    def __init__(self, settings: ServeSettings) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.server = make_server(settings, log_level="warning")
-        self.state = self.server.config.app.state.server
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> _Live:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
-
-
 @pytest.fixture(scope="module")
 def live(served: Served):
-    with _Live(ServeSettings(models=served.models, max_body_bytes=BODY_LIMIT, max_image_bytes=BODY_LIMIT)) as server:
+    with Live(ServeSettings(models=served.models, max_body_bytes=BODY_LIMIT, max_image_bytes=BODY_LIMIT)) as server:
         yield server
 
 
@@ -714,7 +608,7 @@ def test_stock_tritonclient_works_unchanged(live, served):
         assert meta["inputs"][0]["shape"] == [-1, *served.input_shape]
         assert client.get_model_config(served.name)["max_batch_size"] == served.max_batch_size
         assert client.get_server_metadata()["name"] == "refiner-serving"
-        x = _batch(served, 4, seed=11)
+        x = batch(served, 4, seed=11)
         expected = served.session.run(None, {"input": x})[0]
         for binary in (False, True):
             inp = triton.InferInput("input", list(x.shape), "FP32")
@@ -750,14 +644,14 @@ def test_body_limit_is_enforced_while_streaming(live, served):
 
 def test_graceful_shutdown_stops_readiness_and_drains_in_flight(served):
     """A request half uploaded when shutdown starts still gets its answer; readiness turns false at once."""
-    x = _batch(served, 2)
+    x = batch(served, 2)
     request = _binary_infer(served, 2)
     head = (
         f"POST /v2/models/{served.name}/infer HTTP/1.1\r\nHost: test\r\nContent-Length: {len(request['content'])}\r\n"
         f"Inference-Header-Content-Length: {request['headers']['Inference-Header-Content-Length']}\r\n\r\n"
     ).encode()
     half = len(request["content"]) // 2
-    with _Live(ServeSettings(models=served.models)) as live:
+    with Live(ServeSettings(models=served.models)) as live:
         with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:
             sock.sendall(head + request["content"][:half])
             while live.state.in_flight == 0:
