@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 
@@ -28,31 +29,73 @@ LAYERS = {"pre-BN": "features.10", "post-ReLU": "features.12"}  # small_vgg bloc
 BASES = {"balanced": [], "imbalanced": ["--imbalance", "4"]}
 
 
-def _run(cmd: list[str], log: Path, threads: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
-    start = time.perf_counter()
-    with log.open("w") as f:
-        code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+@dataclass
+class Step:
+    """One `refiner` command, the files it needs and the file it makes."""
+
+    cmd: list[str]
+    log: Path
+    out: Path
+    needs: list[Path] = field(default_factory=list)
+
+
+def _alive(lock: Path) -> bool:
+    """Whether the process that took this lock (its pid is the file's content) still runs."""
+    try:
+        os.kill(int(lock.read_text()), 0)
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def _wait_for(paths: list[Path]) -> None:
+    while missing := [p for p in paths if not p.exists()]:
+        locks = [p.with_name(p.name + ".lock") for p in missing]
+        if not any(lock.exists() and _alive(lock) for lock in locks):
+            raise SystemExit(f"nothing is making {', '.join(map(str, missing))}: an earlier step failed")
+        time.sleep(5)
+
+
+def _run(step: Step, threads: int) -> None:
+    """Run a step unless its output exists; a step another live process (pid in <out>.lock) makes is waited for."""
+    lock = step.out.with_name(step.out.name + ".lock")
+    if step.out.exists():
+        return
+    if lock.exists() and _alive(lock):
+        _wait_for([step.out])
+        return
+    lock.write_text(str(os.getpid()))  # this run makes it: other runs, and steps needing it, wait
+    try:
+        _wait_for(step.needs)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
+        start = time.perf_counter()
+        with step.log.open("w") as f:
+            code = subprocess.call(step.cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    finally:
+        lock.unlink(missing_ok=True)
     if code:
-        raise SystemExit(f"failed ({code}): {' '.join(cmd)}\nsee {log}")
-    print(f"[{time.perf_counter() - start:7.0f} s] {log.stem}", flush=True)
+        raise SystemExit(f"failed ({code}): {' '.join(step.cmd)}\nsee {step.log}")
+    print(f"[{time.perf_counter() - start:7.0f} s] {step.log.stem}", flush=True)
 
 
-def _parallel(steps: list[tuple[list[str], Path, Path]], jobs: int, threads: int) -> None:
-    """Run (command, log, output) steps whose output is missing, `jobs` at a time."""
-    todo = [(cmd, log) for cmd, log, out in steps if not out.exists()]
+def _run_all(steps: list[Step], jobs: int, threads: int) -> None:
+    """Run steps `jobs` at a time, in order; a step starts once the files it needs exist."""
     with ThreadPoolExecutor(jobs) as pool:
-        list(pool.map(lambda s: _run(*s, threads), todo))
+        for future in [pool.submit(_run, step, threads) for step in steps]:
+            future.result()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, type=Path, help="CIFAR-10 root (train/, test/ of class folders)")
     p.add_argument("--out", required=True, type=Path, help="working folder: nets, g files, builds, logs, table.md")
+    p.add_argument("--grid", choices=["full", "reduced"], default="full",
+                   help="full: every base x layer x protocol; reduced: post-ReLU and the 10-epoch g on balanced data only (default: full)")
     p.add_argument("--per-class", type=int, default=200, help="training images per class, base nets and heads (default: 200)")
     p.add_argument("--test-per-class", type=int, default=200, help="test images per class scored (default: 200)")
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per variant (default: 3)")
     p.add_argument("--paper-epochs", type=int, default=100, help="head epochs of the paper protocol (default: 100)")
+    p.add_argument("--sound-epochs", type=int, default=20, help="head epochs of the sound protocol (default: 20)")
     p.add_argument("--net-epochs", type=int, default=60, help="epoch budget of the base nets (default: 60)")
     p.add_argument("--short-g-epochs", type=int, default=10, help="epochs of the unconverged g (default: 10)")
     p.add_argument("--g-steps", type=int, help="step budget of the converged g (default: refiner's)")
@@ -63,41 +106,43 @@ def main() -> None:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     cache = ["--cache", str(out / "cache"), "--device", "cpu"]
     data = ["--task", TASK, "--data", str(args.data), "--train-per-class", str(args.per_class)]
+    nets = {(base, seed): out / f"{base}-s{seed}.pt" for base, seed in product(BASES, (0, 1))}
 
-    nets = []
-    for base, seed in product(BASES, (0, 1)):
-        net = out / f"{base}-s{seed}.pt"
-        cmd = [*refiner, "train", "--arch", "small_vgg", *data, "--regime", "paper", "--epochs", str(args.net_epochs),
-               "--seed", str(seed), *BASES[base], "--out", str(net), "--device", "cpu"]  # fmt: skip
-        nets.append((cmd, out / "logs" / f"train-{base}-s{seed}.log", net))
-    _parallel(nets, args.jobs, args.threads)
-
-    fits = []
-    grid = [(base, layer, g_kind) for base, layer, g_kind in product(BASES, LAYERS, ("converged", "short")) if g_kind == "converged" or layer == "pre-BN"]
+    steps = [
+        Step([*refiner, "train", "--arch", "small_vgg", *data, "--regime", "paper", "--epochs", str(args.net_epochs),
+              "--seed", str(seed), *BASES[base], "--out", str(net), "--device", "cpu"],  # fmt: skip
+             out / "logs" / f"train-{base}-s{seed}.log", net)
+        for (base, seed), net in nets.items()
+    ]
+    grid = [
+        (base, layer, g_kind)
+        for base, layer, g_kind in product(BASES, LAYERS, ("converged", "short"))
+        if (g_kind == "converged" or layer == "pre-BN") and (args.grid == "full" or base == "balanced" or (layer, g_kind) == ("pre-BN", "converged"))
+    ]
     for base, layer, g_kind in grid:
         g = out / f"g-{base}-{layer}-{g_kind}.pt"
         budget = ["--g-epochs", str(args.short_g_epochs), "--g-lr", "1e-2", "1e-4"] if g_kind == "short" else []
         if g_kind == "converged" and args.g_steps:
             budget = ["--g-steps", str(args.g_steps)]
-        cmd = [*refiner, "fit", "--a", str(out / f"{base}-s0.pt"), "--b", str(out / f"{base}-s1.pt"), *data, *cache,
+        cmd = [*refiner, "fit", "--a", str(nets[base, 0]), "--b", str(nets[base, 1]), *data, *cache,
                "--on", "target", "--layer-a", LAYERS[layer], "--layer-b", LAYERS[layer], "--test-per-class",
                str(args.test_per_class), *budget, "--out", str(g)]  # fmt: skip
-        fits.append((cmd, out / "logs" / f"fit-{base}-{layer}-{g_kind}.log", g))
-    _parallel(fits, args.jobs, args.threads)
-
-    builds, keys = [], []
+        steps.append(Step(cmd, out / "logs" / f"fit-{base}-{layer}-{g_kind}.log", g, [nets[base, 0], nets[base, 1]]))
+    reports = {}
     for (base, layer, g_kind), protocol in product(grid, ("paper", "sound")):
-        keys.append((base, layer, g_kind, protocol))
         name = f"{base}-{layer}-{g_kind}-{protocol}"
-        epochs = ["--head-epochs", str(args.paper_epochs)] if protocol == "paper" else []
-        cmd = [*refiner, "build", "--a", str(out / f"{base}-s0.pt"), "--b", str(out / f"{base}-s1.pt"), *data, *cache,
-               "--test-per-class", str(args.test_per_class), "--g", str(out / f"g-{base}-{layer}-{g_kind}.pt"),
-               "--protocol", protocol, *epochs, "--seeds", str(args.seeds), "--no-ablations",
+        g = out / f"g-{base}-{layer}-{g_kind}.pt"
+        epochs = args.paper_epochs if protocol == "paper" else args.sound_epochs
+        cmd = [*refiner, "build", "--a", str(nets[base, 0]), "--b", str(nets[base, 1]), *data, *cache,
+               "--test-per-class", str(args.test_per_class), "--g", str(g), "--protocol", protocol,
+               "--head-epochs", str(epochs), "--seeds", str(args.seeds), "--no-ablations",
                "--name", name, "--models", str(out / "models")]  # fmt: skip
-        builds.append((cmd, out / "logs" / f"build-{name}.log", out / "models" / name / "1" / "report.json"))
-    _parallel(builds, args.jobs, args.threads)
+        report = out / "models" / name / "1" / "report.json"
+        steps.append(Step(cmd, out / "logs" / f"build-{name}.log", report, [g]))
+        reports[base, layer, g_kind, protocol] = report
+    _run_all(steps, args.jobs, args.threads)
 
-    table = _table(dict(zip(keys, [b[2] for b in builds])))
+    table = _table(reports)
     (out / "table.md").write_text(table)
     print(table)
 

@@ -187,6 +187,8 @@ def _json_array(data: Any, where: str) -> np.ndarray:
 
 def _has_bool(data: Any) -> bool:
     """Whether a regular nested list (checked by numpy already) holds a JSON true/false anywhere."""
+    if not isinstance(data, list):
+        return isinstance(data, bool)
     while data and isinstance(data[0], list):
         data = [v for row in data for v in row]
     return bool in set(map(type, data))
