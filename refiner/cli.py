@@ -273,11 +273,12 @@ def _serve_args(sub) -> None:
         sub,
         "serve",
         "Serve the model repository over HTTP (KServe v2 + image classification).",
-        "  refiner serve --models models/\n  refiner serve --models models/ --host 0.0.0.0 --port 8080\n",
+        "  refiner serve --models models/\n  refiner serve --models models/ --host 0.0.0.0 --port 8080 --workers 2\n",
     )
     p.add_argument("--models", type=Path, default=Path("models"), help="model repository folder (default: models/)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    p.add_argument("--workers", type=int, default=1, help="server processes sharing the port, cores split between them (default: 1)")
     p.epilog += "\nother settings (limits, timeouts, batching) come from REFINER_SERVE_* variables; see serving/settings.py\n"
     p.set_defaults(run=_run_serve)
 
@@ -290,7 +291,7 @@ def _run_serve(args) -> None:
     from serving.app import serve
     from serving.settings import ServeSettings
 
-    serve(ServeSettings(models=args.models), args.host, args.port)
+    serve(ServeSettings(models=args.models, workers=args.workers), args.host, args.port)
 
 
 def _analyze_args(sub) -> None:

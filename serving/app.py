@@ -10,6 +10,7 @@ keep-alive timeouts, a connection limit and a shutdown grace.
 from __future__ import annotations
 
 import logging
+import os
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -19,10 +20,11 @@ from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
 from serving import routes_classify, routes_metrics, routes_v2
-from serving.connection import guarded_protocol
+from serving.connection import SETTINGS_KEY, GuardedHttpProtocol
 from serving.errors import PayloadTooLarge, RequestTimeout, ServingError
 from serving.metrics import Metrics
 from serving.middleware import RequestMetricsMiddleware
+from serving.runtime import available_cores
 from serving.settings import ServeSettings
 from serving.state import ServerState, watch_shutdown_signals
 
@@ -88,6 +90,8 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
             await send({"type": "lifespan.startup.failed", "message": str(e)})
             raise
         watch_shutdown_signals(state)
+        if "state" in scope:  # the connection guards read their limits from here
+            scope["state"][SETTINGS_KEY] = state.settings
         await send({"type": "lifespan.startup.complete"})
         await receive()  # lifespan.shutdown
         await state.stop()
@@ -124,7 +128,7 @@ def make_server(settings: ServeSettings, host: str = "127.0.0.1", port: int = 80
     """A uvicorn server of a new app with the connection guards; in-flight requests get `drain_timeout_s` at shutdown."""
     application = create_app(settings)
     config = uvicorn.Config(
-        application, host=host, port=port, http=guarded_protocol(settings),
+        application, host=host, port=port, http=GuardedHttpProtocol,
         timeout_keep_alive=settings.keep_alive_timeout_s, limit_concurrency=settings.max_connections,
         timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)), **options,
     )  # fmt: skip
@@ -132,8 +136,22 @@ def make_server(settings: ServeSettings, host: str = "127.0.0.1", port: int = 80
 
 
 def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run the server until SIGINT/SIGTERM (what `refiner serve` does)."""
-    make_server(settings, host, port).run()
+    """Run the server until SIGINT/SIGTERM (what `refiner serve` does); `settings.workers` processes share the port.
+
+    Worker processes build their app from REFINER_SERVE_* variables (uvicorn's
+    supervisor restarts a worker that dies); the cores are split between them.
+    """
+    if settings.workers == 1:
+        make_server(settings, host, port).run()
+        return
+    if settings.intra_op_threads == 0:
+        settings = settings.model_copy(update={"intra_op_threads": max(1, available_cores() // settings.workers)})
+    os.environ.update(settings.to_env())
+    uvicorn.run(
+        "serving.app:app", host=host, port=port, workers=settings.workers, http="serving.connection:GuardedHttpProtocol",
+        timeout_keep_alive=settings.keep_alive_timeout_s, limit_concurrency=settings.max_connections,
+        timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
+    )  # fmt: skip
 
 
 app = create_app()

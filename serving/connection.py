@@ -6,7 +6,9 @@ the client takes. This subclass answers 431 once the head passes
 (also for a connection that never sends a byte), then closes the connection.
 At shutdown an idle keep-alive connection stays open `shutdown_grace_s` for a
 request already in transit, which is answered with `Connection: close`,
-instead of being reset.
+instead of being reset. The limits are the app's ServeSettings, which its
+lifespan puts in the lifespan state (so every worker process reads its own);
+give uvicorn `http="serving.connection:GuardedHttpProtocol"`.
 """
 
 from __future__ import annotations
@@ -18,18 +20,26 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from serving.settings import ServeSettings
 
-__all__ = ["guarded_protocol"]
+__all__ = ["SETTINGS_KEY", "GuardedHttpProtocol"]
+
+SETTINGS_KEY = "refiner.serve_settings"  # where the app's lifespan leaves its ServeSettings
 
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}
 
 
-class _GuardedProtocol(HttpToolsProtocol):
-    max_header_bytes = 16 * 1024
-    header_timeout_s = 10.0
-    shutdown_grace_s = 0.5
+_DEFAULTS = ServeSettings.model_fields
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the guards above."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        settings = self.app_state.get(SETTINGS_KEY)
+        limits = ("max_header_bytes", "header_timeout_s", "shutdown_grace_s")
+        self.max_header_bytes, self.header_timeout_s, self.shutdown_grace_s = (
+            getattr(settings, name) if settings is not None else _DEFAULTS[name].default for name in limits
+        )
         self._head_bytes = 0
         self._in_head = True  # waiting for (the rest of) a request head
         self._closing_soon = False
@@ -100,16 +110,3 @@ class _GuardedProtocol(HttpToolsProtocol):
         )
         self.transport.write(head + body)
         self.transport.close()
-
-
-def guarded_protocol(settings: ServeSettings) -> type[HttpToolsProtocol]:
-    """uvicorn's `http` protocol class with the settings' limits."""
-    return type(
-        "GuardedHttpProtocol",
-        (_GuardedProtocol,),
-        {
-            "max_header_bytes": settings.max_header_bytes,
-            "header_timeout_s": settings.header_timeout_s,
-            "shutdown_grace_s": settings.shutdown_grace_s,
-        },
-    )

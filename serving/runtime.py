@@ -53,7 +53,7 @@ def choose_providers(device: str) -> list[str]:
     return [CPU]
 
 
-def _default_threads() -> int:
+def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -68,7 +68,7 @@ class ModelRuntime:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # One batch runs at a time per model (see batching.py): parallelism comes from intra-op threads.
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = intra_op_threads or _default_threads()
+        options.intra_op_num_threads = intra_op_threads or available_cores()
         options.inter_op_num_threads = 1
         # Idle worker threads must not spin: they share the cores with the event loop and image decoding.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -22,7 +23,8 @@ class ServeSettings(BaseSettings):
     models: Path = Path("models")  # the model repository (Triton layout)
     pinned_versions: dict[str, int] = {}  # model name -> version to serve instead of the latest
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA if a CUDA device really exists
-    intra_op_threads: int = Field(0, ge=0)  # onnxruntime threads per session; 0: one per available core
+    workers: int = Field(1, ge=1)  # server processes sharing the port, each with its own sessions
+    intra_op_threads: int = Field(0, ge=0)  # onnxruntime threads per session; 0: the available cores split between workers
     decode_threads: int = Field(2, ge=1)  # threads decoding images and request bodies
     max_body_bytes: int | None = Field(None, ge=1)  # larger infer bodies get 413; None: derived from the models served
     json_expansion: float = Field(8.0, ge=1)  # JSON text bytes per binary tensor byte allowed in the derived limit
@@ -40,6 +42,14 @@ class ServeSettings(BaseSettings):
     shutdown_grace_s: float = Field(0.5, ge=0)  # idle keep-alive connections stay open this long at shutdown for requests in transit
     retry_after_s: int = Field(1, ge=0)  # Retry-After of every 503
     top_k: int = Field(5, ge=1)  # classes returned by /classify when the request does not say
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as REFINER_SERVE_* variables, for worker processes that build their app from the environment."""
+        out = {}
+        for key, value in self.model_dump(mode="json").items():
+            if value is not None:
+                out[f"REFINER_SERVE_{key.upper()}"] = json.dumps(value) if isinstance(value, dict | list) else str(value)
+        return out
 
     @property
     def hard_deadline_s(self) -> float:

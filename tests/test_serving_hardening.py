@@ -292,3 +292,49 @@ def test_unexpected_failure_is_logged_once_and_answered_json(live, served, monke
     tracebacks = [rec for rec in caplog.records if rec.exc_info]
     assert len(tracebacks) == 1 and "injected bug" in str(tracebacks[0].exc_info[1])
     assert live.state.ready
+
+
+# --- several worker processes ---------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                fields = open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                kids.append(int(stat))
+    return kids
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads child processes from /proc")
+def test_refiner_serve_with_two_workers(served, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "refiner", "serve", "--models", str(served.models), "--port", str(port), "--workers", "2"]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 90
+        ready = 0
+        while ready < 10:  # both workers answer: several consecutive ready probes on new connections
+            try:
+                ready = ready + 1 if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready").status_code == 200 else 0
+            except httpx.TransportError:
+                ready = 0
+            assert time.monotonic() < deadline and process.poll() is None, "server did not become ready"
+            time.sleep(0.05)
+        assert len(_children(process.pid)) >= 2  # uvicorn's supervisor and its two worker processes
+        x = batch(served, 3)
+        for _ in range(6):
+            r = httpx.post(f"http://127.0.0.1:{port}/v2/models/{served.name}/infer", json=infer_json(x))
+            got = np.asarray(r.json()["outputs"][0]["data"], np.float32).reshape(3, -1)
+            np.testing.assert_allclose(got, served.session.run(None, {"input": x})[0], rtol=1e-5, atol=1e-6)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
