@@ -19,7 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
@@ -39,34 +39,39 @@ class Step:
     needs: list[Path] = field(default_factory=list)
 
 
+def _lock(step: Step) -> Path:
+    return step.log.with_suffix(".lock")
+
+
 def _alive(lock: Path) -> bool:
     """Whether the process that took this lock (its pid is the file's content) still runs."""
     try:
-        os.kill(int(lock.read_text()), 0)
+        pid = int(lock.read_text())
+        os.kill(pid, 0)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z" if Path("/proc").is_dir() else True
     except (ValueError, OSError):
         return False
-    return True
 
 
-def _wait_for(paths: list[Path]) -> None:
+def _wait_for(paths: list[Path], makers: dict[Path, Path]) -> None:
+    """Wait until `paths` exist; fail when the step making one of them (lock in `makers`) is not running."""
     while missing := [p for p in paths if not p.exists()]:
-        locks = [p.with_name(p.name + ".lock") for p in missing]
-        if not any(lock.exists() and _alive(lock) for lock in locks):
+        if not any(makers.get(p, Path("-")).exists() and _alive(makers[p]) for p in missing):
             raise SystemExit(f"nothing is making {', '.join(map(str, missing))}: an earlier step failed")
         time.sleep(5)
 
 
-def _run(step: Step, threads: int) -> None:
-    """Run a step unless its output exists; a step another live process (pid in <out>.lock) makes is waited for."""
-    lock = step.out.with_name(step.out.name + ".lock")
+def _run(step: Step, threads: int, makers: dict[Path, Path]) -> None:
+    """Run a step unless its output exists; a step another live process (pid in its lock) makes is waited for."""
+    lock = _lock(step)
     if step.out.exists():
         return
     if lock.exists() and _alive(lock):
-        _wait_for([step.out])
+        _wait_for([step.out], makers)
         return
     lock.write_text(str(os.getpid()))  # this run makes it: other runs, and steps needing it, wait
     try:
-        _wait_for(step.needs)
+        _wait_for(step.needs, makers)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
         start = time.perf_counter()
         with step.log.open("w") as f:
@@ -79,10 +84,16 @@ def _run(step: Step, threads: int) -> None:
 
 
 def _run_all(steps: list[Step], jobs: int, threads: int) -> None:
-    """Run steps `jobs` at a time, in order; a step starts once the files it needs exist."""
+    """Run steps `jobs` at a time, in order; a step starts once the files it needs exist; the first failure stops all."""
+    makers = {step.out: _lock(step) for step in steps}
     with ThreadPoolExecutor(jobs) as pool:
-        for future in [pool.submit(_run, step, threads) for step in steps]:
-            future.result()
+        futures = [pool.submit(_run, step, threads, makers) for step in steps]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        for future in done:
+            if future.exception() is not None:
+                for other in futures:
+                    other.cancel()
+                raise future.exception()
 
 
 def main() -> None:

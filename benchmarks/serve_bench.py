@@ -1,17 +1,22 @@
 """Serving benchmark on loopback (run by hand; figures go to docs/benchmarks.md, "## Serving").
 
-  python benchmarks/serve_bench.py --models models --model digits-refined \
-      --concurrency 1 4 16 --requests 400 --batch 8
-  python benchmarks/serve_bench.py --untrained small_vgg ...
-      the same on an untrained refined model of that architecture, exported the way
-      `refiner build` exports (speed does not depend on the weights)
+  python benchmarks/serve_bench.py --untrained resnet18 --workers 2 \
+      --kserve-python KSERVE_VENV/bin/python --server-cores 0 --client-cores 1
+  python benchmarks/serve_bench.py --models models --model digits-refined --setups refiner-1
+      the same on a built model; --untrained ARCH exports an untrained refined
+      model of that architecture the way `refiner build` does (speed does not
+      depend on the weights)
 
-For each of batching on and off, starts `uvicorn serving.app:app` in a subprocess
-and sends a bounded number of v2 infer requests (binary tensors, so the client
-spends little CPU) from `concurrency` asyncio workers: requests/s, images/s,
-p50/p95/p99 latency and errors. Requests of 1 image show what dynamic batching
-does; requests of --batch images compare with the raw onnxruntime session
-running the same batch, with the session options the server uses.
+Setups, each a server in a subprocess on the same ONNX file over the same v2
+protocol: `refiner-1` (python -m serving, one worker), `refiner-N` (--workers
+processes), `kserve` (KServe's own Python model server, benchmarks/kserve_server.py,
+run by a Python that has the `kserve` package: a benchmark-only dependency).
+Each gets a bounded number of v2 infer requests (binary tensors, so the client
+spends little CPU) from `concurrency` asyncio workers, at 1 and --batch images
+per request: requests/s, images/s, p50/p95/p99 latency, errors, and the CPU time
+of the server's whole process tree per request. The raw onnxruntime session,
+with the server's session options, is the ceiling. The client can be pinned to
+other cores than the servers (--client-cores / --server-cores, Linux).
 """
 
 from __future__ import annotations
@@ -132,35 +137,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class _Server:
-    """`uvicorn serving.app:app` in a subprocess, configured through REFINER_SERVE_* variables."""
+def _tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its children (a supervisor and its workers)."""
+    total = 0.0
+    for stat in Path("/proc").iterdir():
+        if stat.name.isdigit():
+            try:
+                fields = (stat / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat.name) == pid or int(fields[1]) == pid:
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
-    def __init__(self, models: Path, batching: bool, delay_ms: float, device: str, threads: int) -> None:
+
+class _Server:
+    """A v2 server in a subprocess: refiner's (`python -m serving`) or KServe's; pinned to `cores` when given."""
+
+    def __init__(self, setup: str, models: Path, name: str, args: argparse.Namespace) -> None:
         self.port = _free_port()
-        env = {
-            **os.environ,
-            "REFINER_SERVE_MODELS": str(models),
-            "REFINER_SERVE_BATCHING": str(batching).lower(),
-            "REFINER_SERVE_MAX_QUEUE_DELAY_MS": str(delay_ms),
-            "REFINER_SERVE_QUEUE_SIZE": "1024",
-            "REFINER_SERVE_DEVICE": device,
-            "REFINER_SERVE_INTRA_OP_THREADS": str(threads),
-        }
-        cmd = [sys.executable, "-m", "uvicorn", "serving.app:app", "--port", str(self.port), "--log-level", "warning"]
-        self.proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+        env = {**os.environ, "REFINER_SERVE_MODELS": str(models), "REFINER_SERVE_MAX_QUEUE_DELAY_MS": str(args.delay_ms),
+               "REFINER_SERVE_QUEUE_SIZE": "1024", "REFINER_SERVE_DEVICE": args.device, "REFINER_SERVE_INTRA_OP_THREADS": str(args.threads)}  # fmt: skip
+        if setup == "kserve":
+            onnx = models / name / str(discover(models)[name][0]) / "model.onnx"
+            cmd = [args.kserve_python, str(Path(__file__).with_name("kserve_server.py")), "--onnx", str(onnx), "--name", name,
+                   "--port", str(self.port), "--threads", str(args.threads or 1)]  # fmt: skip
+        else:
+            workers = "1" if setup == "refiner-1" else str(args.workers)
+            cmd = [sys.executable, "-m", "serving", "--port", str(self.port), "--workers", workers]
+        if args.server_cores:
+            cmd = ["taskset", "-c", args.server_cores, *cmd]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> _Server:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
                 if httpx.get(self.url + "/v2/health/ready").status_code == 200:
+                    time.sleep(1.0)  # let every worker finish loading
                     return self
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
         self.proc.kill()
-        raise RuntimeError("the server did not become ready within 60 s")
+        raise RuntimeError("the server did not become ready within 120 s")
 
     def __exit__(self, *exc: object) -> None:
         self.proc.terminate()
@@ -211,14 +232,23 @@ def main() -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="model name in the repository --models")
     which.add_argument("--untrained", metavar="ARCH", help="benchmark an untrained refined model of this architecture")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--requests", type=int, default=400, help="requests per measurement (bounded)")
-    p.add_argument("--batch", type=int, default=8, help="images per request when comparing with the raw session")
+    p.add_argument("--setups", default="refiner-1,refiner-N,kserve", help="comma-separated: refiner-1, refiner-N, kserve")
+    p.add_argument("--workers", type=int, default=2, help="processes of the refiner-N setup (default: 2)")
+    p.add_argument("--kserve-python", help="a Python with the kserve package (needed by the kserve setup)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--requests", type=int, default=200, help="requests per measurement (bounded)")
+    p.add_argument("--batch", type=int, default=8, help="images per request besides 1")
     p.add_argument("--delay-ms", type=float, default=2.0, help="REFINER_SERVE_MAX_QUEUE_DELAY_MS")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: one per core)")
-    p.add_argument("--batching", default="on,off", help="which server set-ups to measure: on, off or on,off")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads per process (0: the server's default)")
+    p.add_argument("--server-cores", help="taskset core list for the servers, e.g. 0")
+    p.add_argument("--client-cores", help="core list for this load generator, e.g. 1")
     args = p.parse_args()
+    setups = args.setups.split(",")
+    if "kserve" in setups and not args.kserve_python:
+        p.error("the kserve setup needs --kserve-python (a Python with the kserve package)")
+    if args.client_cores:
+        os.sched_setaffinity(0, {int(c) for c in args.client_cores.split(",")})
 
     # The repository may hold several models: the server gets a repository holding only the one measured.
     models = Path(tempfile.mkdtemp(prefix="serve-bench-"))
@@ -229,24 +259,37 @@ def main() -> None:
     shape = read_artifact(models, args.model, discover(models)[args.model][0]).meta.input.shape
     rng = np.random.default_rng(0)
     results = [_raw_session(models, args.model, rows, 3.0, args.device, args.threads) for rows in (1, args.batch)]
-    for batching in [b == "on" for b in args.batching.split(",")]:
-        with _Server(models, batching, args.delay_ms, args.device, args.threads) as server:
+    for setup in setups:
+        label = setup.replace("-N", f"-{args.workers}")
+        with _Server(setup, models, args.model, args) as server:
             url = f"{server.url}/v2/models/{args.model}/infer"
             for rows in (1, args.batch):
                 body, headers = _binary_request(rng.standard_normal((rows, *shape)).astype(np.float32))
                 for c in args.concurrency:
-                    server_cpu, client_cpu = _cpu_seconds(server.proc.pid), _cpu_seconds()
+                    server_cpu, client_cpu = _tree_cpu_seconds(server.proc.pid), _cpu_seconds()
                     latencies, errors, seconds = asyncio.run(_load(url, body, headers, c, args.requests))
-                    server_cpu, client_cpu = _cpu_seconds(server.proc.pid) - server_cpu, _cpu_seconds() - client_cpu
-                    label = f"served, batching {'on' if batching else 'off'}"
-                    results.append(
-                        Result(label, c, rows, args.requests, errors, seconds, latencies, server_cpu, client_cpu)
-                    )
+                    server_cpu, client_cpu = _tree_cpu_seconds(server.proc.pid) - server_cpu, _cpu_seconds() - client_cpu
+                    results.append(Result(label, c, rows, args.requests, errors, seconds, latencies, server_cpu, client_cpu))
                     print(results[-1].row(), flush=True)
     print()
     print(HEADER)
     for r in results:
         print(r.row())
+    print()
+    _ratios(results)
+
+
+def _ratios(results: list[Result]) -> None:
+    """images/s of each setup against the raw session at the same batch, and refiner's against KServe's."""
+    ips = {(r.label, r.concurrency, r.rows): len(r.latencies_ms) / r.seconds * r.rows for r in results}
+    raw = {rows: v for (label, _, rows), v in ips.items() if label.startswith("raw")}
+    print("| setup | concurrency | images/request | / raw onnxruntime | / kserve |")
+    print("|---|---:|---:|---:|---:|")
+    for (label, c, rows), v in ips.items():
+        if label.startswith("raw"):
+            continue
+        k = ips.get(("kserve", c, rows))
+        print(f"| {label} | {c} | {rows} | {v / raw[rows]:.2f} | {v / k:.2f} |" if k else f"| {label} | {c} | {rows} | {v / raw[rows]:.2f} | - |")
 
 
 if __name__ == "__main__":
