@@ -693,3 +693,15 @@ def test_refiner_does_not_import_fastapi():
     assert "refiner.cli" in modules and not {"fastapi", "starlette", "uvicorn", "serving"} & modules
 
 
+
+
+@pytest.mark.needs_cuda
+def test_cuda_provider_runs_through_io_binding_and_matches_cpu(served):
+    from serving.artifact import read_artifact
+    from serving.runtime import ModelRuntime
+
+    artifact = read_artifact(served.models, served.name, served.version)
+    gpu = ModelRuntime(artifact, choose_providers("cuda"))
+    assert gpu.provider == CUDA
+    x = batch(served, 5)
+    np.testing.assert_allclose(gpu.run(x), served.session.run(None, {"input": x})[0], rtol=1e-4, atol=1e-5)
