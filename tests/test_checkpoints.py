@@ -59,8 +59,8 @@ def test_bare_state_dict(tmp_path):
     model = create_model("tiny_resnet", 7)
     path = tmp_path / "sd.pt"
     torch.save(model.state_dict(), path)
-    with pytest.raises(CheckpointError, match="pass --arch"):
-        load_checkpoint(path)
+    inferred = load_checkpoint(path)  # exactly one registered architecture has these keys and shapes
+    assert inferred.meta.arch == "tiny_resnet" and "inferred from its keys" in inferred.meta.info["loaded_from"][0]
     loaded = load_checkpoint(path, arch="tiny_resnet")
     assert loaded.meta.num_classes == 7  # read from fc.weight
     with pytest.raises(CheckpointError, match="has no 'classifier.4.weight'"):
@@ -84,3 +84,83 @@ def test_wrong_architecture_and_missing_keys(tmp_path):
         load_checkpoint(tmp_path / "junk.pt")
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         load_checkpoint(tmp_path / "junk.pt", trust=True)
+
+
+# --- the checkpoints people save -------------------------------------------------------------------
+
+
+def _model_and_input():
+    torch.manual_seed(0)
+    return create_model("tiny_vgg", 5).eval(), torch.randn(2, 3, 16, 16)
+
+
+def _same(loaded, model, x) -> None:
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), model(x))
+    assert loaded.meta.arch == "tiny_vgg" and loaded.meta.num_classes == 5
+
+
+def test_dataparallel_ddp_and_compiled_prefixes(tmp_path):
+    model, x = _model_and_input()
+    for prefix in ("module.", "_orig_mod.", "module._orig_mod."):
+        path = tmp_path / f"{prefix.replace('.', '_')}.pt"
+        torch.save({prefix + k: v for k, v in model.state_dict().items()}, path)
+        loaded = load_checkpoint(path, arch="tiny_vgg")
+        _same(loaded, model, x)
+        assert any("stripped of 'module.'" in f or "stripped of '_orig_mod.'" in f for f in loaded.meta.info["loaded_from"])
+    torch.save(torch.nn.DataParallel(model).state_dict(), tmp_path / "dp.pt")  # the real wrapper's keys
+    _same(load_checkpoint(tmp_path / "dp.pt"), model, x)
+
+
+def test_lightning_and_torchvision_reference_containers(tmp_path):
+    model, x = _model_and_input()
+    lightning = {"epoch": 7, "global_step": 700, "pytorch-lightning_version": "2.4.0",
+                 "state_dict": {"model." + k: v for k, v in model.state_dict().items()}, "optimizer_states": [{}], "hyper_parameters": {"lr": 0.1}}  # fmt: skip
+    torch.save(lightning, tmp_path / "lightning.ckpt")
+    loaded = load_checkpoint(tmp_path / "lightning.ckpt")
+    _same(loaded, model, x)
+    assert loaded.meta.info["loaded_from"][:2] == [
+        "the 'state_dict' entry of a dict with keys ['epoch', 'global_step', 'pytorch-lightning_version', 'state_dict', 'optimizer_states', 'hyper_parameters']",
+        "keys stripped of 'model.'",
+    ]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 3, "args": {"lr": 0.1}}, tmp_path / "ref.pth")
+    _same(load_checkpoint(tmp_path / "ref.pth"), model, x)
+    torch.save({"model_state_dict": model.state_dict(), "epoch": 3}, tmp_path / "msd.pt")
+    _same(load_checkpoint(tmp_path / "msd.pt", arch="tiny_vgg"), model, x)
+    torch.save({"state_dict_ema": model.state_dict(), "metric": 0.5}, tmp_path / "ema.pth.tar")
+    _same(load_checkpoint(tmp_path / "ema.pth.tar"), model, x)
+
+
+def test_safetensors_is_first_class(tmp_path):
+    from safetensors.torch import save_file
+
+    model, x = _model_and_input()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "m.safetensors")
+    _same(load_checkpoint(tmp_path / "m.safetensors"), model, x)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(CheckpointError, match="cannot read safetensors file"):
+        load_checkpoint(tmp_path / "bad.safetensors")
+
+
+def test_whole_pickled_model_takes_its_architecture_from_the_object(tmp_path):
+    model, x = _model_and_input()
+    torch.save(model, tmp_path / "whole.pt")
+    with pytest.raises(UnsafeCheckpointError, match="--trust-checkpoint"):
+        load_checkpoint(tmp_path / "whole.pt")
+    loaded = load_checkpoint(tmp_path / "whole.pt", trust=True)  # no --arch needed: the object says what it is
+    _same(loaded, model, x)
+    assert loaded.meta.info["loaded_from"][0] == "a whole pickled SmallVGG"
+
+
+def test_unusable_files_say_what_they_hold_and_which_flag_fixes_it(tmp_path):
+    torch.save({"epoch": 3, "optimizer": {"lr": torch.tensor(0.1)}, "notes": "x"}, tmp_path / "no-weights.pt")
+    with pytest.raises(CheckpointError, match=r"holds no weights.*top-level keys \['epoch', 'optimizer', 'notes'\].*--arch-a/--arch-b"):
+        load_checkpoint(tmp_path / "no-weights.pt")
+    torch.save({"encoder.weight": torch.zeros(3, 3), "head.weight": torch.zeros(2, 3)}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match=r"fits no registered architecture; its first parameters: \['encoder.weight', 'head.weight'\]\. Pass --arch-a/--arch-b"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    model, _ = _model_and_input()
+    torch.save({"module." + k: v for k, v in model.state_dict().items()}, tmp_path / "dp.pt")
+    with pytest.raises(CheckpointError, match=r"\(keys stripped of 'module.'\) has no 'fc.weight', so it is not a 'tiny_resnet'"):
+        load_checkpoint(tmp_path / "dp.pt", arch="tiny_resnet")

@@ -1,8 +1,14 @@
-"""The refiner checkpoint: one file with architecture, classes, preprocessing and weights.
+"""The refiner checkpoint: one file with architecture, classes, preprocessing and weights; and the files users have.
 
-Checkpoints are untrusted files: they are read with `torch.load(weights_only=True)`.
-A file that needs arbitrary unpickling (a whole pickled nn.Module) is refused
-unless the caller opts in with `trust=True`.
+Checkpoints are untrusted files: they are read with `torch.load(weights_only=True)`
+or as safetensors. A file that needs arbitrary unpickling (a whole pickled
+nn.Module) is refused unless the caller opts in with `trust=True`. Besides
+refiner's own format, `load_checkpoint` reads what training code saves: bare
+state_dicts, the containers of Lightning, timm and torchvision's reference
+scripts ({'state_dict' | 'model' | 'model_state_dict' | 'ema' | 'state_dict_ema': ...}),
+the `module.` / `_orig_mod.` / `model.` prefixes of DataParallel, DDP,
+torch.compile and Lightning, and safetensors files; the architecture is inferred
+from the keys and shapes when exactly one registered architecture fits.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from torch import nn
 from refiner.atomic import atomic_file
 from refiner.data.datasets import Preprocess
 from refiner.errors import CheckpointError, UnsafeCheckpointError
-from refiner.models.architectures import create_model, get_arch
+from refiner.models.architectures import create_model, get_arch, list_archs
 
 __all__ = [
     "CheckpointMeta",
@@ -32,6 +38,8 @@ __all__ = [
 ]
 
 FORMAT = "refiner-checkpoint/1"
+CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "state_dict_ema", "ema")  # where training code puts weights
+PREFIXES = ("module.", "_orig_mod.", "model.")  # DataParallel/DDP, torch.compile, Lightning
 
 
 class CheckpointMeta(BaseModel):
@@ -82,16 +90,19 @@ def load_checkpoint(
     class_names: list[str] | None = None,
     trust: bool = False,
 ) -> Classifier:
-    """Load a refiner checkpoint, or a bare state_dict when `arch` is given.
+    """Load a refiner checkpoint, or the weights of any file the module docstring lists.
 
-    For a bare state_dict, num_classes is read from the classifier's weight and
+    Without refiner's metadata, `arch` (else the one architecture the keys fit)
+    says what to build, num_classes is read from the classifier's weight, and
     `preprocess` / `class_names` fill in what the file does not say.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    obj = read_untrusted(path, trust)
+    obj = _read_safetensors(path) if path.suffix == ".safetensors" else read_untrusted(path, trust)
+    found: list[str] = []  # how the weights were reached, for the record and for errors
     if isinstance(obj, nn.Module):
+        found.append(f"a whole pickled {type(obj).__name__}")
         obj = obj.state_dict()
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         try:
@@ -101,21 +112,85 @@ def load_checkpoint(
         if arch is not None and arch != meta.arch:
             raise CheckpointError(f"checkpoint {str(path)!r} holds a {meta.arch!r}, not the requested {arch!r}")
         state = obj["state_dict"]
-    elif isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        if arch is None:
-            raise CheckpointError(
-                f"{str(path)!r} is a bare state_dict without metadata: pass --arch to say which architecture it is"
-            )
-        meta = _bare_meta(obj, arch, preprocess, class_names, path)
-        state = obj
     else:
-        raise CheckpointError(
-            f"{str(path)!r} is neither a refiner checkpoint nor a state_dict (found {type(obj).__name__})"
-        )
+        state = _find_state_dict(obj, path, found)
+        arch = arch or _infer_arch(state, path, found)
+        meta = _bare_meta(state, arch, preprocess, class_names, path, found)
     model = create_model(meta.arch, meta.num_classes)
     _load_state(model, state, meta.arch, path)
     model.eval()
     return Classifier(model=model, meta=meta, sha256=file_sha256(path), path=path)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file: tensors only, nothing executed."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read safetensors file {str(path)!r}: {e}") from e
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _find_state_dict(obj: Any, path: Path, found: list[str]) -> dict[str, torch.Tensor]:
+    """The weights inside `obj` (a state_dict or a training container), with wrapper prefixes removed."""
+    if isinstance(obj, dict) and not _is_state_dict(obj):
+        for key in CONTAINER_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, nn.Module):
+                inner = inner.state_dict()
+            if _is_state_dict(inner):
+                found.append(f"the {key!r} entry of a {type(obj).__name__} with keys {_first(obj)}")
+                obj = inner
+                break
+    if not _is_state_dict(obj):
+        keys = f" with top-level keys {_first(obj)}" if isinstance(obj, dict) else ""
+        raise CheckpointError(
+            f"{str(path)!r} holds no weights refiner can find: it is a {type(obj).__name__}{keys}, not a refiner "
+            f"checkpoint, a state_dict, or a container with one under {list(CONTAINER_KEYS)}. Save "
+            "model.state_dict() (torch.save or safetensors) and pass it with --arch-a/--arch-b"
+        )
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in PREFIXES:
+            if all(k.startswith(prefix) for k in obj):
+                obj = {k[len(prefix) :]: v for k, v in obj.items()}
+                found.append(f"keys stripped of {prefix!r}")
+                stripped = True
+    return obj
+
+
+def _first(obj: Any, n: int = 8) -> str:
+    keys = list(obj)
+    return f"{keys[:n]}{' ...' if len(keys) > n else ''}"
+
+
+def _infer_arch(state: dict[str, torch.Tensor], path: Path, found: list[str]) -> str:
+    """The one registered architecture whose parameter names and shapes are exactly the state_dict's."""
+    fits = []
+    for name in list_archs():
+        key = f"{get_arch(name).classifier}.weight"
+        if key not in state:
+            continue
+        with torch.device("meta"):  # names and shapes only: nothing allocated
+            expected = create_model(name, int(state[key].shape[0])).state_dict()
+        if expected.keys() == state.keys() and all(expected[k].shape == state[k].shape for k in expected):
+            fits.append(name)
+    if len(fits) == 1:
+        found.append(f"architecture {fits[0]!r} inferred from its keys")
+        return fits[0]
+    how = f" ({'; '.join(found)})" if found else ""
+    what = f"fits several architectures {fits}" if fits else "fits no registered architecture"
+    raise CheckpointError(
+        f"{str(path)!r} is a state_dict{how} whose keys {what}; its first parameters: {_first(state, 5)}. "
+        f"Pass --arch-a/--arch-b (one of {', '.join(list_archs())}) to say which it is"
+    )
 
 
 def read_untrusted(path: Path, trust: bool) -> Any:
@@ -144,13 +219,16 @@ def read_untrusted(path: Path, trust: bool) -> Any:
 
 
 def _bare_meta(
-    state: dict[str, torch.Tensor], arch: str, preprocess: Preprocess | None, class_names: list[str] | None, path: Path
-) -> CheckpointMeta:
+    state: dict[str, torch.Tensor], arch: str, preprocess: Preprocess | None, class_names: list[str] | None, path: Path,
+    found: list[str],
+) -> CheckpointMeta:  # fmt: skip
     spec = get_arch(arch)
     key = f"{spec.classifier}.weight"
     if key not in state:
+        how = f" ({'; '.join(found)})" if found else ""
         raise CheckpointError(
-            f"state_dict {str(path)!r} has no {key!r}, so it is not a {arch!r} (its first keys: {list(state)[:5]})"
+            f"state_dict {str(path)!r}{how} has no {key!r}, so it is not a {arch!r}; its first keys: {_first(state, 5)}. "
+            "Check --arch-a/--arch-b"
         )
     num_classes = int(state[key].shape[0])
     if class_names is not None and len(class_names) != num_classes:
@@ -161,6 +239,7 @@ def _bare_meta(
         num_classes=num_classes,
         class_names=class_names or [str(i) for i in range(num_classes)],
         preprocess=pre,
+        info={"loaded_from": found} if found else {},
     )
 
 
