@@ -36,6 +36,7 @@ def _add_task(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", help="comma-separated class subset (overrides the task's default classes)")
     p.add_argument("--cache", type=Path, help="feature cache folder (default: $REFINER_CACHE or ~/.cache/refiner/features)")
     p.add_argument("--train-per-class", type=int, help="keep at most N training images per class")
+    p.add_argument("--skip-bad-images", action="store_true", help="leave out image files that do not decode (counted in a warning) instead of stopping")
     _add_runtime(p)
 
 
@@ -72,6 +73,7 @@ def _add_g(p: argparse.ArgumentParser) -> None:
     group.add_argument("--g-epochs", type=int, help="override: fit for exactly this many epochs with a log-spaced lr and no early stop")
     group.add_argument("--g-lr", type=float, nargs=2, default=(1e-2, 1e-5), metavar=("START", "END"), help="initial lr and the floor of its cuts (with --g-epochs: log-spaced from START to END) (default: 1e-2 1e-5)")
     group.add_argument("--g-batch", type=int, default=64, help="batch size to fit g, per process (default: 64)")
+    group.add_argument("--g-seed", type=int, default=0, help="seed of g's initialisation, held-out split and batch order (default: 0)")
     group.add_argument("--cache-fp16", action="store_true", help="store cached features as float16 (half the disk; values rounded to fp16)")
 
 
@@ -84,7 +86,7 @@ def _g_configs(args):
         IsomorphismConfig(orders=args.orders, lam=args.lam, kernel_size=args.kernel, normalizer=args.normalizer),
         FitConfig(
             max_steps=args.g_steps, patience=args.g_patience, epochs=args.g_epochs,
-            lr_start=args.g_lr[0], lr_end=args.g_lr[1], batch_size=args.g_batch,
+            lr_start=args.g_lr[0], lr_end=args.g_lr[1], batch_size=args.g_batch, seed=args.g_seed,
         ),  # fmt: skip
     )
 
@@ -127,7 +129,7 @@ def _run_train(args) -> None:
     if args.epochs is not None:
         chosen["epochs"] = args.epochs
     config = paper_regime(**chosen) if args.regime == "paper" else TrainConfig(**chosen)
-    split = SplitOptions(subset=args.subset, train_per_class=args.train_per_class, imbalance=args.imbalance)
+    split = SplitOptions(subset=args.subset, train_per_class=args.train_per_class, imbalance=args.imbalance, skip_bad_images=args.skip_bad_images)
     meta = train_base(args.arch, args.task, args.data, config, args.out, split)
     if not dist.is_main():
         return
@@ -179,7 +181,7 @@ def _runtime(args):
 def _split(args):
     from refiner.data.tasks import SplitOptions
 
-    return SplitOptions(train_per_class=args.train_per_class, test_per_class=args.test_per_class)
+    return SplitOptions(train_per_class=args.train_per_class, test_per_class=getattr(args, "test_per_class", None), skip_bad_images=args.skip_bad_images)
 
 
 def _classes(args) -> list[str] | None:
@@ -279,6 +281,7 @@ def _serve_args(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     p.add_argument("--workers", type=int, default=1, help="server processes sharing the port, cores split between them (default: 1)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="onnxruntime device: auto takes CUDA when onnxruntime-gpu sees a GPU (default: auto)")
     p.epilog += "\nother settings (limits, timeouts, batching) come from REFINER_SERVE_* variables; see serving/settings.py\n"
     p.set_defaults(run=_run_serve)
 
@@ -291,7 +294,7 @@ def _run_serve(args) -> None:
     from serving.app import serve
     from serving.settings import ServeSettings
 
-    serve(ServeSettings(models=args.models, workers=args.workers), args.host, args.port)
+    serve(ServeSettings(models=args.models, workers=args.workers, device=args.device), args.host, args.port)
 
 
 def _analyze_args(sub) -> None:

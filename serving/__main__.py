@@ -25,8 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     p.add_argument("--workers", type=int, help="server processes sharing the port (default: $REFINER_SERVE_WORKERS, else 1)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="onnxruntime device (default: $REFINER_SERVE_DEVICE, else auto)")
     args = p.parse_args(argv)
-    overrides = {k: v for k, v in (("models", args.models), ("workers", args.workers)) if v is not None}
+    overrides = {k: v for k, v in (("models", args.models), ("workers", args.workers), ("device", args.device)) if v is not None}
     settings = ServeSettings(**overrides)
     if not settings.models.is_dir():
         print(f"error: model repository {str(settings.models)!r} is not a folder; pass --models DIR", file=sys.stderr)

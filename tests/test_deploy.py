@@ -76,3 +76,17 @@ def test_kserve_inference_service_uses_triton_on_the_repository():
     model = doc["spec"]["predictor"]["model"]
     assert model["modelFormat"]["name"] == "triton" and model["protocolVersion"] == "v2"
     assert model["storageUri"].endswith("/models")
+
+
+def test_onnxruntime_build_follows_the_platform():
+    """onnxruntime-gpu where its wheels exist (x86-64 Linux/Windows), the CPU build everywhere else; never both."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    deps = [Requirement(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+    runtimes = [d for d in deps if d.name in ("onnxruntime", "onnxruntime-gpu")]
+    for machine, system, wanted in (("x86_64", "linux", "onnxruntime-gpu"), ("AMD64", "win32", "onnxruntime-gpu"),
+                                    ("arm64", "darwin", "onnxruntime"), ("x86_64", "darwin", "onnxruntime"), ("aarch64", "linux", "onnxruntime")):  # fmt: skip
+        chosen = [d.name for d in runtimes if d.marker.evaluate({"platform_machine": machine, "sys_platform": system})]
+        assert chosen == [wanted], (machine, system, chosen)

@@ -175,3 +175,19 @@ def test_imbalanced_base_data_over_represents_non_target_classes():
     assert same(load_task("digits", None, target=True, options=SplitOptions(imbalance=4)).train, load_task("digits", None, target=True).train)
     with pytest.raises(ConfigError, match="targets all its classes"):
         _target_classes(get_task("cifar10"), CIFAR10_CLASSES)
+
+
+def test_corrupt_images_are_named_or_skipped(tmp_path):
+    for c in ("cat", "dog"):
+        (tmp_path / c).mkdir()
+        for i in range(20):
+            Image.fromarray(np.full((8, 8, 3), 10 * i, np.uint8)).save(tmp_path / c / f"{i}.png")
+    (tmp_path / "cat" / "9.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    data = load_task("imagefolder", tmp_path, target=True, classes=["cat", "dog"])
+    bad = next(s for split in ("train", "val", "test") for s in data.split(split) if s.path.name == "9.jpg")
+    with pytest.raises(DataError, match=r"cannot read image '.*9.jpg' \(.*\); replace or delete it, or pass --skip-bad-images"):
+        bad.load()
+    with pytest.warns(UserWarning, match=r"left out 1 unreadable images of the \w+ split, e.g. '.*9.jpg'"):
+        clean = load_task("imagefolder", tmp_path, target=True, classes=["cat", "dog"], options=SplitOptions(skip_bad_images=True))
+    names = [s.path.name for split in ("train", "val", "test") for s in clean.split(split)]
+    assert "9.jpg" not in names and len(names) == 40

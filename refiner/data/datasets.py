@@ -16,6 +16,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset
 
+from refiner.errors import DataError
+
 __all__ = ["Preprocess", "Sample", "FileSample", "ArraySample", "ImageDataset", "preprocess_image", "fingerprint"]
 
 
@@ -62,9 +64,24 @@ class FileSample(Sample):
     box: tuple[int, int, int, int] | None = None
 
     def load(self) -> Image.Image:
-        with Image.open(self.path) as image:
-            image = image.convert("RGB")
+        try:
+            with Image.open(self.path) as image:
+                image = image.convert("RGB")
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL's ways of saying "not an image"
+            raise DataError(
+                f"cannot read image {str(self.path)!r} ({type(e).__name__}: {e}); replace or delete it, "
+                "or pass --skip-bad-images to leave unreadable files out"
+            ) from e
         return image.crop(self.box) if self.box else image
+
+    def readable(self) -> bool:
+        """Whether the file decodes as an image (header and data), without keeping it."""
+        try:
+            with Image.open(self.path) as image:
+                image.load()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            return False
+        return True
 
     def ident(self) -> str:
         return f"{self.path.name}|{self.path.parent.name}|{self.box}|{self.label}"

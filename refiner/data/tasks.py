@@ -7,6 +7,7 @@ data per class, never from test data.
 
 from __future__ import annotations
 
+import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ class SplitOptions(BaseModel):
     subset: str | None = Field(None, pattern="^half-[ab]$")  # disjoint halves of training data, as in the paper
     train_per_class: int | None = Field(None, ge=1)  # keep at most this many training images per class (val shrinks in proportion)
     test_per_class: int | None = Field(None, ge=1)  # keep the first N test images per class (cheaper scoring; None: all)
+    skip_bad_images: bool = False  # leave out files that do not decode as images (with a warning), instead of failing
     imbalance: float | None = Field(None, ge=1)  # base classes only: non-target classes keep this many times the images of each target class
     seed: int = 0  # fixed: the same data always gives the same splits
 
@@ -129,6 +131,8 @@ def load_task(
         val = _per_class(val, max(1, round(options.train_per_class * options.val_fraction / (1 - options.val_fraction))))
     if options.test_per_class:
         test = _per_class(test, options.test_per_class)
+    if options.skip_bad_images:
+        train, val, test = (_readable(name, part) for part, name in ((train, "train"), (val, "val"), (test, "test")))
     if options.imbalance and not target:
         train, val = (_imbalanced(part, _target_classes(spec, found), options.imbalance) for part in (train, val))
     for split_name, split in (("train", train), ("val", val), ("test", test)):
@@ -159,6 +163,16 @@ def _carve(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Samp
         held += group[:n_held]
         keep += group[n_held:]
     return keep, held
+
+
+def _readable(split: str, samples: list[Sample]) -> list[Sample]:
+    """The samples whose files decode; the others are counted in a warning."""
+    ok = [not isinstance(s, FileSample) or s.readable() for s in samples]
+    keep = [s for s, good in zip(samples, ok) if good]
+    if len(keep) < len(samples):
+        bad = [s for s, good in zip(samples, ok) if not good]
+        warnings.warn(f"left out {len(bad)} unreadable images of the {split} split, e.g. {str(bad[0].path)!r}", stacklevel=3)
+    return keep
 
 
 def _target_classes(spec: TaskSpec, found: list[str]) -> set[str]:
