@@ -217,7 +217,7 @@ def _build_args(sub) -> None:
     p = _command(
         sub,
         "build",
-        "Fit g, build and fine-tune the refined model, compare with and without Delta removal, export ONNX.",
+        "Fit g, build and fine-tune the refined model, compare with and without Δ removal, export ONNX.",
         "  refiner build --a a.pt --b b.pt --task digits --name digits-refined\n"
         "  refiner build --a a.pt --b b.pt --task cifar-animal --data cifar10/ --seeds 3 --models models/\n"
         "  refiner build --a a.pt --b b.pt --task cifar-animal --data cifar10/ --protocol paper --seeds 5\n",

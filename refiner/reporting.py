@@ -10,6 +10,7 @@ from refiner.engine.fitting import FitConfig, FitResult
 from refiner.engine.metrics import VarianceTable
 
 __all__ = [
+    "GLOSSARY",
     "format_variance_table",
     "format_rows",
     "variance_rows",
@@ -26,7 +27,7 @@ __all__ = [
 def variance_rows(tables: dict[str, VarianceTable], label: str = "split") -> tuple[list[str], list[list[str]]]:
     """Header and rows of a Var table, one row per entry of `tables` (a split, a pair, ...)."""
     orders = len(next(iter(tables.values())).var_orders)
-    head = [label, *(f"Var(x^({k}))" for k in range(orders)), "Var(x^D)", "Var(x_B)", "instability", "CKA", "images"]
+    head = [label, *(f"Var(x^({k}))" for k in range(orders)), "Var(x^Δ)", "Var(x_B)", "instability", "CKA", "images"]
     rows = [
         [split, *(f"{v:.4f}" for v in t.var_orders), f"{t.var_delta:.4f}", f"{t.var_target:.4f}", f"{t.instability:.4f}", f"{t.cka:.4f}", str(t.images)]
         for split, t in tables.items()
@@ -73,6 +74,21 @@ def save_bar_plot(
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
+
+GLOSSARY = (
+    "<dl>"
+    "<dt>x^(k)</dt><dd>the part of x_B that A's feature explains through k non-linearities of g (k-order isomorphic "
+    "knowledge); x^(0) is what a linear map of x_A explains.</dd>"
+    "<dt>x^Δ = x_B − g(x_A)</dt><dd>what A cannot explain of B's feature. The refined model drops it.</dd>"
+    "<dt>Var(·)</dt><dd>variance in B's standardised feature space, so Var(x_B) ≈ 1 and each Var reads as a share of "
+    "B's feature. The orders and x^Δ add up to about Var(x_B) (they are not exactly orthogonal).</dd>"
+    "<dt>instability = Var(x^Δ) / Var(x_B)</dt><dd>0: B's feature is entirely explained by A's; 1: not at all. "
+    "Between nets of the same architecture trained from different seeds it is typically 0.05–0.2 in early layers "
+    "and 0.3–0.5 in late ones; near 1 means unrelated features, or a g that did not converge (see its fit curve).</dd>"
+    "<dt>linear CKA</dt><dd>centred kernel alignment of x_A and x_B (Kornblith et al., 2019): 1 for features equal "
+    "up to rotation and scale, near 0 for unrelated ones. It needs no fitted g, so it is a check on the instability.</dd>"
+    "</dl>"
+)
 
 _STYLE = "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}td:first-child,th:first-child{text-align:left}"
 

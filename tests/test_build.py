@@ -72,8 +72,8 @@ def test_artifact_layout_and_metadata(tiny_build, digit_nets):
     assert meta["refined"]["orders"] == 2 and meta["refined"]["lambda"] == 0.1
     report = json.loads((folder / "report.json").read_text())
     names = [v["name"] for v in report["variants"]]
-    assert names[:3] == ["features from A", "features from B (no Delta removal)", "refined: g(x_A) (Delta removed)"]
-    assert names[3:] == ["control: x_B minus another image's Delta", "ablation: x^(0)", "ablation: x^(0) + x^(1)"]
+    assert names[:3] == ["features from A", "features from B (no Δ removal)", "refined: g(x_A) (x^Δ removed)"]
+    assert names[3:] == ["control: x_B minus another image's x^Δ", "ablation: x^(0)", "ablation: x^(0) + x^(1)"]
     test_table = report["comparison"]["tables"]["test"]
     assert len(test_table["var_orders"]) == 3 and 0 <= test_table["instability"]
     assert set(report["comparison"]["tables"]) == {"val", "test"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from html import escape as html_escape
 
 import numpy as np
@@ -60,10 +61,12 @@ def test_paper_report_has_optimistic_and_last_epoch_figures(paper_build):
         # restricting the argmax to the target columns can only help: the label is one of them
         assert all(t >= f - 1e-12 for t, f in zip(v["test_acc_target"], v["test_acc"]))
     metrics = {(p["baseline"], p["metric"]) for p in report["paired"]}
-    assert {("x_A", "acc"), ("x_B", "acc_target"), ("x_B - shuffled Delta", "ce")} <= metrics
+    assert {("x_A", "acc"), ("x_B", "acc_target"), ("x_B - shuffled x^Δ", "ce")} <= metrics
     html = (paper_build.path / "report.html").read_text()
     assert "best on test (optimistic)" in html and "test acc, all outputs" in html
-    assert report["verdict"].startswith("Delta removal ") and "B's features" in report["verdict"]
+    assert report["verdict"].startswith("Δ removal ") and "B's features" in report["verdict"]
+    assert re.search(r"Best baseline: (x_A|x_B|x_B - shuffled x\^Δ) at \d+\.\d+ %; refined - best = [+-]\d+\.\d+ points", report["verdict"])
+    assert "instability = Var(x^Δ) / Var(x_B)" in html and "linear CKA" in html  # the glossary
 
 
 def test_sound_protocol_scores_coincide_and_report_verdict(tiny_build):
@@ -74,7 +77,7 @@ def test_sound_protocol_scores_coincide_and_report_verdict(tiny_build):
         assert v.test_acc == v.test_acc_target and v.test_ce == pytest.approx(v.test_ce_target)
         assert v.best_test_acc is None and all(ce > 0 for ce in v.test_ce)
     assert {p.metric for p in report.paired} == {"acc_target", "ce_target"}
-    assert {p.baseline for p in report.paired} == {"x_A", "x_B", "x_B - shuffled Delta", "x^(0)", "x^(0) + x^(1)"}
+    assert {p.baseline for p in report.paired} == {"x_A", "x_B", "x_B - shuffled x^Δ", "x^(0)", "x^(0) + x^(1)"}
     html = (tiny_build.path / "report.html").read_text()
     assert html_escape(report.verdict) in html and "Paired tests over seeds" in html
     assert report.verdict in tiny_build.summary()
@@ -149,6 +152,10 @@ def test_paired_test_matches_scipy_and_verdicts():
     assert paired_test([0.5] * 3, [0.4] * 3, "x_B", "acc").p_value == 0.25
     assert paired_test([0.5] * 6, [0.4] * 6, "x_B", "acc").verdict == "helps"
     assert paired_test([0.5] * 3, [0.5] * 3, "x_B", "acc").p_value == 1.0
+    from refiner.build.results import worse_than_baselines
+
+    hurts = paired_test(b, r, "x_A", "acc_target")
+    assert worse_than_baselines([hurts, t, paired_test(b, r, "x_A", "acc")]) == [hurts]  # target accuracy decides
     one = paired_test([0.5], [0.4], "x_B", "acc")
     assert one.verdict == "cannot be judged" and one.p_value is None and "one seed" in verdict_line(one, "B's features", 1)
 

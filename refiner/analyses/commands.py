@@ -51,7 +51,7 @@ def register(sub, command, add_task, add_g, g_configs, runtime_config) -> None:
         "  refiner analyze compression --model a.pt --task digits --sparsity 0,0.5,0.9 --out reports/compression\n"
         "  refiner analyze compression --model a.pt --task cifar10 --data cifar/ --sparsity 0,0.5,0.8,0.93 --finetune-epochs 2 \\\n"
         "      --train-per-class 100 --test-per-class 100 --g-epochs 20 --g-lr 3e-2 3e-4 --g-batch 32 --out reports/compression\n"
-        "  # sparsity 0 is the unpruned net: its Var(x^D) is g's fitting error, the floor of the other rows\n",
+        "  # sparsity 0 is the unpruned net: its Var(x^Δ) is g's fitting error, the floor of the other rows\n",
     )
     p.add_argument("--model", required=True, type=Path, help="checkpoint of the net to prune")
     p.add_argument("--sparsity", default="0.5,0.8,0.93", help="comma-separated shares of weights set to zero, each in [0, 1) (default: 0.5,0.8,0.93)")
@@ -128,7 +128,7 @@ def _run_diagnose(args) -> None:
     for d in (report.unreliable, report.blind_spots):
         t = d.comparison.tables["test"]
         top = ", ".join(str(c.channel) for c in d.channels[:5])
-        print(f"{d.name}: Var(x^D)/Var(x) {t.instability:.4f}, linear CKA {t.cka:.4f}; channels with the largest D share: {top}")
+        print(f"{d.name}: Var(x^Δ)/Var(x) {t.instability:.4f}, linear CKA {t.cka:.4f}; channels with the largest x^Δ share: {top}")
     print(f"wrote {args.out / 'report.html'}")
 
 
@@ -139,7 +139,7 @@ def _run_stability(args) -> None:
     report = stability([_load(args, m) for m in args.models], config=config, **_where(args))
     for s in report.layers:
         orders = "  ".join(f"Var(x^({k})) {v:.4f}" for k, v in enumerate(s.var_orders))
-        print(f"{s.layer}: instability {s.instability:.4f} ± {s.instability_std:.4f}, linear CKA {s.cka:.4f}; {orders}  Var(x^D) {s.var_delta:.4f}")
+        print(f"{s.layer}: instability {s.instability:.4f} ± {s.instability_std:.4f}, linear CKA {s.cka:.4f}; {orders}  Var(x^Δ) {s.var_delta:.4f}")
     print(f"wrote {args.out / 'report.html'}")
 
 
@@ -158,7 +158,7 @@ def _run_compression(args) -> None:
     print(f"{report.model}: test accuracy {report.original_test_acc:.4f}")
     for r in report.pruned:
         t = r.comparison.tables["test"]
-        print(f"sparsity {r.sparsity:.2f}: test acc {r.test_acc:.4f} (drop {r.accuracy_drop:+.4f}), discarded Var(x^D) {t.var_delta:.4f}, linear CKA {t.cka:.4f}")
+        print(f"sparsity {r.sparsity:.2f}: test acc {r.test_acc:.4f} (drop {r.accuracy_drop:+.4f}), discarded Var(x^Δ) {t.var_delta:.4f}, linear CKA {t.cka:.4f}")
     print(f"wrote {args.out / 'report.html'}")
 
 
@@ -176,7 +176,7 @@ def _run_distillation(args) -> None:
     )
     report = distillation(_load(args, args.model), config=config, **_where(args))
     for g in report.generations:
-        blind = f", blind spots Var(x^D) {g.blind_spots.tables['test'].var_delta:.4f}" if g.blind_spots else " (newest)"
+        blind = f", blind spots Var(x^Δ) {g.blind_spots.tables['test'].var_delta:.4f}" if g.blind_spots else " (newest)"
         print(f"generation {g.generation}: test acc {g.test_acc:.4f}{blind}")
     print(f"wrote {args.out / 'report.html'}")
 

@@ -13,6 +13,7 @@ import copy
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from refiner.build.export import INPUT_NAME, OUTPUT_NAME, ExportCheck, export_on
 from refiner.build.refined import OutputSlice, RefinedModel, replace_classifier
 from refiner.build.report import BuildReport, format_accuracy_table, write_build_report
 from refiner.build.repository import ArtifactMetadata, TensorSpec, new_version, now_iso, write_model_files
-from refiner.build.results import CONTROL, REFINED, VariantResult, headline, paired_tests
+from refiner.build.results import CONTROL, REFINED, VariantResult, headline, paired_tests, worse_than_baselines
 from refiner.data.datasets import ImageDataset
 from refiner.data.tasks import SplitOptions, get_task, load_task
 from refiner.engine import distributed as dist
@@ -56,7 +57,7 @@ class BuildResult:
         r = self.report
         return (
             f"{format_accuracy_table(r.variants, r.config.protocol)}\n\n{r.verdict}\n\n"
-            f"instability Var(x^D)/Var(x_B) on test: {r.comparison.tables['test'].instability:.4f}\n"
+            f"instability Var(x^Δ)/Var(x_B) on test: {r.comparison.tables['test'].instability:.4f}\n"
             f"ONNX max |logit diff| {r.export.max_abs_diff:.2e} at batch {r.export.batch_size}\n"
             f"artifact: {self.path}"
         )
@@ -143,7 +144,7 @@ def build(
             seconds["total"] = time.perf_counter() - start
             report = BuildReport(
                 name=config.name, version=version, task=task, classes=data.classes, config=config,
-                variants=results, paired=paired, verdict=headline(paired, config.seeds), comparison=comparison,
+                variants=results, paired=paired, verdict=headline(results, paired, config.seeds), comparison=comparison,
                 g_file=Path(g_file).name if g_file else None,
                 export=check, seconds=seconds, runtime={**runtime.record(), "processes": dist.world_size()},
             )  # fmt: skip
@@ -153,6 +154,13 @@ def build(
         write_model_files(models, meta)
     finally:
         dist.barrier()
+    worse = worse_than_baselines(paired)
+    if worse:
+        warnings.warn(
+            f"the exported refined model is worse than {', '.join(t.baseline for t in worse)} beyond seed noise "
+            f"(target-restricted test accuracy, {', '.join(f'{100 * t.mean:+.2f}' for t in worse)} points); see report.html",
+            stacklevel=2,
+        )
     return BuildResult(report=report, path=Path(models) / config.name / str(version), model=model)
 
 
@@ -224,9 +232,9 @@ def _variants(
         control[s] = _shuffled_delta(pairs[s][1].x, derived[s][k_max], work / s / "control.npy", seed=config.control_seed)
     out = [
         _Variant("features from A", "x_A", "A", {s: pairs[s][0].x for s in splits}),
-        _Variant("features from B (no Delta removal)", "x_B", "B", {s: pairs[s][1].x for s in splits}),
-        _Variant("refined: g(x_A) (Delta removed)", REFINED, "B", {s: derived[s][k_max] for s in splits}),
-        _Variant("control: x_B minus another image's Delta", CONTROL, "B", control),
+        _Variant("features from B (no Δ removal)", "x_B", "B", {s: pairs[s][1].x for s in splits}),
+        _Variant("refined: g(x_A) (x^Δ removed)", REFINED, "B", {s: derived[s][k_max] for s in splits}),
+        _Variant("control: x_B minus another image's x^Δ", CONTROL, "B", control),
     ]
     for m in orders[:-1]:
         name = " + ".join(f"x^({k})" for k in range(m + 1))
@@ -269,7 +277,7 @@ def _derive(
 def derangement(n: int, seed: int) -> np.ndarray:
     """A permutation with no fixed point: image i is paired with another image pi[i]."""
     if n < 2:
-        raise ValueError(f"the Delta-shuffle control needs at least 2 images in a split, got {n}")
+        raise ValueError(f"the Δ-shuffle control needs at least 2 images in a split, got {n}")
     order = np.random.default_rng(seed).permutation(n)
     pi = np.empty(n, dtype=np.int64)
     pi[order] = np.roll(order, -1)

@@ -13,7 +13,7 @@ from refiner.build.config import BuildConfig
 from refiner.build.export import ExportCheck
 from refiner.build.results import PairedTest, VariantResult
 from refiner.engine.comparison import ComparisonReport
-from refiner.reporting import describe_fit, format_fit, format_rows, html_table, page, save_bar_plot, save_fit_curve, variance_rows
+from refiner.reporting import GLOSSARY, describe_fit, format_fit, format_rows, html_table, page, save_bar_plot, save_fit_curve, variance_rows
 
 __all__ = ["BuildReport", "format_accuracy_table", "format_paired_table", "write_build_report"]
 
@@ -82,7 +82,7 @@ _ACCURACY_NOTE = (
     "<p>Mean ± std over seeds. <i>Target classes</i>: argmax over the target classes' outputs only, which does not "
     "reward adapting to the target label set; <i>all outputs</i> (paper protocol): argmax over every base class, the "
     "paper's score. <i>Best on test</i> is chosen by test data (as the paper reports) and is optimistic. The control "
-    "feeds B's upper layers x_B minus another image's Delta: Delta's energy without its image-specific content.</p>"
+    "feeds B's upper layers x_B minus another image's x^Δ: the energy of x^Δ without its image-specific content.</p>"
 )
 _PAIRED_NOTE = (
     "<p>refined − baseline per seed (same seed: same initialisation and data order); 95% t interval of the mean and "
@@ -100,7 +100,7 @@ def write_build_report(folder: Path, report: BuildReport) -> None:
         "Accuracy per variant (mean ± std over seeds)", zoom=True,
     )  # fmt: skip
     test = report.comparison.tables["test"]
-    labels = [f"x^({k})" for k in range(len(test.var_orders))] + ["x^Delta"]
+    labels = [f"x^({k})" for k in range(len(test.var_orders))] + ["x^Δ"]
     save_bar_plot(folder / "variance.png", labels, [*test.var_orders, test.var_delta], None, "variance", "Var of each order (test split)")
     save_fit_curve(folder / "fit.png", report.comparison.fit)
     c = report.comparison
@@ -117,6 +117,7 @@ def write_build_report(folder: Path, report: BuildReport) -> None:
         ("Paired tests over seeds", html_table(*_paired_rows(report.paired)) + _PAIRED_NOTE),
         ("Var table", html_table(*variance_rows(c.tables)) + "<p><img src='variance.png'></p>"),
         ("Fitting g", f"<p>{html.escape(describe_fit(report.config.compare.fit))}.<br>{html.escape(format_fit(c.fit))}.</p><p><img src='fit.png'></p>"),
+        ("What the figures mean", GLOSSARY),
         ("Device", html_table(["", ""], [[k, str(val)] for k, val in report.runtime.items()])),
         ("Wall time (s)", html_table(["stage", "seconds"], [[k, f"{s:.1f}"] for k, s in report.seconds.items()])),
     ]

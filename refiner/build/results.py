@@ -11,10 +11,10 @@ from pydantic import BaseModel
 
 from refiner.engine.finetune import HeadResult
 
-__all__ = ["CONTROL", "REFINED", "VariantResult", "PairedTest", "paired_test", "paired_tests", "headline", "verdict_line"]
+__all__ = ["CONTROL", "REFINED", "VariantResult", "PairedTest", "paired_test", "paired_tests", "headline", "verdict_line", "worse_than_baselines"]
 
 REFINED = "g(x_A)"  # feature source of the refined model
-CONTROL = "x_B - shuffled Delta"  # feature source of the Delta-shuffle control
+CONTROL = "x_B - shuffled x^Δ"  # feature source of the Delta-shuffle control
 
 Verdict = Literal["helps", "hurts", "is within noise", "cannot be judged"]
 
@@ -100,19 +100,32 @@ def paired_tests(results: Sequence[VariantResult], metrics: Sequence[str]) -> li
     ]
 
 
-def headline(tests: Sequence[PairedTest], seeds: int) -> str:
-    """The verdict on B's own features (what Delta removal changes), on target-restricted test accuracy."""
+def headline(results: Sequence[VariantResult], tests: Sequence[PairedTest], seeds: int) -> str:
+    """The verdict on B's own features (what Δ removal changes), then the gap to the best baseline; target-restricted test accuracy."""
     main = next(t for t in tests if t.baseline == "x_B" and t.metric == "acc_target")
-    return verdict_line(main, "B's features", seeds)
+    baselines = [r for r in results if r.features != REFINED]
+    best = max(baselines, key=lambda r: statistics.fmean(r.test_acc_target))
+    gap = next(t for t in tests if t.baseline == best.features and t.metric == "acc_target")
+    noise = {"helps": "beyond seed noise", "hurts": "beyond seed noise", "is within noise": "within seed noise", "cannot be judged": "one seed: no noise estimate"}
+    first = verdict_line(main, "B's features", seeds)
+    return (
+        f"{first}. Best baseline: {best.features} at "
+        f"{100 * statistics.fmean(best.test_acc_target):.2f} %; refined - best = {100 * gap.mean:+.2f} points ({noise[gap.verdict]})"
+    )
+
+
+def worse_than_baselines(tests: Sequence[PairedTest]) -> list[PairedTest]:
+    """Baselines the refined model is worse than beyond seed noise (target-restricted test accuracy)."""
+    return [t for t in tests if t.metric == "acc_target" and t.verdict == "hurts"]
 
 
 def verdict_line(test: PairedTest, what: str, seeds: int) -> str:
-    """One sentence: 'Delta removal helps here: ...' with the figures behind it (accuracy in points)."""
+    """One sentence: 'Δ removal helps here: ...' with the figures behind it (accuracy in points)."""
     scale, unit = (1.0, "") if test.metric.startswith("ce") else (100.0, " points")
     if test.ci95 is None:
-        return f"Delta removal cannot be judged here: one seed gives no spread (refined - {what}: {scale * test.mean:+.2f}{unit})"
+        return f"Δ removal cannot be judged here: one seed gives no spread (refined - {what}: {scale * test.mean:+.2f}{unit})"
     lo, hi = (scale * v for v in test.ci95)
     return (
-        f"Delta removal {test.verdict} here: refined - {what} = {scale * test.mean:+.2f}{unit} "
+        f"Δ removal {test.verdict} here: refined - {what} = {scale * test.mean:+.2f}{unit} "
         f"(95% CI {lo:+.2f} to {hi:+.2f}, p = {test.p_value:.3g}, {seeds} seeds, {test.metric})"
     )
