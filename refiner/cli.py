@@ -25,9 +25,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _command(sub, name: str, help: str, examples: str) -> argparse.ArgumentParser:
-    return sub.add_parser(
+    p = sub.add_parser(
         name, help=help, description=help, epilog="examples:\n" + examples, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or stage lines (results, warnings and errors still print)")
+    return p
 
 
 def _add_task(p: argparse.ArgumentParser) -> None:
@@ -281,7 +283,7 @@ def _serve_args(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     p.add_argument("--workers", type=int, default=1, help="server processes sharing the port, cores split between them (default: 1)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="onnxruntime device: auto takes CUDA when onnxruntime-gpu sees a GPU (default: auto)")
+    p.add_argument("--device", dest="serve_device", choices=["auto", "cpu", "cuda"], default="auto", help="onnxruntime device: auto takes CUDA when onnxruntime-gpu sees a GPU (default: auto)")
     p.epilog += "\nother settings (limits, timeouts, batching) come from REFINER_SERVE_* variables; see serving/settings.py\n"
     p.set_defaults(run=_run_serve)
 
@@ -294,7 +296,7 @@ def _run_serve(args) -> None:
     from serving.app import serve
     from serving.settings import ServeSettings
 
-    serve(ServeSettings(models=args.models, workers=args.workers, device=args.device), args.host, args.port)
+    serve(ServeSettings(models=args.models, workers=args.workers, device=args.serve_device), args.host, args.port)
 
 
 def _analyze_args(sub) -> None:
@@ -314,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     args = _parser().parse_args(argv)
+    from refiner.progress import set_quiet
+
+    set_quiet(getattr(args, "quiet", False))
     try:
         if hasattr(args, "device"):
             from refiner.engine.distributed import init_from_env

@@ -43,3 +43,35 @@ def test_errors_exit_2_with_message(tmp_path, capsys):
     assert main(["train", "--arch", "tiny_vgg", "--task", "digits", "--epochs", "0", "--out", str(tmp_path / "x.pt")]) == 2
     assert "epochs" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_build_log_in_a_file_is_plain_text(tmp_path, digit_nets):
+    """Written to a file (not a terminal) a build's output has stage lines and no carriage returns or escape codes."""
+    import os
+    import subprocess
+    import sys
+
+    a, b = digit_nets
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    cmd = [sys.executable, "-m", "refiner", "build", "--a", str(a.path), "--b", str(b.path), "--task", "digits", "--g-epochs", "1",
+           "--head-epochs", "1", "--seeds", "1", "--no-ablations", "--models", str(tmp_path / "models"), "--cache", str(tmp_path / "c")]  # fmt: skip
+    for quiet in (False, True):
+        log = tmp_path / f"build-{quiet}.log"
+        with log.open("wb") as f:
+            subprocess.run(cmd + (["--quiet"] if quiet else []), stdout=f, stderr=subprocess.STDOUT, env=env, check=True)
+        text = log.read_bytes()
+        assert b"\x1b" not in text and b"\r" not in text, text[:500]
+        assert (b"== fine-tuning 4 variants x 1 seeds" in text) != quiet and b"artifact:" in text
+
+
+def test_plain_progress_lines(monkeypatch):
+    import io
+
+    from refiner import progress
+
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)
+    out = io.StringIO()
+    for _ in progress._PlainLines(range(3), desc="fit g", unit="step", file=out, disable=False):
+        pass
+    lines = out.getvalue().splitlines()
+    assert lines and all(line.startswith("fit g: ") and "/3 steps" in line and "elapsed" in line for line in lines)

@@ -18,7 +18,6 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.nn.utils import prune
-from tqdm.auto import tqdm
 
 from refiner.analyses.figures import img, line_plot, picture_rows, report_folder, save_pictures, setup_html, variance_rows, write_pages
 from refiner.analyses.measure import (
@@ -38,6 +37,7 @@ from refiner.data.tasks import TaskData
 from refiner.engine.comparison import ComparisonReport
 from refiner.engine.training import TrainConfig, train_classifier
 from refiner.models.checkpoints import Classifier, load_checkpoint, save_checkpoint
+from refiner.progress import bar
 from refiner.reporting import html_table
 
 __all__ = ["CompressionConfig", "PrunedNet", "CompressionReport", "magnitude_prune", "zero_fraction", "compression"]
@@ -122,7 +122,7 @@ def compression(
         require_same_classes(data, clf)
         original_acc = accuracy_on_test(clf, data, workers)
         results, measured = [], []
-        for sparsity in tqdm(config.sparsities, desc="compression", unit="sparsity"):
+        for sparsity in bar(config.sparsities, desc="compression", unit="sparsity"):
             pruned, history = _prune_and_finetune(clf, sparsity, data, config.finetune)
             file = Path("nets") / f"pruned-{sparsity:.2f}.pt"
             info = {"pruned_from": clf.path.name, "pruned_from_sha256": clf.sha256, "sparsity": sparsity, "finetune": history}

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm.auto import tqdm
 
 from refiner.analyses.figures import channel_rows, img, picture_rows, report_folder, save_pictures, setup_html, variance_rows, write_pages
 from refiner.analyses.measure import (
@@ -30,6 +29,7 @@ from refiner.analyses.measure import (
 from refiner.engine.comparison import ComparisonReport
 from refiner.errors import ConfigError
 from refiner.models.checkpoints import Classifier
+from refiner.progress import bar
 
 __all__ = ["DiagnoseConfig", "Direction", "DiagnoseReport", "diagnose"]
 
@@ -90,7 +90,7 @@ def diagnose(
             "blind spots": (weak, strong, config.layer_weak, config.layer_strong),
         }
         directions = {}
-        for name, (src, dst, layer_src, layer_dst) in tqdm(sides.items(), desc="diagnose", unit="direction"):
+        for name, (src, dst, layer_src, layer_dst) in bar(sides.items(), desc="diagnose", unit="direction"):
             measured = measure_pair(src, dst, data, layer_src, layer_dst, config.analysis, cache_dir)
             shares = channel_shares(measured.g, *measured.test)
             channel, indices = None, []

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from refiner.analyses.figures import img, line_plot, report_folder, setup_html, variance_rows, write_pages
 from refiner.analyses.measure import (
@@ -35,6 +34,7 @@ from refiner.engine.device import Runtime
 from refiner.engine.training import TrainConfig, train_classifier
 from refiner.models.architectures import create_model
 from refiner.models.checkpoints import Classifier, load_checkpoint, save_checkpoint
+from refiner.progress import bar
 from refiner.reporting import html_table
 
 __all__ = ["DistillationConfig", "Generation", "DistillationReport", "kd_loss", "distill", "distillation"]
@@ -110,7 +110,7 @@ def distillation(
         pre = clf.meta.preprocess
         train, val = (ImageDataset(data.split(s), data.classes, pre) for s in ("train", "val"))
         nets, histories = [clf], [[]]
-        for t in tqdm(range(1, config.generations + 1), desc="generations", unit="generation"):
+        for t in bar(range(1, config.generations + 1), desc="generations", unit="generation"):
             torch.manual_seed(config.train.seed + t)
             student = create_model(clf.meta.arch, clf.meta.num_classes, pre.input_size[0])
             train_config = config.train.model_copy(update={"seed": config.train.seed + t})
@@ -120,7 +120,7 @@ def distillation(
             nets.append(load_checkpoint(path))
             histories.append(history)
         newest = nets[-1]
-        blind = [measure_pair(net, newest, data, config.layer, config.layer, config.analysis, cache_dir).report for net in tqdm(nets[:-1], desc="blind spots", unit="generation")]
+        blind = [measure_pair(net, newest, data, config.layer, config.layer, config.analysis, cache_dir).report for net in bar(nets[:-1], desc="blind spots", unit="generation")]
         generations = [
             Generation(
                 generation=t, file=clf.path.name if t == 0 else f"nets/{net.path.name}", test_acc=accuracy_on_test(net, data, workers),

@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm.auto import tqdm
 
 from refiner.analyses.figures import grouped_bars, img, report_folder, setup_html, variance_rows, write_pages
 from refiner.analyses.measure import AnalysisConfig, DataRecord, load_analysis_data, measure_pair, runtime_record
 from refiner.engine.comparison import ComparisonReport, default_layer
 from refiner.errors import ConfigError
 from refiner.models.checkpoints import Classifier
+from refiner.progress import bar
 from refiner.reporting import html_table
 
 __all__ = ["StabilityConfig", "LayerStability", "StabilityReport", "stability"]
@@ -76,7 +76,7 @@ def stability(
         data = load_analysis_data(task, data_dir, classes or nets[0].meta.class_names, config.analysis)
         runs = [(layer, i, j) for layer in layers for i, j in itertools.permutations(range(len(nets)), 2)]
         pairs: dict[str, list[ComparisonReport]] = {layer: [] for layer in layers}
-        for layer, i, j in tqdm(runs, desc="stability", unit="pair"):
+        for layer, i, j in bar(runs, desc="stability", unit="pair"):
             pairs[layer].append(measure_pair(nets[i], nets[j], data, layer, layer, config.analysis, cache_dir).report)
         report = StabilityReport(
             runtime=runtime_record(config.analysis),

@@ -40,6 +40,7 @@ from refiner.engine.metrics import VarianceAccumulator, VarianceTable
 from refiner.errors import CheckpointError, ConfigError
 from refiner.models.checkpoints import Classifier, file_sha256
 from refiner.models.layers import split_model
+from refiner.progress import stage
 
 __all__ = ["BuildResult", "build", "derangement"]
 
@@ -105,6 +106,7 @@ def build(
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     data = load_task(task, data_dir, target=True, classes=classes, options=split)
+    stage(f"features of A and B, then g ({'from ' + Path(g_file).name if g_file else 'fitted to convergence' if config.compare.fit.epochs is None else 'fitted'})")
     if config.protocol == "paper":
         _check_label_spaces(clf_a, clf_b, data.classes)
     compare_config, fitted = config.compare, None
@@ -123,6 +125,7 @@ def build(
         labels = {s: pairs[s][0].y for s in ("train", "val", "test")}
         seconds["refined_features_and_var"] = time.perf_counter() - t0
         t0 = time.perf_counter()
+        stage(f"fine-tuning {len(variants)} variants x {config.seeds} seeds ({config.protocol} protocol, {config.head.epochs} epochs each)")
         results, refined_head = _finetune_all(variants, labels, heads, config, runtime)
         seconds["finetune"] = time.perf_counter() - t0
     finally:
@@ -134,6 +137,7 @@ def build(
     for p in model.parameters():
         p.requires_grad_(False)
     t0 = time.perf_counter()
+    stage("ONNX export and validation")
     val_images = _images(clf_a, data.val, data.classes, config.validation_images)
     paired = paired_tests(results, METRICS[config.protocol])
     try:

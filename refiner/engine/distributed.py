@@ -25,7 +25,6 @@ __all__ = [
     "rank",
     "world_size",
     "is_main",
-    "progress",
     "barrier",
     "wrap",
     "mean",
@@ -64,11 +63,6 @@ def world_size() -> int:
 
 def is_main() -> bool:
     return rank() == 0
-
-
-def progress() -> dict[str, bool]:
-    """tqdm keyword arguments: progress bars on rank 0 only (TQDM_DISABLE and the like still apply there)."""
-    return {} if is_main() else {"disable": True}
 
 
 def barrier() -> None:

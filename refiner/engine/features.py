@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
 
 from refiner.atomic import atomic_dir
 from refiner.data.datasets import ImageDataset, fingerprint
@@ -30,6 +29,7 @@ from refiner.engine.device import Runtime
 from refiner.errors import DataError
 from refiner.models.checkpoints import Classifier
 from refiner.models.layers import split_model
+from refiner.progress import bar
 
 __all__ = ["FeatureSet", "default_cache_dir", "cached_features", "classifier_features", "inference_trunk", "iter_batches"]
 
@@ -157,7 +157,7 @@ def _extract(
     feats = labels = None
     start = rows.start
     try:
-        for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, **dist.progress()):
+        for x, y in bar(loader, desc=desc, unit="batch", leave=False):
             (x,) = runtime.to(x)
             if x.dim() == 4 and runtime.device.type != "mps":
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -10,11 +10,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from refiner.engine import distributed as dist
 from refiner.engine.device import Runtime
 from refiner.engine.training import train_one_epoch
+from refiner.progress import bar
 
 __all__ = ["HeadConfig", "Scores", "HeadResult", "finetune_head", "score_head"]
 
@@ -108,7 +107,7 @@ def finetune_head(
     best_state, best_val, best_epoch = None, None, 0
     best_test = None
     history = []
-    for epoch in tqdm(range(config.epochs), desc=desc, unit="epoch", leave=False, **dist.progress()):
+    for epoch in bar(range(config.epochs), desc=desc, unit="epoch", leave=False):
         for group in optimizer.param_groups:
             group["lr"] = config.lr_at(epoch)
         stats = train_one_epoch(head, train(), optimizer, runtime=runtime, scaler=scaler)

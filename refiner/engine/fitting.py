@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from refiner.engine import distributed as dist
 from refiner.engine.device import Runtime
 from refiner.engine.features import iter_batches
 from refiner.engine.isomorphism import IsomorphismConfig, IsomorphismNet
 from refiner.errors import DataError
+from refiner.progress import bar
 
 __all__ = ["FitConfig", "FitResult", "fit_isomorphism", "channel_stats"]
 
@@ -201,7 +201,7 @@ def fit_isomorphism(
     lr = config.lr_start
     step, mse_sum, mse_count, epoch = 0, torch.zeros((), dtype=torch.float64, device=runtime.device), 0, 0
     start = time.perf_counter()
-    bar = tqdm(total=budget, desc=desc, unit="step", **dist.progress())
+    shown = bar(total=budget, desc=desc, unit="step")
     g.train()
     while step < budget and result.stop == "":
         epoch_order = _local_order(rng.permutation(train_idx), config.batch_size, rank, world)
@@ -220,7 +220,7 @@ def fit_isomorphism(
             mse_sum += mse.detach().double() * len(xa)
             mse_count += len(xa)
             step += 1
-            bar.update(1)
+            shown.update(1)
             if step % eval_every == 0 or step == budget:
                 train_mse = dist.mean(mse_sum.item(), mse_count)
                 mse_sum.zero_()
@@ -237,14 +237,14 @@ def fit_isomorphism(
                 result.holdout_mse.append(hold_mse)
                 result.lr.append(lr)
                 result.p_history.append(g.p.tolist())
-                bar.set_postfix(train=f"{train_mse:.4f}", holdout=f"{hold_mse:.4f}", lr=f"{lr:.1e}")
+                shown.set_postfix(train=f"{train_mse:.4f}", holdout=f"{hold_mse:.4f}", lr=f"{lr:.1e}")
                 if plateau is not None:
                     if plateau.check(hold_mse if hold is not None else train_mse, g, step):
                         result.stop = "converged"
                     lr = plateau.lr
             if step >= budget or result.stop:
                 break
-    bar.close()
+    shown.close()
     if plateau is None:
         result.stop, result.best_step = "epochs", step
     else:

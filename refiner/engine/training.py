@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm.auto import tqdm
 
 from refiner.data.datasets import ImageDataset
 from refiner.data.tasks import SplitOptions, load_task
@@ -20,6 +19,7 @@ from refiner.engine.device import Runtime, RuntimeConfig
 from refiner.errors import ConfigError
 from refiner.models.architectures import create_model
 from refiner.models.checkpoints import CheckpointMeta, save_checkpoint
+from refiner.progress import bar
 
 __all__ = ["TrainConfig", "PAPER_STOP_LOSS", "paper_regime", "train_base", "train_classifier", "train_one_epoch", "evaluate", "augment"]
 
@@ -78,8 +78,8 @@ def train_one_epoch(
     model.train()
     total, correct = 0, 0
     loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
-    bar = tqdm(batches, desc=desc, unit="batch", leave=False, **dist.progress())
-    for x, y in bar:
+    shown = bar(batches, desc=desc, unit="batch", leave=False)
+    for x, y in shown:
         x, y = runtime.to(x, y)
         if transform is not None:
             x = transform(x)
@@ -93,7 +93,7 @@ def train_one_epoch(
         total += len(y)
         correct += (logits.argmax(1) == y).sum().item()
         loss_sum += loss.detach().double() * len(y)
-        bar.set_postfix(acc=f"{correct / total:.3f}")
+        shown.set_postfix(acc=f"{correct / total:.3f}")
     return {"loss": loss_sum.item() / max(total, 1), "acc": correct / max(total, 1), "images": total}
 
 
@@ -148,7 +148,7 @@ def train_classifier(
     )
     scaler = runtime.grad_scaler()
     history = []
-    epochs = tqdm(range(config.epochs), desc=desc, unit="epoch", **dist.progress())
+    epochs = bar(range(config.epochs), desc=desc, unit="epoch")
     for epoch in epochs:
         if sampler is not None:
             sampler.set_epoch(epoch)
