@@ -40,6 +40,17 @@ class ModelRepository:
     models: dict[str, LoadedModel] = field(default_factory=dict)
     refused: dict[str, dict[int, str]] = field(default_factory=dict)  # name -> version -> reason
 
+    def index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        """Triton's repository index: every model version the server knows, READY or UNAVAILABLE (reasons stay in the log)."""
+        rows = [{"name": n, "version": str(m.meta.version), "state": "READY"} for n, m in self.models.items()]
+        if not ready_only:
+            rows += [
+                {"name": n, "version": str(v), "state": "UNAVAILABLE", "reason": "refused at load; the server log says why"}
+                for n, versions in self.refused.items()
+                for v in versions
+            ]
+        return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
+
     def get(self, name: str, version: str | None = None) -> LoadedModel:
         """The model `name` (at `version` if given); NotFound (404) saying what is available."""
         model = self.models.get(name)

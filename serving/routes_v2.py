@@ -6,10 +6,12 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request, Response
 
 from serving.body import read_body
 from serving.deps import ServerDep
+from serving.errors import BadRequest
 from serving.protocol import BINARY_HEADER, encode_infer_response, model_config, model_metadata, parse_infer_request
 
 __all__ = ["router"]
@@ -53,8 +55,20 @@ async def server_metadata() -> dict[str, Any]:
     return {
         "name": "refiner-serving",
         "version": _server_version(),
-        "extensions": ["binary_tensor_data", "model_configuration"],
+        "extensions": ["binary_tensor_data", "model_configuration", "model_repository"],
     }
+
+
+@router.post("/repository/index", summary="Repository index (Triton's extension, read-only)")
+async def repository_index(request: Request, server: ServerDep) -> list[dict[str, str]]:
+    body = await read_body(request, 4096, server.settings.body_timeout_s)
+    try:
+        ready = orjson.loads(body).get("ready", False) if body.strip() else False
+    except (orjson.JSONDecodeError, AttributeError):
+        raise BadRequest('the repository index takes an empty body or {"ready": true|false}') from None
+    if not isinstance(ready, bool):
+        raise BadRequest(f'"ready" is {ready!r}; expected true or false')
+    return server.repository.index(ready_only=ready)
 
 
 @router.get(_MODEL, summary="Model metadata")

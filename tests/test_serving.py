@@ -705,3 +705,20 @@ def test_cuda_provider_runs_through_io_binding_and_matches_cpu(served):
     assert gpu.provider == CUDA
     x = batch(served, 5)
     np.testing.assert_allclose(gpu.run(x), served.session.run(None, {"input": x})[0], rtol=1e-4, atol=1e-5)
+
+
+def test_repository_index_lists_ready_and_refused_versions(mixed_repo):
+    import tritonclient.http as triton
+
+    with TestClient(create_app(ServeSettings(models=mixed_repo))) as client:
+        rows = client.post("/v2/repository/index").json()
+        assert {(r["name"], r["version"], r["state"]) for r in rows} == {
+            ("fallback", "1", "READY"), ("fallback", "2", "UNAVAILABLE"), ("good", "1", "READY"), ("nometa", "1", "UNAVAILABLE"),
+            ("twice", "2", "READY"), ("unreadable", "1", "UNAVAILABLE"),
+        }  # fmt: skip
+        assert all(str(mixed_repo) not in r.get("reason", "") for r in rows)
+        assert {r["state"] for r in client.post("/v2/repository/index", json={"ready": True}).json()} == {"READY"}
+        assert client.post("/v2/repository/index", json={"ready": "yes"}).status_code == 400
+    with Live(ServeSettings(models=mixed_repo)) as live:  # the stock client reads it too
+        index = triton.InferenceServerClient(url=f"127.0.0.1:{live.port}").get_model_repository_index()
+        assert {r["name"] for r in index} == {"fallback", "good", "nometa", "twice", "unreadable"}
