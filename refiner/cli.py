@@ -19,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Run `refiner COMMAND --help` for each command's options and examples.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for register in (_train_args, _fit_args, _build_args, _serve_args, _analyze_args):
+    for register in (_train_args, _fit_args, _build_args, _serve_args, _layers_args, _analyze_args):
         register(sub)
     return parser
 
@@ -150,6 +150,7 @@ def _fit_args(sub) -> None:
     )
     _add_pair(p)
     p.add_argument("--on", choices=["base", "target"], default="base", help="fit on the task's base classes or its target classes")
+    p.add_argument("--seed", dest="g_seed", type=int, default=0, help="the same as --g-seed: g's initialisation, held-out split and batch order (default: 0)")
     p.add_argument("--test-per-class", type=int, help="measure on the first N test images per class (default: all)")
     p.add_argument("--out", required=True, type=Path, help="g file to write; the report goes beside it as .json")
     p.set_defaults(run=_run_fit)
@@ -297,6 +298,40 @@ def _run_serve(args) -> None:
     from serving.settings import ServeSettings
 
     serve(ServeSettings(models=args.models, workers=args.workers, device=args.serve_device), args.host, args.port)
+
+
+def _layers_args(sub) -> None:
+    p = _command(
+        sub,
+        "layers",
+        "List the layer names of an architecture (or a checkpoint's) usable as --layer-a/--layer-b, with the default marked.",
+        "  refiner layers --arch resnet18\n  refiner layers --checkpoint a.pt\n",
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--arch", help="a registered architecture name")
+    which.add_argument("--checkpoint", type=Path, help="a checkpoint (its architecture is read from it)")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow a checkpoint that needs arbitrary unpickling (runs code from the file!)")
+    p.set_defaults(run=_run_layers)
+
+
+def _run_layers(args) -> None:
+    import torch
+
+    from refiner.models.architectures import create_model, get_arch
+    from refiner.models.checkpoints import load_checkpoint
+    from refiner.models.layers import list_layers
+
+    if args.checkpoint is not None:
+        clf = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
+        arch, model = clf.meta.arch, clf.model
+    else:
+        arch = args.arch
+        with torch.device("meta"):  # names only: no weights allocated
+            model = create_model(arch, 10)
+    default = get_arch(arch).default_layer
+    nodes = list_layers(model)
+    for name in nodes[1:-1]:  # the input and the output are not split points
+        print(f"{name}  <- default" if name == default else name)
 
 
 def _analyze_args(sub) -> None:

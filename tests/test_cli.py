@@ -6,15 +6,35 @@ import json
 
 import pytest
 
+import argparse
+
 from refiner.cli import main
 
 
-@pytest.mark.parametrize("command", ["train", "fit", "build", "serve"])
-def test_help_has_examples(command, capsys):
+COMMANDS = ["train", "fit", "build", "serve", "layers", "analyze diagnose", "analyze stability", "analyze compression", "analyze distillation"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_has_examples_and_every_option_is_explained(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main([command, "--help"])
+        main([*command.split(), "--help"])
     assert exit_info.value.code == 0
     assert "examples:" in capsys.readouterr().out
+    from refiner.cli import _parser
+
+    parser = _parser()
+    for word in command.split():
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[word]
+    unexplained = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
+    assert not unexplained, f"options without help text: {unexplained}"
+
+
+def test_layers_lists_split_points_with_the_default(capsys, digit_nets):
+    assert main(["layers", "--arch", "resnet18"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "layer3.1.add  <- default" in out and "x" not in out and "fc" not in out
+    assert main(["layers", "--checkpoint", str(digit_nets[0].path)]) == 0
+    assert "features.4  <- default" in capsys.readouterr().out.splitlines()
 
 
 def test_train_then_fit(tmp_path, capsys):
