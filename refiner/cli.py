@@ -29,6 +29,7 @@ def _command(sub, name: str, help: str, examples: str) -> argparse.ArgumentParse
         name, help=help, description=help, epilog="examples:\n" + examples, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or stage lines (results, warnings and errors still print)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON document on stdout, and nothing else there")
     return p
 
 
@@ -136,6 +137,9 @@ def _run_train(args) -> None:
     if not dist.is_main():
         return
     last, final = meta.info["history"][-1], meta.info["train_eval"]
+    if args.json:
+        print(meta.model_dump_json())
+        return
     print(f"{args.out}: {meta.arch} on {args.task} ({meta.num_classes} classes), {meta.info['epochs_run']} epochs: "
           f"train CE {final['loss']:.4f} acc {final['acc']:.3f} (eval mode), val acc {last['val_acc']:.3f}, test acc {meta.info['test_acc']:.3f}")
 
@@ -210,6 +214,9 @@ def _run_fit(args) -> None:
         tmp.write_text(report.model_dump_json(indent=2))
     with atomic_file(curve) as tmp:
         save_fit_curve(tmp, report.fit)
+    if args.json:
+        print(report.model_dump_json())
+        return
     print(format_variance_table(report.tables))
     print(format_fit(report.fit))
     print(f"on {report.runtime['device']} ({report.runtime['name']}), AMP {report.runtime['amp']}")
@@ -270,7 +277,7 @@ def _run_build(args) -> None:
     )
     result = build(a, b, args.task, args.data, config, models=args.models, classes=_classes(args), split=_split(args), cache_dir=args.cache, g_file=args.g_file)
     if result is not None:  # rank 0 (or the only process)
-        print(result.summary())
+        print(result.report.model_dump_json() if args.json else result.summary())
 
 
 def _serve_args(sub) -> None:
@@ -315,6 +322,8 @@ def _layers_args(sub) -> None:
 
 
 def _run_layers(args) -> None:
+    import json
+
     import torch
 
     from refiner.models.architectures import create_model, get_arch
@@ -330,6 +339,9 @@ def _run_layers(args) -> None:
             model = create_model(arch, 10)
     default = get_arch(arch).default_layer
     nodes = list_layers(model)
+    if args.json:
+        print(json.dumps({"arch": arch, "default": default, "layers": nodes[1:-1]}))
+        return
     for name in nodes[1:-1]:  # the input and the output are not split points
         print(f"{name}  <- default" if name == default else name)
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
 
-import argparse
-
 from refiner.cli import main
-
 
 COMMANDS = ["train", "fit", "build", "serve", "layers", "analyze diagnose", "analyze stability", "analyze compression", "analyze distillation"]
 
@@ -52,6 +50,10 @@ def test_train_then_fit(tmp_path, capsys):
 
     g, info = load_isomorphism(tmp_path / "g.pt")
     assert g.orders == 2 and info["report"]["a"]["layer"] == "features.4"
+    argv = ["fit", "--a", str(tmp_path / "a.pt"), "--b", str(tmp_path / "b.pt"), "--task", "digits", "--g-epochs", "1", "--out", str(tmp_path / "g2.pt"), "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)  # stdout is one JSON document
+    assert report["a"]["layer"] == "features.4" and set(report["tables"]) == {"train", "test"}
 
 
 def test_errors_exit_2_with_message(tmp_path, capsys):

@@ -125,6 +125,9 @@ def _run_diagnose(args) -> None:
         analysis=_analysis_config(args), layer_weak=args.layer_weak, layer_strong=args.layer_strong, images=args.images, channel=args.channel
     )
     report = diagnose(_load(args, args.weak), _load(args, args.strong), config=config, **_where(args))
+    if args.json:
+        print(report.model_dump_json())
+        return
     for d in (report.unreliable, report.blind_spots):
         t = d.comparison.tables["test"]
         top = ", ".join(str(c.channel) for c in d.channels[:5])
@@ -137,6 +140,9 @@ def _run_stability(args) -> None:
 
     config = StabilityConfig(analysis=_analysis_config(args), layers=tuple(args.layers) if args.layers else None)
     report = stability([_load(args, m) for m in args.models], config=config, **_where(args))
+    if args.json:
+        print(report.model_dump_json())
+        return
     for s in report.layers:
         orders = "  ".join(f"Var(x^({k})) {v:.4f}" for k, v in enumerate(s.var_orders))
         print(f"{s.layer}: instability {s.instability:.4f} ± {s.instability_std:.4f}, linear CKA {s.cka:.4f}; {orders}  Var(x^Δ) {s.var_delta:.4f}")
@@ -155,6 +161,9 @@ def _run_compression(args) -> None:
         images=args.images,
     )
     report = compression(_load(args, args.model), config=config, **_where(args))
+    if args.json:
+        print(report.model_dump_json())
+        return
     print(f"{report.model}: test accuracy {report.original_test_acc:.4f}")
     for r in report.pruned:
         t = r.comparison.tables["test"]
@@ -175,6 +184,9 @@ def _run_distillation(args) -> None:
         layer=args.layer,
     )
     report = distillation(_load(args, args.model), config=config, **_where(args))
+    if args.json:
+        print(report.model_dump_json())
+        return
     for g in report.generations:
         blind = f", blind spots Var(x^Δ) {g.blind_spots.tables['test'].var_delta:.4f}" if g.blind_spots else " (newest)"
         print(f"generation {g.generation}: test acc {g.test_acc:.4f}{blind}")
