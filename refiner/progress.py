@@ -34,12 +34,15 @@ class _PlainLines(tqdm):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.update(mininterval=LOG_INTERVAL_S, miniters=1, leave=False)
+        self._last_line = 0.0  # elapsed seconds at the last line written
         super().__init__(*args, **kwargs)
 
     def display(self, msg: str | None = None, pos: int | None = None) -> None:
+        # tqdm also refreshes from set_postfix and from its monitor thread: the rate limit has to live here
         d = self.format_dict
-        if self.n == 0 or d["elapsed"] < LOG_INTERVAL_S:
+        if self.n == 0 or d["elapsed"] - self._last_line < LOG_INTERVAL_S:
             return
+        self._last_line = d["elapsed"]
         total = f"/{d['total']}" if d["total"] else ""
         eta = ""
         if d["total"] and self.n:

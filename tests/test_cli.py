@@ -97,3 +97,11 @@ def test_plain_progress_lines(monkeypatch):
         pass
     lines = out.getvalue().splitlines()
     assert lines and all(line.startswith("fit g: ") and "/3 steps" in line and "elapsed" in line for line in lines)
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 3600.0)  # refreshes (postfix, tqdm's monitor) within the interval write nothing
+    quiet = io.StringIO()
+    shown = progress._PlainLines(total=1000, desc="fit g", unit="step", file=quiet, disable=False)
+    for _ in range(1000):
+        shown.update(1)
+        shown.set_postfix(loss="0.1")
+    shown.close()
+    assert quiet.getvalue() == ""
