@@ -105,3 +105,28 @@ def test_plain_progress_lines(monkeypatch):
         shown.set_postfix(loss="0.1")
     shown.close()
     assert quiet.getvalue() == ""
+
+
+def test_fit_torchvision_efficientnet_on_a_tiny_imagefolder(tmp_path, capsys):
+    """A torchvision architecture outside the hand-kept list, from bare state_dicts, on user images."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from refiner.models.architectures import create_model
+
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "imgs" / c / f"{i}.jpg")
+    for name, seed in (("a.pt", 0), ("b.pt", 1)):
+        torch.manual_seed(seed)
+        torch.save(create_model("efficientnet_b0", 2).state_dict(), tmp_path / name)
+    argv = ["fit", "--a", str(tmp_path / "a.pt"), "--b", str(tmp_path / "b.pt"), "--task", "imagefolder", "--data", str(tmp_path / "imgs"),
+            "--classes", "cat,dog", "--g-epochs", "1", "--out", str(tmp_path / "g.pt"), "--cache", str(tmp_path / "c"), "--json",
+            "--arch-a", "efficientnet_b0", "--arch-b", "efficientnet_b0"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["a"]["arch"] == "efficientnet_b0" and report["a"]["layer"] == "features.5.1.add"
+    assert report["a"]["feature_shape"] == [112, 14, 14] and 0 <= report["tables"]["test"]["instability"]

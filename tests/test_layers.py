@@ -54,3 +54,33 @@ def test_default_layer_is_before_bn_and_activation(arch):
         assert hasattr(block, "downsample") or hasattr(block, "shortcut"), f"{layer} is not a residual block's sum"
     else:
         assert isinstance(model.get_submodule(layer), torch.nn.Conv2d)
+
+
+@pytest.mark.parametrize(
+    ("arch", "classifier", "layer"),
+    [
+        ("resnet101", "fc", "layer3.22.add"),  # ResNet: layer3's last residual sum
+        ("wide_resnet50_2", "fc", "layer3.5.add"),
+        ("vgg19_bn", "classifier.6", "features.36"),  # VGG: block 4's last conv (conv4-4 for VGG-19) before BN
+        ("convnext_tiny", "classifier.2", "features.5.8.add"),  # ConvNeXt: stage 3's last residual sum
+        ("efficientnet_b0", "classifier.1", "features.5.1.add"),  # others: a residual sum about 2/3 through
+        ("mobilenet_v3_small", "classifier.3", "features.6.add"),
+        ("swin_t", "head", "features.5.3.add"),
+    ],
+)
+def test_any_torchvision_classifier_resolves_through_its_registry(arch, classifier, layer):
+    spec = get_arch(arch)
+    assert (spec.classifier, spec.default_layer, spec.input_size) == (classifier, layer, (3, 224, 224))
+    assert arch in list_archs()  # registered on first use
+
+
+def test_torchvision_model_splits_exactly_and_unsupported_ones_say_why():
+    model = create_model("mobilenet_v3_small", 4).eval()
+    trunk, head = split_model(model, get_arch("mobilenet_v3_small").default_layer)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(head(trunk(x)), model(x), atol=1e-5)
+    with pytest.raises(ConfigError, match=r"no clean default split layer found in torchvision's 'vit_b_16'.*refiner layers --arch vit_b_16"):
+        get_arch("vit_b_16")
+    with pytest.raises(ConfigError, match="or any torchvision.models classification model"):
+        get_arch("resnet_9000")

@@ -1,7 +1,13 @@
 """Name-based registry of classifier architectures, with each one's default split layer.
 
-torchvision's ImageNet models, small nets for 32x32 inputs (practical on CPU),
-and tiny ones for tests. `create_model(name, num_classes, in_chans)` builds one.
+The paper's torchvision models with their hand-checked layers, small nets for
+32x32 inputs (practical on CPU) and tiny ones for tests are registered here; any
+other classification model of torchvision's registry (`torchvision.models.list_models`)
+is registered on first use, its classifier found as the last linear layer and its
+default layer by family: ResNets' layer3 residual sum, VGG's block-4 conv,
+ConvNeXt's stage-3 residual sum, else the residual sum (or conv output) about two
+thirds of the way through that is a clean cut. `create_model(name, num_classes,
+in_chans)` builds one.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from dataclasses import dataclass
 import torchvision
 from torch import nn
 
-from refiner.errors import ConfigError
+from refiner.errors import ConfigError, LayerError
 
 __all__ = ["ArchSpec", "register_arch", "create_model", "get_arch", "list_archs"]
 
@@ -37,13 +43,70 @@ def register_arch(spec: ArchSpec) -> ArchSpec:
 
 
 def list_archs() -> list[str]:
+    """The registered names (torchvision's other models register on first use)."""
     return sorted(_REGISTRY)
 
 
 def get_arch(name: str) -> ArchSpec:
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown architecture {name!r}; valid names: {', '.join(list_archs())}")
+        if name not in _torchvision_classifiers():
+            raise ConfigError(
+                f"unknown architecture {name!r}; valid names: {', '.join(list_archs())}, or any torchvision.models "
+                "classification model (torchvision.models.list_models())"
+            )
+        register_arch(_from_torchvision(name))
     return _REGISTRY[name]
+
+
+def _torchvision_classifiers() -> list[str]:
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def _from_torchvision(name: str) -> ArchSpec:
+    """An ArchSpec for a torchvision classification model: classifier, default layer and input size found from the model."""
+    import torch
+
+    from refiner.models.layers import list_layers, split_model
+
+    try:
+        with torch.device("meta"):  # the graph only: nothing allocated
+            model = torchvision.models.get_model(name, weights=None, num_classes=10)
+    except NotImplementedError:  # an initialiser that reads values (RegNet): build it for real
+        model = torchvision.models.get_model(name, weights=None, num_classes=10)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError(f"torchvision's {name!r} has no linear classifier, so refiner cannot replace it")
+    classifier = linears[-1]
+    nodes = list_layers(model)
+    adds = [n for n in nodes if n.endswith(".add") and not n.startswith(classifier)]
+    convs = [n for n in nodes if n in dict(model.named_modules()) and isinstance(model.get_submodule(n), nn.Conv2d)]
+    family = name.split("_")[0].rstrip("0123456789")
+    if family in ("resnet", "resnext", "wide") and (stage := [n for n in adds if n.startswith("layer3.")]):
+        candidates = stage[-1:]
+    elif family == "convnext" and (stage := [n for n in adds if n.startswith("features.5.")]):
+        candidates = stage[-1:]
+    elif family == "vgg":
+        depth = name.removeprefix("vgg").removesuffix("_bn")
+        candidates = [_vgg_block4_conv({"11": "A", "13": "B", "16": "D", "19": "E"}[depth], name.endswith("_bn"))]
+    else:  # the residual sums (or conv outputs) nearest below two thirds of the way, then the backbone's stages
+        pool = adds or convs
+        last = nodes.index(pool[-1]) if pool else 0
+        candidates = [n for n in pool if nodes.index(n) <= 2 * last // 3][::-1][:6]
+        stages = [n for n, m in model.named_modules() if isinstance(m, nn.Sequential) and 0 < n.count(".") + 1 <= 2 and not n.startswith(classifier)]
+        candidates += [n for n in stages[: max(1, 2 * len(stages) // 3)][::-1] if "." in n or n.startswith(("layer", "stage"))][:4]
+    for layer in candidates:
+        try:
+            split_model(model, layer)
+        except LayerError:  # not a clean cut (later layers read earlier activations, as in DenseNet's blocks)
+            continue
+        break
+    else:
+        raise ConfigError(f"no clean default split layer found in torchvision's {name!r}; pass --layer-a/--layer-b (see `refiner layers --arch {name}`)")
+    try:
+        size = int(torchvision.models.get_model_weights(name).DEFAULT.transforms().crop_size[0])
+    except (ValueError, AttributeError, IndexError):
+        size = 224
+    return ArchSpec(name, _torchvision(name), classifier, layer, (3, size, size))
 
 
 def create_model(name: str, num_classes: int, in_chans: int = 3) -> nn.Module:
@@ -58,7 +121,7 @@ def _torchvision(name: str) -> Callable[[int, int], nn.Module]:
     def build(num_classes: int, in_chans: int) -> nn.Module:
         if in_chans != 3:
             raise ConfigError(f"{name} takes 3-channel images, got in_chans={in_chans}")
-        return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
     return build
 

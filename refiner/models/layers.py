@@ -6,6 +6,8 @@ module name such as "layer3" stands for the last node inside that module.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.fx import GraphModule
@@ -18,7 +20,9 @@ __all__ = ["list_layers", "split_model", "feature_shape"]
 
 def list_layers(model: nn.Module) -> list[str]:
     """Every node name usable as a split point (eval-mode graph)."""
-    return get_graph_node_names(model)[1]
+    with warnings.catch_warnings():  # torchvision notes that eval-mode nodes are a subset of train-mode ones: we use eval
+        warnings.filterwarnings("ignore", message="NOTE: The nodes obtained by tracing")
+        return get_graph_node_names(model)[1]
 
 
 def _resolve(model: nn.Module, layer: str) -> tuple[str, str]:
@@ -38,8 +42,10 @@ def split_model(model: nn.Module, layer: str) -> tuple[GraphModule, GraphModule]
     was_training = model.training
     model.eval()
     try:
-        trunk_full = create_feature_extractor(model, {layer: "feat"})
-        full = create_feature_extractor(model, {layer: "feat", last: "logits"})
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="NOTE: The nodes obtained by tracing")
+            trunk_full = create_feature_extractor(model, {layer: "feat"})
+            full = create_feature_extractor(model, {layer: "feat", last: "logits"})
     finally:
         model.train(was_training)
     return _single_output(trunk_full, "feat"), _cut_head(full, layer)
