@@ -106,7 +106,9 @@ def build(
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     data = load_task(task, data_dir, target=True, classes=classes, options=split)
-    stage(f"features of A and B, then g ({'from ' + Path(g_file).name if g_file else 'fitted to convergence' if config.compare.fit.epochs is None else 'fitted'})")
+    fit = config.compare.fit
+    how = f"from {Path(g_file).name}" if g_file else f"fitted until converged, at most {fit.max_steps} steps" if fit.epochs is None else f"fitted for {fit.epochs} epochs"
+    stage(f"features of A and B, then g ({how})")
     if config.protocol == "paper":
         _check_label_spaces(clf_a, clf_b, data.classes)
     compare_config, fitted = config.compare, None
