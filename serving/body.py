@@ -11,6 +11,7 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
 from serving.errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from serving.protocol import decimal
 
 __all__ = ["read_body", "multipart_file"]
 
@@ -21,8 +22,8 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
         raise UnsupportedMediaType(
             f"Content-Encoding {request.headers['content-encoding']!r} is not accepted; send the body uncompressed"
         )
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
+    declared = decimal(request.headers.get("content-length"))
+    if declared is not None and declared > max_bytes:
         raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {max_bytes} bytes")
     chunks, size = [], 0
     try:

@@ -20,6 +20,7 @@ from serving.errors import BadRequest
 
 __all__ = [
     "BINARY_HEADER",
+    "decimal",
     "InferRequest",
     "parse_infer_request",
     "encode_infer_response",
@@ -79,6 +80,11 @@ class InferRequest:
     binary_output: bool  # answer the output tensor in the binary section
 
 
+def decimal(text: str | None) -> int | None:
+    """The value of an ASCII decimal string, else None (str.isdigit() also accepts '²' and '①', which int() refuses)."""
+    return int(text) if text is not None and text.isascii() and text.isdigit() else None
+
+
 def _spec(t: TensorSpec) -> str:
     return f"{t.name!r} {t.datatype} {[-1, *t.shape]}"
 
@@ -103,12 +109,13 @@ def parse_infer_request(body: bytes, header_length: str | None, meta: ArtifactMe
     if header_length is None:
         header, binary = body, b""
     else:
-        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
+        json_length = decimal(header_length)
+        if json_length is None or json_length > len(body):
             raise BadRequest(
                 f"{BINARY_HEADER} is {header_length!r} but the body has {len(body)} bytes; "
                 "expected the byte length of the JSON header at the start of the body"
             )
-        header, binary = body[: int(header_length)], body[int(header_length) :]
+        header, binary = body[:json_length], body[json_length:]
     try:  # orjson: fast, and it refuses nesting deeper than 1024 and numbers beyond float range
         raw = orjson.loads(header)
     except orjson.JSONDecodeError as e:

@@ -14,6 +14,7 @@ from pathlib import Path
 from serving.artifact import ArtifactMeta, discover, read_artifact
 from serving.batching import DynamicBatcher
 from serving.errors import ArtifactError, NotFound
+from serving.protocol import decimal
 from serving.runtime import ModelRuntime
 
 __all__ = ["LoadedModel", "ModelRepository", "load_runtimes"]
@@ -59,10 +60,11 @@ class ModelRepository:
                 versions = ", ".join(map(str, sorted(self.refused[name])))
                 raise NotFound(f"model {name!r} could not be loaded (version {versions} refused; the server log says why)")
             raise NotFound(f"unknown model {name!r}; available models: {', '.join(sorted(self.models)) or 'none'}")
-        if version is not None and not (version.isascii() and version.isdigit()):
+        number = decimal(version)
+        if version is not None and number is None:
             raise NotFound(f"model {name!r} has no version {version!r} (versions are ASCII decimal numbers); the served version is {model.meta.version}")
-        if version is not None and int(version) != model.meta.version:
-            why = " (refused at load; the server log says why)" if int(version) in self.refused.get(name, {}) else ""
+        if number is not None and number != model.meta.version:
+            why = " (refused at load; the server log says why)" if number in self.refused.get(name, {}) else ""
             raise NotFound(f"model {name!r} has no version {version!r} loaded{why}; the served version is {model.meta.version}")
         return model
 

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request, Response
 from serving.body import read_body
 from serving.deps import ServerDep
 from serving.errors import BadRequest
-from serving.protocol import BINARY_HEADER, encode_infer_response, model_config, model_metadata, parse_infer_request
+from serving.protocol import BINARY_HEADER, decimal, encode_infer_response, model_config, model_metadata, parse_infer_request
 
 __all__ = ["router"]
 
@@ -115,7 +115,8 @@ async def infer(name: str, request: Request, server: ServerDep, version: str | N
     body = await read_body(request, server.body_limit, server.settings.body_timeout_s)
     with model.batcher.arrival() as arrival:  # announced once its body is in: a slow upload delays no one else
         header_length = request.headers.get(BINARY_HEADER)
-        json_bytes = int(header_length) if header_length and header_length.isascii() and header_length.isdigit() else len(body)
+        json_bytes = decimal(header_length)
+        json_bytes = len(body) if json_bytes is None else json_bytes
         if json_bytes <= _INLINE_JSON_BYTES:  # a thread hop would cost more than parsing
             parsed = parse_infer_request(body, header_length, model.meta)
         else:

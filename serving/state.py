@@ -41,18 +41,16 @@ class ServerState:
         self.started = False
         self.draining = False  # set on the first shutdown signal: no longer ready
         self.in_flight = 0  # HTTP requests being answered (see middleware.py)
+        self.body_limit = settings.max_body_bytes or 0  # largest infer body accepted; derived from the models in start()
         self._limiter: anyio.CapacityLimiter | None = None
 
     @property
     def ready(self) -> bool:
         return self.started and not self.draining and bool(self.repository.models)
 
-    @property
-    def body_limit(self) -> int:
-        """Largest infer body accepted: the setting, else the largest valid request of any model served.
-
-        That is max_batch x input bytes as JSON text (json_expansion bytes per tensor byte) plus the JSON around it.
-        """
+    def _derived_body_limit(self) -> int:
+        """The setting, else the largest valid request of any model served: max_batch x input bytes as JSON text
+        (json_expansion bytes per tensor byte) plus the JSON around it."""
         if self.settings.max_body_bytes is not None:
             return self.settings.max_body_bytes
         tensors = [m.meta.max_batch_size * math.prod(m.meta.input.shape) * 4 for m in self.repository.models.values()]
@@ -86,6 +84,7 @@ class ServerState:
             self.metrics.loaded.labels(name, str(runtime.meta.version), runtime.provider).set(1)
         if not self.repository.models:
             log.error("no model could be loaded from %s; the server stays not ready", s.models)
+        self.body_limit = self._derived_body_limit()
         self.started = True
         log.info("ready: serving %s", {n: m.meta.version for n, m in self.repository.models.items()})
 
@@ -114,7 +113,7 @@ class ServerState:
         log.info("model %s version %d answered its warm-up inference", meta.name, meta.version)
 
     def begin_drain(self) -> None:
-        """The first shutdown signal: not ready from now on, and a hard deadline for the whole shutdown."""
+        """The first shutdown signal: not ready from now on (the deadline is armed by watch_shutdown_signals)."""
         if self.draining:
             return
         self.draining = True

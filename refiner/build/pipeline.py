@@ -77,7 +77,6 @@ class _Head:
     """One side's upper layers and how the target classes sit among its outputs."""
 
     module: nn.Module  # the pretrained upper layers, including the classifier
-    arch: str
     target: list[int]  # output index of each target class (paper protocol; sound: 0..T-1 of a new classifier)
 
 
@@ -215,8 +214,8 @@ def _fitted_g(path: Path, clf_a: Classifier, clf_b: Classifier, config: CompareC
 def _head(upper: nn.Module, clf: Classifier, target: list[str], config: BuildConfig) -> _Head:
     """The paper keeps the pretrained classifier (targets at their base indices); sound gets a new target classifier."""
     if config.protocol == "paper":
-        return _Head(upper, clf.meta.arch, [clf.meta.class_names.index(c) for c in target])
-    return _Head(replace_classifier(upper, clf.meta.arch, len(target)), clf.meta.arch, list(range(len(target))))
+        return _Head(upper, [clf.meta.class_names.index(c) for c in target])
+    return _Head(replace_classifier(upper, clf.meta.arch, len(target)), list(range(len(target))))
 
 
 def _work_root(cache_dir: Path | None) -> Path:

@@ -15,7 +15,7 @@ from refiner.build.results import PairedTest, VariantResult
 from refiner.engine.comparison import ComparisonReport
 from refiner.reporting import GLOSSARY, describe_fit, format_fit, format_rows, html_table, page, save_bar_plot, save_fit_curve, variance_rows
 
-__all__ = ["BuildReport", "format_accuracy_table", "format_paired_table", "write_build_report"]
+__all__ = ["BuildReport", "format_accuracy_table", "write_build_report"]
 
 
 class BuildReport(BaseModel):
@@ -71,11 +71,6 @@ def _paired_rows(tests: Sequence[PairedTest]) -> tuple[list[str], list[list[str]
 def format_accuracy_table(variants: Sequence[VariantResult], protocol: str) -> str:
     """Plain-text accuracy table, one row per variant (paper Tables 3/4 layout; accuracy in %)."""
     return format_rows(*_accuracy_rows(variants, protocol))
-
-
-def format_paired_table(tests: Sequence[PairedTest]) -> str:
-    """Plain-text paired tests (accuracy differences in points, CE in nats)."""
-    return format_rows(*_paired_rows(tests))
 
 
 _ACCURACY_NOTE = (

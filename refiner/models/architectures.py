@@ -79,7 +79,8 @@ def _from_torchvision(name: str) -> ArchSpec:
     classifier = linears[-1]
     nodes = list_layers(model)
     adds = [n for n in nodes if n.endswith(".add") and not n.startswith(classifier)]
-    convs = [n for n in nodes if n in dict(model.named_modules()) and isinstance(model.get_submodule(n), nn.Conv2d)]
+    modules = dict(model.named_modules())
+    convs = [n for n in nodes if isinstance(modules.get(n), nn.Conv2d)]
     family = name.split("_")[0].rstrip("0123456789")
     if family in ("resnet", "resnext", "wide") and (stage := [n for n in adds if n.startswith("layer3.")]):
         candidates = stage[-1:]
@@ -92,7 +93,7 @@ def _from_torchvision(name: str) -> ArchSpec:
         pool = adds or convs
         last = nodes.index(pool[-1]) if pool else 0
         candidates = [n for n in pool if nodes.index(n) <= 2 * last // 3][::-1][:6]
-        stages = [n for n, m in model.named_modules() if isinstance(m, nn.Sequential) and 0 < n.count(".") + 1 <= 2 and not n.startswith(classifier)]
+        stages = [n for n, m in modules.items() if isinstance(m, nn.Sequential) and 0 < n.count(".") + 1 <= 2 and not n.startswith(classifier)]
         candidates += [n for n in stages[: max(1, 2 * len(stages) // 3)][::-1] if "." in n or n.startswith(("layer", "stage"))][:4]
     for layer in candidates:
         try:
