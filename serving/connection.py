@@ -6,16 +6,21 @@ the client takes. This subclass answers 431 once the head passes
 (also for a connection that never sends a byte), then closes the connection.
 At shutdown an idle keep-alive connection stays open `shutdown_grace_s` for a
 request already in transit, which is answered with `Connection: close`,
-instead of being reset. The limits are the app's ServeSettings, which its
-lifespan puts in the lifespan state (so every worker process reads its own);
-give uvicorn `http="serving.connection:GuardedHttpProtocol"`.
+instead of being reset. Past `max_connections` (uvicorn's `limit_concurrency`)
+uvicorn answers a text/plain 503 of its own; here that 503 is JSON with
+Retry-After, like every other error the server sends. The limits are the
+app's ServeSettings, which its lifespan puts in the lifespan state (so every
+worker process reads its own); give uvicorn
+`http="serving.connection:GuardedHttpProtocol"`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import orjson
+from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from serving.settings import ServeSettings
@@ -29,6 +34,8 @@ _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large", 50
 
 _DEFAULTS = ServeSettings.model_fields
 
+log = logging.getLogger("serving.connection")
+
 
 class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the guards above."""
@@ -36,8 +43,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         settings = self.app_state.get(SETTINGS_KEY)
-        limits = ("max_header_bytes", "header_timeout_s", "shutdown_grace_s")
-        self.max_header_bytes, self.header_timeout_s, self.shutdown_grace_s = (
+        limits = ("max_header_bytes", "header_timeout_s", "shutdown_grace_s", "retry_after_s")
+        self.max_header_bytes, self.header_timeout_s, self.shutdown_grace_s, self.retry_after_s = (
             getattr(settings, name) if settings is not None else _DEFAULTS[name].default for name in limits
         )
         self._head_bytes = 0
@@ -65,7 +72,18 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._cancel_head_timer()
-        super().on_headers_complete()
+        limit = self.limit_concurrency
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            # uvicorn's own check would answer with its text/plain `service_unavailable`: run this request
+            # through uvicorn's usual cycle (pipelining, keep-alive, logging) but with the JSON 503 as its app.
+            log.warning("over the concurrency limit (max_connections=%d): answered 503", limit)
+            app, self.app, self.limit_concurrency = self.app, self._over_limit, None
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app, self.limit_concurrency = app, limit
+        else:
+            super().on_headers_complete()
         if self._closing_soon and self.cycle is not None:
             self.cycle.keep_alive = False
 
@@ -99,6 +117,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 self.transport.close()  # an idle keep-alive connection: uvicorn's keep-alive timeout's job, close quietly
             else:
                 self._refuse(408, f"the request head did not arrive within {self.header_timeout_s:g} s")
+
+    async def _over_limit(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI app of a request past `max_connections`: a JSON 503 with Retry-After, then close."""
+        message = f"the server is at its connection limit (max_connections={self.limit_concurrency}); retry later"
+        body = orjson.dumps({"error": message})
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+            (b"retry-after", str(self.retry_after_s).encode()),
+        ]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
     def _refuse(self, status: int, message: str) -> None:
         """Answer a JSON error and close: the connection is in no state to carry another request."""

@@ -200,6 +200,28 @@ def test_media_types_are_case_insensitive_and_booleans_are_not_numbers(live, ser
     assert r.status_code == 400 and "booleans" in r.json()["error"]
 
 
+def test_over_max_connections_is_json_503_with_retry_after(served):
+    """Past max_connections uvicorn answers 503 itself (limit_concurrency); it must be JSON with Retry-After too."""
+    settings = ServeSettings(models=served.models, max_connections=2, **FAST)
+    with Live(settings) as live, socket.create_connection(("127.0.0.1", live.port), timeout=10) as first:
+        first.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert _status(_read_response(first)) == 200  # alone under the limit; this connection stays open (keep-alive)
+        with socket.create_connection(("127.0.0.1", live.port), timeout=10) as extra:
+            extra.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n\r\n")
+            response = _read_response(extra)
+            assert extra.recv(1) == b""  # then the extra connection closes
+        head = response.partition(b"\r\n\r\n")[0].lower()
+        assert _status(response) == 503, response[:300]
+        assert b"content-type: application/json" in head and b"retry-after: 1" in head
+        assert "max_connections=2" in _json_body(response)["error"]
+        deadline = time.monotonic() + 5
+        while len(live.server.server_state.connections) > 1:  # until the server has seen the extra connection go
+            assert time.monotonic() < deadline, "the extra connection was not closed"
+            time.sleep(0.005)
+        first.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert _status(_read_response(first)) == 200  # back under the limit
+
+
 # --- 8, 9, 10: shutdown --------------------------------------------------------------------------
 
 
