@@ -40,7 +40,29 @@ def _add_task(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", type=Path, help="feature cache folder (default: $REFINER_CACHE or ~/.cache/refiner/features)")
     p.add_argument("--train-per-class", type=int, help="keep at most N training images per class")
     p.add_argument("--skip-bad-images", action="store_true", help="leave out image files that do not decode (counted in a warning) instead of stopping")
+    _add_preprocess(p)
     _add_runtime(p)
+
+
+def _add_preprocess(p: argparse.ArgumentParser) -> None:
+    """Overrides of the preprocessing a net is fed with (train: recorded in its checkpoint)."""
+    group = p.add_argument_group(
+        "preprocessing (default: train, the task's; other commands, what each checkpoint records, or for a bare "
+        "state_dict its architecture's pretrained transform from torchvision or timm)"
+    )
+    group.add_argument("--img-size", type=int, help="input height and width (the crop); keeps the resize-to-crop ratio unless --crop-pct is given")
+    group.add_argument("--crop-pct", type=float, help="crop over resize size: the shorter side is resized to floor(img-size / crop-pct), then centre-cropped (timm's crop_pct; 1.0 for no margin)")
+    group.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="per-channel mean of [0, 1] pixels")
+    group.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="per-channel standard deviation of [0, 1] pixels")
+    group.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"], help="resize filter")
+
+
+def _preprocess(args, pre):
+    """`pre` with the --img-size/--crop-pct/--mean/--std/--interpolation overrides applied."""
+    return pre.with_overrides(
+        img_size=args.img_size, crop_pct=args.crop_pct, mean=tuple(args.mean) if args.mean else None,
+        std=tuple(args.std) if args.std else None, interpolation=args.interpolation,
+    )  # fmt: skip
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
@@ -132,8 +154,10 @@ def _run_train(args) -> None:
     if args.epochs is not None:
         chosen["epochs"] = args.epochs
     config = paper_regime(**chosen) if args.regime == "paper" else TrainConfig(**chosen)
+    from refiner.data.tasks import get_task
+
     split = SplitOptions(subset=args.subset, train_per_class=args.train_per_class, imbalance=args.imbalance, skip_bad_images=args.skip_bad_images)
-    meta = train_base(args.arch, args.task, args.data, config, args.out, split)
+    meta = train_base(args.arch, args.task, args.data, config, args.out, split, _preprocess(args, get_task(args.task).preprocess))
     if not dist.is_main():
         return
     last, final = meta.info["history"][-1], meta.info["train_eval"]
@@ -167,6 +191,8 @@ def _load_pair(args, data_task: str):
     pre = get_task(data_task).preprocess
     a = load_checkpoint(args.a, arch=args.arch_a, preprocess=pre, trust=args.trust_checkpoint)
     b = load_checkpoint(args.b, arch=args.arch_b, preprocess=pre, trust=args.trust_checkpoint)
+    for clf in (a, b):
+        clf.meta = clf.meta.model_copy(update={"preprocess": _preprocess(args, clf.meta.preprocess)})
     return a, b
 
 
@@ -356,7 +382,7 @@ def _analyze_args(sub) -> None:
         "  refiner analyze stability --models a.pt b.pt c.pt --task digits --out reports/stability\n"
         "  refiner analyze diagnose --weak a.pt --strong b.pt --task digits --out reports/diagnose\n",
     )
-    register(p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS"), _command, _add_task, _add_g, _g_configs, _runtime)
+    register(p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS"), _command, _add_task, _add_g, _g_configs, _runtime, _preprocess)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from serving.errors import ArtifactError
 
@@ -35,11 +35,19 @@ class TensorSpec(BaseModel):
 
 
 class Preprocess(BaseModel):
-    """RGB, bilinear resize to input_size, /255, (x - mean) / std."""
+    """RGB; shorter side to resize_size + centre crop to (H, W), or a plain resize to (H, W); /255; (x - mean) / std."""
 
     input_size: tuple[int, int, int]  # (3, H, W)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    resize_size: int | None = Field(None, ge=1)  # absent in artifacts written before crops existed: plain resize
+    interpolation: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> Preprocess:
+        if self.resize_size is not None and self.resize_size < max(self.input_size[1:]):
+            raise ValueError(f"resize_size {self.resize_size} is smaller than the {self.input_size[1]}x{self.input_size[2]} crop")
+        return self
 
 
 class ArtifactMeta(BaseModel):

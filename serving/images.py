@@ -1,9 +1,10 @@
 """Untrusted image bytes -> the normalised array the model expects.
 
-`preprocess` is the same arithmetic as refiner.data.datasets.preprocess_image (RGB,
-bilinear resize to (W, H) if the size differs, /255, (x - mean) / std, HWC ->
-CHW), re-implemented here because the server depends on the artifact format
-only; tests check that both give identical arrays.
+`preprocess` is the same arithmetic as refiner.data.datasets.preprocess_image (RGB;
+shorter side to resize_size with torchvision's rounding and a centre crop, or a
+plain resize to (W, H); /255; (x - mean) / std; HWC -> CHW), re-implemented here
+because the server depends on the artifact format only; tests check that both
+give identical arrays, and both match torchvision's transforms.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ __all__ = ["ACCEPTED_FORMATS", "decode_image", "preprocess"]
 
 ACCEPTED_FORMATS = ("JPEG", "PNG")
 _EXPECTED = "expected a JPEG or PNG image"
+_FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 _SIGNATURES = {"PNG": b"\x89PNG\r\n\x1a\n", "JPEG": b"\xff\xd8\xff"}
 
 
@@ -64,8 +66,18 @@ def preprocess(image: Image.Image, pre: Preprocess) -> np.ndarray:
     """PIL image -> normalised float32 array (3, H, W)."""
     _, h, w = pre.input_size
     image = image.convert("RGB")
-    if image.size != (w, h):
-        image = image.resize((w, h), Image.BILINEAR)
+    mode = _FILTERS[pre.interpolation]
+    if pre.resize_size is None:
+        if image.size != (w, h):
+            image = image.resize((w, h), mode)
+    else:
+        iw, ih = image.size
+        new_short, new_long = pre.resize_size, int(pre.resize_size * max(iw, ih) / min(iw, ih))
+        size = (new_short, new_long) if iw <= ih else (new_long, new_short)
+        if size != image.size:
+            image = image.resize(size, mode)
+        top, left = int(round((size[1] - h) / 2.0)), int(round((size[0] - w) / 2.0))
+        image = image.crop((left, top, left + w, top + h))
     x = np.asarray(image, dtype=np.float32) / 255.0
     x = (x - np.asarray(pre.mean, dtype=np.float32)) / np.asarray(pre.std, dtype=np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))

@@ -130,3 +130,58 @@ def test_fit_torchvision_efficientnet_on_a_tiny_imagefolder(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["a"]["arch"] == "efficientnet_b0" and report["a"]["layer"] == "features.5.1.add"
     assert report["a"]["feature_shape"] == [112, 14, 14] and 0 <= report["tables"]["test"]["instability"]
+
+
+def _tiny_imagefolder(root, sizes=((40, 48), (64, 30))):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(8):
+            h, w = sizes[i % len(sizes)]
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / c / f"{i}.jpg")
+    return root
+
+
+def test_fit_timm_convnext_on_a_tiny_imagefolder(tmp_path, capsys):
+    """A timm model by its timm name, from bare state_dicts, fed with its pretrained config's resize + crop."""
+    import torch
+
+    from refiner.models.architectures import create_model
+
+    data = _tiny_imagefolder(tmp_path / "imgs")
+    for name, seed in (("a.pt", 0), ("b.pt", 1)):
+        torch.manual_seed(seed)
+        torch.save(create_model("timm/convnext_atto", 2).state_dict(), tmp_path / name)
+    argv = ["fit", "--a", str(tmp_path / "a.pt"), "--b", str(tmp_path / "b.pt"), "--task", "imagefolder", "--data", str(data),
+            "--classes", "cat,dog", "--g-epochs", "1", "--out", str(tmp_path / "g.pt"), "--cache", str(tmp_path / "c"), "--json",
+            "--arch-a", "timm/convnext_atto", "--arch-b", "timm/convnext_atto"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["a"]["arch"] == "timm/convnext_atto" and report["a"]["layer"] == "stages.2.blocks.5.add"
+    assert report["a"]["feature_shape"] == [160, 14, 14] and 0 <= report["tables"]["test"]["instability"]
+
+
+def test_train_records_preprocessing_overrides_and_fit_applies_them(tmp_path, capsys):
+    from refiner.models.checkpoints import load_checkpoint
+
+    data = _tiny_imagefolder(tmp_path / "imgs")
+    common = ["--task", "imagefolder", "--data", str(data), "--classes", "cat,dog", "--epochs", "1", "--quiet"]
+    pre = ["--img-size", "20", "--crop-pct", "0.8", "--mean", "0.4", "0.5", "0.6", "--std", "0.2", "0.3", "0.25", "--interpolation", "bicubic"]
+    assert main(["train", "--arch", "tiny_vgg", "--out", str(tmp_path / "a.pt"), *common, *pre]) == 0
+    meta = load_checkpoint(tmp_path / "a.pt").meta
+    assert meta.preprocess.model_dump() == {
+        "input_size": (3, 20, 20), "mean": (0.4, 0.5, 0.6), "std": (0.2, 0.3, 0.25), "resize_size": 25, "interpolation": "bicubic",
+    }  # fmt: skip
+    assert main(["train", "--arch", "tiny_vgg", "--out", str(tmp_path / "b.pt"), "--seed", "1", *common]) == 0
+    assert load_checkpoint(tmp_path / "b.pt").meta.preprocess.input_size == (3, 224, 224)  # the task's default
+    capsys.readouterr()
+    fit = ["fit", "--a", str(tmp_path / "a.pt"), "--b", str(tmp_path / "b.pt"), "--task", "imagefolder", "--data", str(data),
+           "--classes", "cat,dog", "--g-epochs", "1", "--out", str(tmp_path / "g.pt"), "--json", "--img-size", "24"]  # fmt: skip
+    assert main(fit) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["a"]["feature_shape"][1:] == [12, 12] and report["b"]["feature_shape"][1:] == [12, 12]  # both fed 24 x 24
+    assert main([*fit[:-2], "--crop-pct", "1.5"]) == 2
+    assert "--crop-pct must be in (0, 1], got 1.5" in capsys.readouterr().err

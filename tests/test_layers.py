@@ -80,7 +80,51 @@ def test_torchvision_model_splits_exactly_and_unsupported_ones_say_why():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(head(trunk(x)), model(x), atol=1e-5)
-    with pytest.raises(ConfigError, match=r"no clean default split layer found in torchvision's 'vit_b_16'.*refiner layers --arch vit_b_16"):
-        get_arch("vit_b_16")
-    with pytest.raises(ConfigError, match="or any torchvision.models classification model"):
+    with pytest.raises(ConfigError, match=r"no clean default split layer found in torchvision's 'googlenet'.*refiner layers --arch googlenet"):
+        get_arch("googlenet")
+    with pytest.raises(ConfigError, match=r"any torchvision.models classification model .*, or timm/<name> for any timm model"):
         get_arch("resnet_9000")
+
+
+@pytest.mark.parametrize(
+    ("arch", "classifier", "layer", "interpolation"),
+    [
+        ("timm/test_resnet", "fc", "layer3.0.add", "bilinear"),  # ResNet: the stride-16 stage's residual sum
+        ("timm/test_convnext", "head.fc", "stages.2.blocks.3.add", "bicubic"),  # ConvNeXt: stage 3's last residual sum
+        ("timm/test_efficientnet", "classifier", "blocks.3", "bicubic"),  # the stride-16 stage's output
+        ("timm/test_vit", "head", "blocks.3.add_1", "bicubic"),  # ViT: a block's output, two thirds through, as tokens
+    ],
+)
+def test_timm_models_split_exactly_with_their_pretrained_preprocessing(arch, classifier, layer, interpolation):
+    spec = get_arch(arch)
+    assert (spec.classifier, spec.default_layer, spec.input_size) == (classifier, layer, (3, 160, 160))
+    # timm's pretrained config: crop_pct 0.95 -> shorter side floor(160 / 0.95) = 168, then the 160 x 160 centre crop
+    assert (spec.preprocess.resize_size, spec.preprocess.interpolation) == (168, interpolation)
+    model = create_model(arch, 4).eval()
+    trunk, head = split_model(model, layer, spec.input_size)
+    x = torch.randn(2, *spec.input_size)
+    with torch.no_grad():
+        feat = trunk(x)
+        assert torch.allclose(head(feat), model(x), atol=1e-5)
+    assert feat.dim() == 4  # a map for g: (N, C, H, W), or for ViT tokens (N, C, L, 1)
+    if arch.endswith("vit"):
+        assert feature_shape(trunk, spec.input_size) == (model.embed_dim, 1 + (160 // 16) ** 2, 1)
+
+
+def test_token_maps_keep_every_token_in_order():
+    from refiner.models.layers import MapToTokens, TokensToMap
+
+    tokens = torch.randn(2, 5, 3)
+    as_map = TokensToMap(torch.nn.Identity())(tokens)
+    assert as_map.shape == (2, 3, 5, 1) and torch.equal(as_map[:, :, 4, 0], tokens[:, 4])
+    assert torch.equal(MapToTokens(torch.nn.Identity())(as_map), tokens)
+
+
+def test_torchvision_vit_splits_as_tokens_and_unknown_timm_names_are_refused():
+    spec = get_arch("vit_b_16")
+    with torch.device("meta"):
+        model = create_model("vit_b_16", 3)
+    trunk, _ = split_model(model, spec.default_layer)
+    assert spec.default_layer.startswith("encoder.layers.") and spec.preprocess.resize_size == 256
+    with pytest.raises(ConfigError, match=r"unknown timm model 'convnxt_atto'; similar timm names: convnext_atto"):
+        get_arch("timm/convnxt_atto")

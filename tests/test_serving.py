@@ -125,6 +125,38 @@ def test_preprocessing_is_identical_to_refiners(served):
         assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
+@pytest.mark.parametrize("resize_size", [None, 16, 19])
+def test_resize_and_crop_match_refiner_and_torchvision(served, resize_size, interpolation):
+    """Shorter side to resize_size + centre crop (or a plain resize): serving == refiner == torchvision's transforms."""
+    from torchvision import transforms as T
+
+    from refiner.data.datasets import Preprocess as RefinerPreprocess
+    from refiner.data.datasets import preprocess_image
+    from serving.artifact import Preprocess
+
+    raw = {"input_size": (3, 16, 16), "mean": (0.4, 0.5, 0.6), "std": (0.2, 0.3, 0.25), "resize_size": resize_size, "interpolation": interpolation}
+    ours, theirs = Preprocess.model_validate(raw), RefinerPreprocess.model_validate(raw)
+    mode = getattr(T.InterpolationMode, interpolation.upper())
+    resize = [T.Resize((16, 16), mode)] if resize_size is None else [T.Resize(resize_size, mode), T.CenterCrop(16)]
+    reference = T.Compose([*resize, T.ToTensor(), T.Normalize(raw["mean"], raw["std"])])
+    for image in _varied_images(served):
+        a, b = preprocess(image, ours), preprocess_image(image, theirs)
+        assert a.shape == (3, 16, 16) and np.array_equal(a, b)
+        np.testing.assert_allclose(a, reference(image.convert("RGB")).numpy(), atol=1e-6)
+
+
+def test_preprocess_refuses_a_crop_larger_than_the_resize():
+    from pydantic import ValidationError
+
+    from refiner.data.datasets import Preprocess as RefinerPreprocess
+    from serving.artifact import Preprocess
+
+    for cls in (Preprocess, RefinerPreprocess):
+        with pytest.raises(ValidationError, match="resize_size 20 is smaller than the 24x24 crop"):
+            cls(input_size=(3, 24, 24), mean=(0.5,) * 3, std=(0.5,) * 3, resize_size=20)
+
+
 def test_v2_json_round_trip_equals_onnx_session(client, served):
     x = batch(served, 3)
     r = client.post(f"/v2/models/{served.name}/infer", json=infer_json(x, id="req-7"))

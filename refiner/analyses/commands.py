@@ -10,8 +10,11 @@ from refiner.errors import ConfigError
 __all__ = ["register"]
 
 
-def register(sub, command, add_task, add_g, g_configs, runtime_config) -> None:
-    """Add one sub-parser per analysis; `command(sub, name, help, examples)` makes a parser."""
+def register(sub, command, add_task, add_g, g_configs, runtime_config, preprocess) -> None:
+    """Add one sub-parser per analysis; `command(sub, name, help, examples)` makes a parser.
+
+    `preprocess(args, pre)` applies the command line's preprocessing overrides to a loaded net's.
+    """
     p = command(
         sub,
         "diagnose",
@@ -26,7 +29,7 @@ def register(sub, command, add_task, add_g, g_configs, runtime_config) -> None:
     p.add_argument("--layer-strong", help="layer of the strong net (default: the architecture's default layer)")
     p.add_argument("--channel", type=int, help="channel to picture (default: the one with the largest Δ share)")
     _add_images(p)
-    _add_common(p, add_task, add_g, g_configs)
+    _add_common(p, add_task, add_g, g_configs, preprocess)
     p.set_defaults(run=_run_diagnose, runtime_config=runtime_config)
 
     p = command(
@@ -41,7 +44,7 @@ def register(sub, command, add_task, add_g, g_configs, runtime_config) -> None:
     )
     p.add_argument("--models", required=True, nargs="+", type=Path, help="checkpoints of nets trained the same way (at least 2)")
     p.add_argument("--layers", nargs="+", help="layers to compare (default: the architecture's default layer)")
-    _add_common(p, add_task, add_g, g_configs)
+    _add_common(p, add_task, add_g, g_configs, preprocess)
     p.set_defaults(run=_run_stability, runtime_config=runtime_config)
 
     p = command(
@@ -60,7 +63,7 @@ def register(sub, command, add_task, add_g, g_configs, runtime_config) -> None:
     p.add_argument("--finetune-lr", type=float, default=0.01, help="peak SGD learning rate of the fine-tuning (default: 0.01)")
     p.add_argument("--batch-size", type=int, default=128, help="fine-tuning batch size (default: 128)")
     _add_images(p)
-    _add_common(p, add_task, add_g, g_configs)
+    _add_common(p, add_task, add_g, g_configs, preprocess)
     p.set_defaults(run=_run_compression, runtime_config=runtime_config)
 
     p = command(
@@ -79,7 +82,7 @@ def register(sub, command, add_task, add_g, g_configs, runtime_config) -> None:
     p.add_argument("--kd-weight", type=float, default=0.5, help="loss = CE + W * KD (default: 0.5)")
     p.add_argument("--temperature", type=float, default=1.0, help="KD temperature τ (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="students' seeds are SEED + generation (default: 0)")
-    _add_common(p, add_task, add_g, g_configs)
+    _add_common(p, add_task, add_g, g_configs, preprocess)
     p.set_defaults(run=_run_distillation, runtime_config=runtime_config)
 
 
@@ -87,11 +90,11 @@ def _add_images(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=int, default=4, help="test images pictured as heatmaps (default: 4; 0: none)")
 
 
-def _add_common(p: argparse.ArgumentParser, add_task, add_g, g_configs) -> None:
+def _add_common(p: argparse.ArgumentParser, add_task, add_g, g_configs, preprocess) -> None:
     p.add_argument("--out", required=True, type=Path, help="report folder to write (must not exist): report.json, *.png, report.html")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need arbitrary unpickling (runs code from the file!)")
     add_g(p)
-    p.set_defaults(g_configs=g_configs)
+    p.set_defaults(g_configs=g_configs, preprocess=preprocess)
     p.add_argument("--test-per-class", type=int, help="test images per class measured (default: all)")
     add_task(p)
 
@@ -109,7 +112,9 @@ def _analysis_config(args):
 def _load(args, path: Path):
     from refiner.models.checkpoints import load_checkpoint
 
-    return load_checkpoint(path, trust=args.trust_checkpoint)
+    clf = load_checkpoint(path, trust=args.trust_checkpoint)
+    clf.meta = clf.meta.model_copy(update={"preprocess": args.preprocess(args, clf.meta.preprocess)})
+    return clf
 
 
 def _where(args) -> dict:

@@ -116,8 +116,8 @@ def build(
     g, comparison, pairs = compare(clf_a, clf_b, data, compare_config, cache_dir, measure=(), extra=("val", "test"), fitted=fitted)
     seconds["features_and_g"] = time.perf_counter() - start
     layer_a, layer_b = comparison.a.layer, comparison.b.layer
-    trunk_a, head_a = split_model(clf_a.model, layer_a)
-    _, head_b = split_model(clf_b.model, layer_b)
+    trunk_a, head_a = split_model(clf_a.model, layer_a, clf_a.meta.preprocess.input_size)
+    _, head_b = split_model(clf_b.model, layer_b, clf_b.meta.preprocess.input_size)
     heads = {"A": _head(head_a, clf_a, data.classes, config), "B": _head(head_b, clf_b, data.classes, config)}
     work = Path(tempfile.mkdtemp(prefix="build-", dir=_work_root(cache_dir)))
     try:

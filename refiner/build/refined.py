@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from refiner.engine.isomorphism import IsomorphismNet
 from refiner.models.architectures import get_arch
+from refiner.models.layers import MapToTokens
 
 __all__ = ["RefinedModel", "OutputSlice", "replace_classifier"]
 
@@ -53,7 +54,8 @@ def replace_classifier(head: nn.Module, arch: str, num_classes: int) -> nn.Modul
     head = copy.deepcopy(head)
     name = get_arch(arch).classifier
     parent_name, _, child = name.rpartition(".")
-    parent = head.get_submodule(parent_name) if parent_name else head
+    graph = head.head if isinstance(head, MapToTokens) else head  # a token layer's head holds the graph inside
+    parent = graph.get_submodule(parent_name) if parent_name else graph
     old = getattr(parent, child)
     assert isinstance(old, nn.Linear), f"{arch}'s classifier {name} is not nn.Linear"
     setattr(parent, child, nn.Linear(old.in_features, num_classes))

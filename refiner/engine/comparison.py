@@ -89,7 +89,7 @@ def compare(
     layer_b = config.layer_b or default_layer(clf_b)
     shapes = []
     for clf, layer in ((clf_a, layer_a), (clf_b, layer_b)):
-        trunk, _ = split_model(clf.model, layer)
+        trunk, _ = split_model(clf.model, layer, clf.meta.preprocess.input_size)
         shapes.append(feature_shape(trunk, clf.meta.preprocess.input_size))
     if len(shapes[0]) != len(shapes[1]):
         raise ConfigError(

@@ -107,7 +107,7 @@ def classifier_features(
     }
     dataset = ImageDataset(samples, data.classes, clf.meta.preprocess)
     desc = f"{clf.path.name}:{layer} {split}"
-    trunk = _Lazy(lambda: inference_trunk(split_model(clf.model, layer)[0], runtime))
+    trunk = _Lazy(lambda: inference_trunk(split_model(clf.model, layer, clf.meta.preprocess.input_size)[0], runtime))
     return cached_features(trunk, dataset, key, cache_dir, runtime=runtime, dtype=dtype, desc=desc)
 
 

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from refiner.data.datasets import ImageDataset
+from refiner.data.datasets import ImageDataset, Preprocess
 from refiner.data.tasks import SplitOptions, load_task
 from refiner.engine import distributed as dist
 from refiner.engine.device import Runtime, RuntimeConfig
@@ -174,11 +174,15 @@ def _stepping(loader: DataLoader, scheduler: torch.optim.lr_scheduler.LRSchedule
 
 
 def train_base(
-    arch: str, task: str, data: Path | None, config: TrainConfig, out: Path, split: SplitOptions | None = None
-) -> CheckpointMeta:
-    """Train a base classifier on a task's base classes from scratch and save a refiner checkpoint."""
+    arch: str, task: str, data: Path | None, config: TrainConfig, out: Path, split: SplitOptions | None = None,
+    preprocess: Preprocess | None = None,
+) -> CheckpointMeta:  # fmt: skip
+    """Train a base classifier on a task's base classes from scratch and save a refiner checkpoint.
+
+    `preprocess` (default: the task's) is what the net is trained with and what its checkpoint records.
+    """
     task_data = load_task(task, data, target=False, options=split)
-    pre = task_data.preprocess
+    pre = preprocess or task_data.preprocess
     datasets = {name: ImageDataset(task_data.split(name), task_data.classes, pre) for name in ("train", "val", "test")}
     torch.manual_seed(config.seed)
     model = create_model(arch, len(task_data.classes), pre.input_size[0])

@@ -6,8 +6,13 @@ other classification model of torchvision's registry (`torchvision.models.list_m
 is registered on first use, its classifier found as the last linear layer and its
 default layer by family: ResNets' layer3 residual sum, VGG's block-4 conv,
 ConvNeXt's stage-3 residual sum, else the residual sum (or conv output) about two
-thirds of the way through that is a clean cut. `create_model(name, num_classes,
-in_chans)` builds one.
+thirds of the way through that is a clean cut. timm models are named
+"timm/<name>" (`timm.list_models()`): their classifier is their pretrained
+config's, their default layer the residual sum ending the `feature_info` stage
+at stride 16 (two thirds of the way through ViTs' blocks). Each torchvision or
+timm spec carries the preprocessing its pretrained weights expect (resize,
+centre crop, mean, std, interpolation). `create_model(name, num_classes,
+in_chans)` builds one; nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -15,12 +20,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import difflib
+import math
+import re
+
 import torchvision
 from torch import nn
 
+from refiner.data.datasets import Preprocess
 from refiner.errors import ConfigError, LayerError
 
-__all__ = ["ArchSpec", "register_arch", "create_model", "get_arch", "list_archs"]
+__all__ = ["ArchSpec", "TIMM_PREFIX", "register_arch", "create_model", "get_arch", "list_archs"]
+
+TIMM_PREFIX = "timm/"  # "timm/convnext_atto": a timm model by its timm name
 
 
 @dataclass(frozen=True)
@@ -32,6 +44,7 @@ class ArchSpec:
     classifier: str  # state_dict prefix of the last linear layer, e.g. "fc"
     default_layer: str  # the paper's split point: a conv output before BN/ReLU, or a residual sum before its ReLU
     input_size: tuple[int, int, int]  # natural (C, H, W)
+    preprocess: Preprocess | None = None  # what its pretrained weights expect (None: the task's preprocessing)
 
 
 _REGISTRY: dict[str, ArchSpec] = {}
@@ -49,12 +62,15 @@ def list_archs() -> list[str]:
 
 def get_arch(name: str) -> ArchSpec:
     if name not in _REGISTRY:
-        if name not in _torchvision_classifiers():
+        if name.startswith(TIMM_PREFIX):
+            register_arch(_from_timm(name))
+        elif name in _torchvision_classifiers():
+            register_arch(_from_torchvision(name))
+        else:
             raise ConfigError(
-                f"unknown architecture {name!r}; valid names: {', '.join(list_archs())}, or any torchvision.models "
-                "classification model (torchvision.models.list_models())"
+                f"unknown architecture {name!r}; valid names: {', '.join(list_archs())}, any torchvision.models "
+                "classification model (torchvision.models.list_models()), or timm/<name> for any timm model (timm.list_models())"
             )
-        register_arch(_from_torchvision(name))
     return _REGISTRY[name]
 
 
@@ -103,11 +119,66 @@ def _from_torchvision(name: str) -> ArchSpec:
         break
     else:
         raise ConfigError(f"no clean default split layer found in torchvision's {name!r}; pass --layer-a/--layer-b (see `refiner layers --arch {name}`)")
+    pre = _torchvision_preprocess(name)
+    size = pre.input_size[1] if pre else 224
+    return ArchSpec(name, _torchvision(name), classifier, layer, (3, size, size), pre)
+
+
+def _torchvision_preprocess(name: str) -> Preprocess | None:
+    """The evaluation transform of the model's default torchvision weights (resize, crop, mean, std, interpolation)."""
     try:
-        size = int(torchvision.models.get_model_weights(name).DEFAULT.transforms().crop_size[0])
-    except (ValueError, AttributeError, IndexError):
-        size = 224
-    return ArchSpec(name, _torchvision(name), classifier, layer, (3, size, size))
+        t = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+        crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
+        return Preprocess(
+            input_size=(3, crop, crop), mean=tuple(t.mean), std=tuple(t.std), resize_size=resize, interpolation=t.interpolation.value
+        )
+    except (ValueError, AttributeError, IndexError, TypeError):  # no weights, or a transform of another kind
+        return None
+
+
+def _from_timm(arch: str) -> ArchSpec:
+    """An ArchSpec for a timm model: classifier and preprocessing from its pretrained config, default layer from feature_info."""
+    import timm
+
+    from refiner.models.layers import list_layers, split_model
+
+    name = arch.removeprefix(TIMM_PREFIX)
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        raise ConfigError(f"unknown timm model {name!r}; similar timm names: {', '.join(close) or 'none'} (see timm.list_models())")
+    model = timm.create_model(name, pretrained=False, num_classes=10)
+    cfg = model.pretrained_cfg
+    classifier = cfg.get("classifier")
+    modules = dict(model.named_modules())
+    if not isinstance(modules.get(classifier), nn.Linear):
+        raise ConfigError(f"timm's {name!r} has no linear classifier at {classifier!r}, so refiner cannot replace it")
+    stages = [f for f in model.feature_info if f["module"]] if hasattr(model, "feature_info") else []
+    at16 = [f for f in stages if f.get("reduction") == 16]
+    pick = at16[(2 * len(at16) - 1) // 3] if at16 else stages[2 * len(stages) // 3] if stages else None
+    if pick is None:
+        raise ConfigError(f"timm's {name!r} has no feature_info to choose a default layer; pass --layer-a/--layer-b (see `refiner layers --arch {arch}`)")
+    stage = pick["module"]
+    nodes = list_layers(model)
+    sums = [n for n in nodes if n.startswith(stage + ".") and re.search(r"\.add(_\d+)?$", n)]
+    layer = sums[-1] if sums else stage
+    split_model(model, layer)  # a clean cut, or a LayerError naming the problem
+    size = tuple(int(v) for v in cfg.get("input_size", (3, 224, 224)))
+    interpolation = cfg.get("interpolation", "bicubic")
+    pre = Preprocess(
+        input_size=size, mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))), std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+        resize_size=math.floor(size[1] / cfg.get("crop_pct", 0.875) + 1e-9),
+        interpolation=interpolation if interpolation in ("nearest", "bilinear", "bicubic") else "bicubic",
+    )  # fmt: skip
+    return ArchSpec(arch, _timm(name), classifier, layer, size, pre)
+
+
+def _timm(name: str) -> Callable[[int, int], nn.Module]:
+    def build(num_classes: int, in_chans: int) -> nn.Module:
+        import timm
+
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+
+    return build
 
 
 def create_model(name: str, num_classes: int, in_chans: int = 3) -> nn.Module:
@@ -211,14 +282,17 @@ class CifarResNet(nn.Module):
 
 def _register_all() -> None:
     # AlexNet's conv5 output, before its ReLU.
-    register_arch(ArchSpec("alexnet", _torchvision("alexnet"), "classifier.6", "features.10", (3, 224, 224)))
+    tv = lambda name, classifier, layer: ArchSpec(  # noqa: E731
+        name, _torchvision(name), classifier, layer, (3, 224, 224), _torchvision_preprocess(name)
+    )
+    register_arch(tv("alexnet", "classifier.6", "features.10"))
     for name, cfg in (("vgg11", "A"), ("vgg13", "B"), ("vgg16", "D")):
         for bn in (False, True):
             full = name + ("_bn" if bn else "")
-            register_arch(ArchSpec(full, _torchvision(full), "classifier.6", _vgg_block4_conv(cfg, bn), (3, 224, 224)))
+            register_arch(tv(full, "classifier.6", _vgg_block4_conv(cfg, bn)))
     # ResNets: the residual sum of layer3's last block, before its ReLU (the authors' layer3.N.add).
     for name, last in (("resnet18", 1), ("resnet34", 5), ("resnet50", 5)):
-        register_arch(ArchSpec(name, _torchvision(name), "fc", f"layer3.{last}.add", (3, 224, 224)))
+        register_arch(tv(name, "fc", f"layer3.{last}.add"))
     # SmallVGG(32, 64, 128) x 2 convs: features.10 is block 2's last conv, before BN (64 x 16 x 16 at 32 px).
     register_arch(
         ArchSpec("small_vgg", lambda n, c: SmallVGG((32, 64, 128), 2, n, c, 256), "classifier.4", "features.10", (3, 32, 32))

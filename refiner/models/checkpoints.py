@@ -93,8 +93,9 @@ def load_checkpoint(
     """Load a refiner checkpoint, or the weights of any file the module docstring lists.
 
     Without refiner's metadata, `arch` (else the one architecture the keys fit)
-    says what to build, num_classes is read from the classifier's weight, and
-    `preprocess` / `class_names` fill in what the file does not say.
+    says what to build, num_classes is read from the classifier's weight, the
+    preprocessing is the architecture's pretrained one (torchvision, timm) or else
+    `preprocess`, and `class_names` fill in what the file does not say.
     """
     path = Path(path)
     if not path.is_file():
@@ -233,7 +234,7 @@ def _bare_meta(
     num_classes = int(state[key].shape[0])
     if class_names is not None and len(class_names) != num_classes:
         class_names = None
-    pre = preprocess or Preprocess(input_size=spec.input_size)
+    pre = spec.preprocess or preprocess or Preprocess(input_size=spec.input_size)
     return CheckpointMeta(
         arch=arch,
         num_classes=num_classes,

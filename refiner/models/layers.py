@@ -1,7 +1,11 @@
 """Split a classifier at a named layer into trunk (input -> layer) and head (layer -> logits).
 
 Layer names are torchvision's graph node names (`get_graph_node_names`); a
-module name such as "layer3" stands for the last node inside that module.
+module name such as "layer3" stands for the last node inside that module. timm
+models are traced with timm's leaf modules and functions. A layer that outputs
+tokens (N, L, C), as a ViT block does, is handed on as a token map (N, C, L, 1)
+so that g sees channels and positions as it does for a conv feature; the head
+turns it back into tokens.
 """
 
 from __future__ import annotations
@@ -15,14 +19,45 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 from refiner.errors import LayerError
 
-__all__ = ["list_layers", "split_model", "feature_shape"]
+__all__ = ["list_layers", "split_model", "feature_shape", "TokensToMap", "MapToTokens"]
+
+
+def _tracer_kwargs(model: nn.Module) -> dict | None:
+    """timm's modules and functions that symbolic tracing must not enter (None for other models)."""
+    if not type(model).__module__.startswith("timm."):
+        return None
+    from timm.layers import get_notrace_functions, get_notrace_modules
+
+    return {"leaf_modules": get_notrace_modules(), "autowrap_functions": get_notrace_functions()}
 
 
 def list_layers(model: nn.Module) -> list[str]:
     """Every node name usable as a split point (eval-mode graph)."""
     with warnings.catch_warnings():  # torchvision notes that eval-mode nodes are a subset of train-mode ones: we use eval
         warnings.filterwarnings("ignore", message="NOTE: The nodes obtained by tracing")
-        return get_graph_node_names(model)[1]
+        return get_graph_node_names(model, tracer_kwargs=_tracer_kwargs(model))[1]
+
+
+class TokensToMap(nn.Module):
+    """A trunk whose tokens (N, L, C) are handed on as a map (N, C, L, 1)."""
+
+    def __init__(self, trunk: nn.Module) -> None:
+        super().__init__()
+        self.trunk = trunk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(x).transpose(1, 2).unsqueeze(-1)
+
+
+class MapToTokens(nn.Module):
+    """A head fed a token map (N, C, L, 1), turned back into the tokens (N, L, C) it reads."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        return self.head(feat.squeeze(-1).transpose(1, 2))
 
 
 def _resolve(model: nn.Module, layer: str) -> tuple[str, str]:
@@ -36,19 +71,27 @@ def _resolve(model: nn.Module, layer: str) -> tuple[str, str]:
     return layer, nodes[-1]
 
 
-def split_model(model: nn.Module, layer: str) -> tuple[GraphModule, GraphModule]:
-    """Return (trunk, head) with head(trunk(x)) == model(x); both share model's parameters."""
+def split_model(model: nn.Module, layer: str, input_size: tuple[int, int, int] | None = None) -> tuple[nn.Module, nn.Module]:
+    """Return (trunk, head) with head(trunk(x)) == model(x); both share model's parameters.
+
+    With `input_size`, a layer that outputs tokens gets the token-map wrappers
+    (without it, trunk and head are the plain graphs).
+    """
     layer, last = _resolve(model, layer)
     was_training = model.training
     model.eval()
+    tracer = _tracer_kwargs(model)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="NOTE: The nodes obtained by tracing")
-            trunk_full = create_feature_extractor(model, {layer: "feat"})
-            full = create_feature_extractor(model, {layer: "feat", last: "logits"})
+            trunk_full = create_feature_extractor(model, {layer: "feat"}, tracer_kwargs=tracer)
+            full = create_feature_extractor(model, {layer: "feat", last: "logits"}, tracer_kwargs=tracer)
     finally:
         model.train(was_training)
-    return _single_output(trunk_full, "feat"), _cut_head(full, layer)
+    trunk, head = _single_output(trunk_full, "feat"), _cut_head(full, layer)
+    if input_size is not None and len(feature_shape(trunk, input_size)) == 2:
+        return TokensToMap(trunk), MapToTokens(head)
+    return trunk, head
 
 
 def _single_output(gm: GraphModule, key: str) -> GraphModule:
@@ -69,16 +112,19 @@ def _cut_head(full: GraphModule, layer: str) -> GraphModule:
         feat_in = graph.placeholder("feat")
     feat_node.replace_all_uses_with(feat_in)
     out.args = (logits_node,)
+    for node in [n for n in graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") == "_assert"]:
+        graph.erase_node(node)  # checks of the input's shape (timm's patch embedding) belong to the trunk
     graph.eliminate_dead_code()
-    used = [n.name for n in inputs if n.users]
-    if used:
+    optional = [n for n in inputs if n.args]  # forward arguments with defaults (timm's attn_mask): kept, not fed
+    if any(n.users for n in inputs if n not in optional):
         raise LayerError(
             f"layer {layer!r} is not a clean cut point: the layers above it also read the "
             "model's input or earlier activations (e.g. a residual branch); choose the output "
             "of a whole block, such as a stage name like 'layer3'"
         )
     for n in inputs:
-        graph.erase_node(n)
+        if not n.users:
+            graph.erase_node(n)
     # A plain GraphModule: torchvision's dual train/eval graphs would undo the cut in train mode.
     return GraphModule(full, graph)
 
