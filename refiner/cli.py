@@ -19,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Run `refiner COMMAND --help` for each command's options and examples.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for register in (_train_args, _fit_args, _build_args, _serve_args, _layers_args, _analyze_args):
+    for register in (_train_args, _fit_args, _build_args, _export_args, _serve_args, _layers_args, _analyze_args):
         register(sub)
     return parser
 
@@ -276,7 +276,27 @@ def _build_args(sub) -> None:
     p.add_argument("--g", type=Path, dest="g_file", help="reuse a g written by `refiner fit --on target` for the same A, B and layers instead of fitting one")
     p.add_argument("--name", help="model name in the repository (default: <task>-refined)")
     p.add_argument("--models", type=Path, default=Path("models"), help="model repository folder (default: models/)")
+    _add_export(p, fp16=False)
     p.set_defaults(run=_run_build)
+
+
+def _add_export(p: argparse.ArgumentParser, fp16: bool) -> None:
+    """How the refined model becomes ONNX; shared by build and export."""
+    group = p.add_argument_group("ONNX export")
+    group.add_argument("--opset", type=int, help="ONNX opset, 18 or above (default: the exporter's)")
+    if fp16:
+        group.add_argument("--fp16", action="store_true", help="float16 weights and activations behind a float32 input and output (checked at 1%% of the logits' scale)")
+    group.add_argument("--quantize", choices=["int8"], help="onnxruntime static INT8 (QDQ, per-channel), calibrated on validation images and scored on test images")
+    group.add_argument("--max-int8-drop", type=float, default=1.0, help="test accuracy points INT8 may lose before the artifact is refused (default: 1)")
+
+
+def _export_options(args):
+    from refiner.build.publish import ExportOptions
+    from refiner.errors import ConfigError
+
+    if args.opset is not None and args.opset < 18:
+        raise ConfigError(f"--opset must be 18 or above (the lowest torch's ONNX exporter writes), got {args.opset}")
+    return ExportOptions(opset=args.opset, fp16=getattr(args, "fp16", False), quantize=args.quantize, max_int8_drop=args.max_int8_drop)
 
 
 def _run_build(args) -> None:
@@ -300,10 +320,71 @@ def _run_build(args) -> None:
         head=HeadConfig(**head),
         ablations=not args.no_ablations,
         name=args.name or f"{args.task}-refined",
+        export=_export_options(args),
     )
     result = build(a, b, args.task, args.data, config, models=args.models, classes=_classes(args), split=_split(args), cache_dir=args.cache, g_file=args.g_file)
     if result is not None:  # rank 0 (or the only process)
         print(result.report.model_dump_json() if args.json else result.summary())
+
+
+def _export_args(sub) -> None:
+    p = _command(
+        sub,
+        "export",
+        "Export a refined model (a build's refined.pt, or A's trunk + a g from `refiner fit` + B's upper layers) as a validated ONNX artifact.",
+        "  refiner export --refined models/cifar-animal-refined/1/refined.pt --name cifar-animal-int8 --task cifar-animal --data cifar10/ --quantize int8\n"
+        "  refiner export --refined models/digits-refined/1/refined.pt --name digits-fp16 --fp16\n"
+        "  refiner export --a a.pt --b b.pt --g g.pt --name digits-unrefined --task digits --classes 0,1,2,3,4,5\n",
+    )
+    source = p.add_argument_group("source: --refined, or --a --b --g")
+    source.add_argument("--refined", type=Path, help="a refined checkpoint (models/<name>/<version>/refined.pt from `refiner build`)")
+    source.add_argument("--a", type=Path, help="checkpoint of net A, whose trunk feeds g")
+    source.add_argument("--b", type=Path, help="checkpoint of net B, whose upper layers and own classifier read g's output")
+    source.add_argument("--g", type=Path, dest="g_file", help="a g written by `refiner fit` for A and B (its layers are used)")
+    source.add_argument("--arch-a", help="architecture of A when --a is a bare state_dict")
+    source.add_argument("--arch-b", help="architecture of B when --b is a bare state_dict")
+    source.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need arbitrary unpickling (runs code from the file!)")
+    p.add_argument("--name", required=True, help="model name in the repository")
+    p.add_argument("--models", type=Path, default=Path("models"), help="model repository folder (default: models/)")
+    p.add_argument("--task", help="task whose validation images check the export and calibrate INT8, and whose test images score it (default: seeded random inputs; needed for --quantize)")
+    p.add_argument("--data", type=Path, help="dataset folder of --task")
+    p.add_argument("--classes", help="with --a/--b/--g: comma-separated classes of B the model answers (default: all of B's)")
+    p.add_argument("--skip-bad-images", action="store_true", help="leave out image files that do not decode (counted in a warning) instead of stopping")
+    _add_export(p, fp16=True)
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args) -> None:
+    from refiner.build.publish import export_artifact
+    from refiner.build.refined import load_refined, refined_from_parts
+    from refiner.data.tasks import SplitOptions
+    from refiner.engine.comparison import CompareConfig, load_fitted_g
+    from refiner.errors import ConfigError
+    from refiner.models.checkpoints import load_checkpoint
+
+    parts = (args.a, args.b, args.g_file)
+    if (args.refined is None) == all(x is None for x in parts) or (args.refined is None and None in parts):
+        raise ConfigError("give either --refined FILE, or all of --a, --b and --g")
+    if args.refined is not None:
+        if args.classes:
+            raise ConfigError("--classes applies to --a/--b/--g; a refined checkpoint answers the classes it was built for")
+        model, spec = load_refined(args.refined)
+    else:
+        a = load_checkpoint(args.a, arch=args.arch_a, trust=args.trust_checkpoint)
+        b = load_checkpoint(args.b, arch=args.arch_b, trust=args.trust_checkpoint)
+        config, (g, _) = load_fitted_g(args.g_file, a, b, CompareConfig())
+        model, spec = refined_from_parts(a, b, g, config.layer_a, config.layer_b, _classes(args))
+    out = export_artifact(model, spec, args.models, args.name, _export_options(args), args.task, args.data, SplitOptions(skip_bad_images=args.skip_bad_images))
+    if args.json:
+        print(out.metadata.model_dump_json())
+        return
+    from refiner.build.quantize import format_quantization
+
+    c = out.check
+    print(f"ONNX ({c.precision}) max |logit diff| {c.max_abs_diff:.2e} (tolerance {c.atol:.1e}), top-1 agreement {c.top1_agreement:.1%} at batch {c.batch_size}")
+    if out.quantization:
+        print(format_quantization(out.quantization))
+    print(f"artifact: {out.folder}")
 
 
 def _serve_args(sub) -> None:

@@ -58,7 +58,7 @@ def test_artifact_layout_and_metadata(tiny_build, digit_nets):
     model_dir = folder.parent
     assert folder.name == "1"
     assert sorted(p.name for p in folder.iterdir()) == [
-        "accuracy.png", "fit.png", "metadata.json", "model.onnx", "report.html", "report.json", "variance.png",
+        "accuracy.png", "fit.png", "metadata.json", "model.onnx", "refined.pt", "report.html", "report.json", "variance.png",
     ]  # fmt: skip
     assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt", "labels.txt"]
     meta = json.loads((folder / "metadata.json").read_text())
@@ -104,7 +104,7 @@ def test_versions_increase_and_failures_leave_nothing(tmp_path, digit_nets, monk
     def broken(*args, **kwargs):
         raise RuntimeError("injected failure during export validation")
 
-    monkeypatch.setattr("refiner.build.pipeline.validate_onnx", broken)
+    monkeypatch.setattr("refiner.build.publish.validate_onnx", broken)
     with pytest.raises(RuntimeError, match="injected"):
         build(*digit_nets, "digits", None, BuildConfig(name="m", **FAST), models=models)
     assert sorted(p.name for p in (models / "m").iterdir()) == ["1", "config.pbtxt", "labels.txt"]

@@ -164,3 +164,37 @@ def test_unusable_files_say_what_they_hold_and_which_flag_fixes_it(tmp_path):
     torch.save({"module." + k: v for k, v in model.state_dict().items()}, tmp_path / "dp.pt")
     with pytest.raises(CheckpointError, match=r"\(keys stripped of 'module.'\) has no 'fc.weight', so it is not a 'tiny_resnet'"):
         load_checkpoint(tmp_path / "dp.pt", arch="tiny_resnet")
+
+
+def test_torchvision_pretrained_weights_come_from_the_local_cache_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(CheckpointError, match=r"no local copy of torchvision's ResNet18_Weights.IMAGENET1K_V1: looked in .*resnet18-f37072fd.pth\. refiner never downloads"):
+        load_checkpoint("torchvision/resnet18")
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    weights = create_model("resnet18", 1000).state_dict()
+    torch.save(weights, tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    clf = load_checkpoint("torchvision/resnet18")
+    assert (clf.meta.arch, clf.meta.num_classes, clf.meta.class_names[0]) == ("resnet18", 1000, "tench")
+    assert (clf.meta.preprocess.resize_size, clf.meta.preprocess.input_size) == (256, (3, 224, 224))  # the weights' transform
+    assert torch.equal(clf.model.state_dict()["fc.weight"], weights["fc.weight"])
+
+
+def test_timm_pretrained_weights_come_from_the_hugging_face_cache_only(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    import timm
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(CheckpointError, match=r"no local copy of timm's 'test_convnext' weights: looked in the Hugging Face cache for timm/test_convnext.r160_in1k"):
+        load_checkpoint("timm/test_convnext")
+    repo = tmp_path / "hf" / "models--timm--test_convnext.r160_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    weights = timm.create_model("test_convnext").state_dict()
+    save_file(weights, repo / "snapshots" / ("0" * 40) / "model.safetensors")
+    clf = load_checkpoint("timm/test_convnext")
+    assert (clf.meta.arch, clf.meta.num_classes, len(clf.meta.class_names)) == ("timm/test_convnext", 1000, 1000)
+    assert (clf.meta.preprocess.resize_size, clf.meta.preprocess.interpolation) == (168, "bicubic")
+    assert torch.equal(clf.model.state_dict()["head.fc.weight"], weights["head.fc.weight"])

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from refiner.build.publish import ExportOptions
 from refiner.engine.comparison import CompareConfig
 from refiner.engine.finetune import HeadConfig
 
@@ -37,8 +38,7 @@ class BuildConfig(BaseModel):
     seeds: int = Field(3, ge=1)  # fine-tuning seeds per variant
     ablations: bool = True  # also fine-tune on x^(0), x^(0)+x^(1), ...
     control_seed: int = 0  # which other image's Delta each image gets in the Delta-shuffle control
-    max_batch_size: int = Field(32, ge=1)  # written into config.pbtxt and metadata.json
-    atol: float = Field(1e-4, gt=0)  # ONNX vs PyTorch tolerance on logits
+    export: ExportOptions = Field(default_factory=ExportOptions)  # opset, fp16 or INT8, tolerances, max batch
     validation_images: int = Field(16, ge=3)  # real validation images used to check the export
 
     @model_validator(mode="before")

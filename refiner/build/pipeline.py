@@ -22,23 +22,22 @@ import torch
 from torch import nn
 
 from refiner.build.config import BuildConfig
-from refiner.build.export import INPUT_NAME, OUTPUT_NAME, ExportCheck, export_onnx, validate_onnx
-from refiner.build.refined import OutputSlice, RefinedModel, replace_classifier
+from refiner.build.publish import publish
+from refiner.build.quantize import format_quantization
+from refiner.build.refined import NetCut, OutputSlice, RefinedModel, RefinedSpec, replace_classifier
 from refiner.build.report import BuildReport, format_accuracy_table, write_build_report
-from refiner.build.repository import ArtifactMetadata, TensorSpec, new_version, now_iso, write_model_files
 from refiner.build.results import CONTROL, REFINED, VariantResult, headline, paired_tests, worse_than_baselines
-from refiner.data.datasets import ImageDataset
+from refiner.data.datasets import stack_images
 from refiner.data.tasks import SplitOptions, get_task, load_task
 from refiner.engine import distributed as dist
-from refiner.engine.comparison import CompareConfig, ComparisonReport, compare
+from refiner.engine.comparison import ComparisonReport, compare, load_fitted_g
 from refiner.engine.device import Runtime
 from refiner.engine.features import FeatureSet, default_cache_dir, iter_batches
 from refiner.engine.finetune import HeadResult, finetune_head
-from refiner.engine.fitting import FitResult
-from refiner.engine.isomorphism import IsomorphismNet, load_isomorphism
+from refiner.engine.isomorphism import IsomorphismNet
 from refiner.engine.metrics import VarianceAccumulator, VarianceTable
 from refiner.errors import CheckpointError, ConfigError
-from refiner.models.checkpoints import Classifier, file_sha256
+from refiner.models.checkpoints import Classifier
 from refiner.models.layers import split_model
 from refiner.progress import stage
 
@@ -59,8 +58,9 @@ class BuildResult:
         return (
             f"{format_accuracy_table(r.variants, r.config.protocol)}\n\n{r.verdict}\n\n"
             f"instability Var(x^Δ)/Var(x_B) on test: {r.comparison.tables['test'].instability:.4f}\n"
-            f"ONNX max |logit diff| {r.export.max_abs_diff:.2e} at batch {r.export.batch_size}\n"
-            f"artifact: {self.path}"
+            f"ONNX ({r.export.precision}) max |logit diff| {r.export.max_abs_diff:.2e} at batch {r.export.batch_size}\n"
+            + (f"{format_quantization(r.quantization)}\n" if r.quantization else "")
+            + f"artifact: {self.path}"
         )
 
 
@@ -112,7 +112,7 @@ def build(
         _check_label_spaces(clf_a, clf_b, data.classes)
     compare_config, fitted = config.compare, None
     if g_file is not None:
-        compare_config, fitted = _fitted_g(g_file, clf_a, clf_b, config.compare)
+        compare_config, fitted = load_fitted_g(g_file, clf_a, clf_b, config.compare)
     g, comparison, pairs = compare(clf_a, clf_b, data, compare_config, cache_dir, measure=(), extra=("val", "test"), fitted=fitted)
     seconds["features_and_g"] = time.perf_counter() - start
     layer_a, layer_b = comparison.a.layer, comparison.b.layer
@@ -138,25 +138,23 @@ def build(
     for p in model.parameters():
         p.requires_grad_(False)
     t0 = time.perf_counter()
-    stage("ONNX export and validation")
-    val_images = _images(clf_a, data.val, data.classes, config.validation_images)
+    stage("ONNX export and validation" + (" and INT8 quantisation" if config.export.quantize else ""))
+    export = config.export
+    val_images, _ = stack_images(data.val, data.classes, clf_a.meta.preprocess, export.calibration_images if export.quantize else config.validation_images)
+    test = tuple(t.numpy() for t in stack_images(data.test, data.classes, clf_a.meta.preprocess, export.int8_test_images)) if export.quantize else None
     paired = paired_tests(results, METRICS[config.protocol])
+    spec = _spec(config, data.classes, clf_a, clf_b, comparison, g)
     try:
-        with new_version(models, config.name) as (version, folder):
-            export_onnx(model, clf_a.meta.preprocess.input_size, folder / "model.onnx")
-            check = validate_onnx(folder / "model.onnx", model, val_images, config.atol)
+        with publish(models, config.name, model, spec, export, val_images, test) as out:
             seconds["export"] = time.perf_counter() - t0
             seconds["total"] = time.perf_counter() - start
             report = BuildReport(
-                name=config.name, version=version, task=task, classes=data.classes, config=config,
+                name=config.name, version=out.version, task=task, classes=data.classes, config=config,
                 variants=results, paired=paired, verdict=headline(results, paired, config.seeds), comparison=comparison,
-                g_file=Path(g_file).name if g_file else None,
-                export=check, seconds=seconds, runtime={**runtime.record(), "processes": dist.world_size()},
+                g_file=Path(g_file).name if g_file else None, export=out.check, quantization=out.quantization,
+                seconds=seconds, runtime={**runtime.record(), "processes": dist.world_size()},
             )  # fmt: skip
-            meta = _metadata(config, version, data.classes, clf_a, clf_b, comparison, folder / "model.onnx", check)
-            (folder / "metadata.json").write_text(meta.model_dump_json(indent=2))
-            write_build_report(folder, report)
-        write_model_files(models, meta)
+            write_build_report(out.folder, report)
     finally:
         dist.barrier()
     worse = worse_than_baselines(paired)
@@ -166,7 +164,7 @@ def build(
             f"(target-restricted test accuracy, {', '.join(f'{100 * t.mean:+.2f}' for t in worse)} points); see report.html",
             stacklevel=2,
         )
-    return BuildResult(report=report, path=Path(models) / config.name / str(version), model=model)
+    return BuildResult(report=report, path=Path(models) / config.name / str(out.version), model=model)
 
 
 def _check_sources(clf_a: Classifier, clf_b: Classifier, task: str) -> None:
@@ -194,21 +192,6 @@ def _check_label_spaces(clf_a: Classifier, clf_b: Classifier, target: list[str])
             f"--protocol paper scores target classes among the base nets' outputs, but {missing} are not among "
             f"their {len(names_a)} classes ({', '.join(clf_a.meta.class_names)}); use --protocol sound or --classes"
         )
-
-
-def _fitted_g(path: Path, clf_a: Classifier, clf_b: Classifier, config: CompareConfig) -> tuple[CompareConfig, tuple[IsomorphismNet, FitResult]]:
-    """Load a g from `refiner fit` and check that it was fitted between these very nets (sha256) and layers."""
-    g, info = load_isomorphism(path)
-    report = ComparisonReport.model_validate(info["report"])
-    for side, clf, net, layer in (("A", clf_a, report.a, config.layer_a), ("B", clf_b, report.b, config.layer_b)):
-        if net.sha256 != clf.sha256:
-            raise CheckpointError(
-                f"{Path(path).name} was fitted with net {side} {net.path} (sha256 {net.sha256[:12]}), not with "
-                f"{clf.path.name} (sha256 {clf.sha256[:12]}); refit g or pass the nets it was fitted for"
-            )
-        if layer is not None and layer != net.layer:
-            raise ConfigError(f"{Path(path).name} was fitted at layer {net.layer!r} of {side}, not {layer!r}; drop --layer-{side.lower()} or refit g")
-    return config.model_copy(update={"layer_a": report.a.layer, "layer_b": report.b.layer}), (g, report.fit)
 
 
 def _head(upper: nn.Module, clf: Classifier, target: list[str], config: BuildConfig) -> _Head:
@@ -351,35 +334,19 @@ def _finetune_all(
     return results, head.eval()
 
 
-def _images(clf: Classifier, samples: list, classes: list[str], n: int) -> torch.Tensor:
-    """Up to n real images of a split, preprocessed as the refined model expects (A's preprocessing)."""
-    dataset = ImageDataset(samples[:n], classes, clf.meta.preprocess)
-    return torch.stack([dataset[i][0] for i in range(len(dataset))])
-
-
-def _metadata(
-    config: BuildConfig, version: int, classes: list[str], clf_a: Classifier, clf_b: Classifier,
-    comparison: ComparisonReport, onnx_path: Path, check: ExportCheck,
-) -> ArtifactMetadata:  # fmt: skip
-    pre = clf_a.meta.preprocess
-    return ArtifactMetadata(
-        name=config.name,
-        version=version,
-        created=now_iso(),
-        class_names=classes,
-        input=TensorSpec(name=INPUT_NAME, shape=list(pre.input_size)),
-        output=TensorSpec(name=OUTPUT_NAME, shape=[len(classes)]),
-        preprocess=pre,
-        max_batch_size=config.max_batch_size,
-        onnx_sha256=file_sha256(onnx_path),
-        refined={
-            "layer_a": comparison.a.layer,
-            "layer_b": comparison.b.layer,
-            "orders": comparison.g.orders,
-            "lambda": comparison.g.lam,
+def _spec(
+    config: BuildConfig, classes: list[str], clf_a: Classifier, clf_b: Classifier, comparison: ComparisonReport, g: IsomorphismNet
+) -> RefinedSpec:
+    """How to rebuild the exported refined model, with the build's provenance."""
+    kept = config.protocol == "paper"
+    return RefinedSpec(
+        a=NetCut.of(clf_a, comparison.a.layer), b=NetCut.of(clf_b, comparison.b.layer), g=comparison.g, shape_a=list(g.shape_a), shape_b=list(g.shape_b),
+        head="kept" if kept else "new", indices=[clf_b.meta.class_names.index(c) for c in classes] if kept else None,
+        class_names=classes, preprocess=clf_a.meta.preprocess,
+        info={
             "a": {"file": comparison.a.path, "sha256": comparison.a.sha256, "arch": comparison.a.arch},
             "b": {"file": comparison.b.path, "sha256": comparison.b.sha256, "arch": comparison.b.arch},
             "instability_test": comparison.tables["test"].instability,
+            "protocol": config.protocol,
         },
-        export_check=check.model_dump(),
-    )
+    )  # fmt: skip

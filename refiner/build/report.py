@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from refiner.build.config import BuildConfig
 from refiner.build.export import ExportCheck
+from refiner.build.quantize import QuantCheck
 from refiner.build.results import PairedTest, VariantResult
 from refiner.engine.comparison import ComparisonReport
 from refiner.reporting import GLOSSARY, describe_fit, format_fit, format_rows, html_table, page, save_bar_plot, save_fit_curve, variance_rows
@@ -32,6 +33,7 @@ class BuildReport(BaseModel):
     comparison: ComparisonReport
     g_file: str | None = None  # the `refiner fit` file g came from; None: fitted by this build
     export: ExportCheck
+    quantization: QuantCheck | None = None  # --quantize int8: agreement and accuracy drop on test images
     seconds: dict[str, float]
     runtime: dict[str, object]  # device, its name, AMP mode, threads, workers, processes
 

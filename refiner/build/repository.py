@@ -3,6 +3,7 @@
     models/<name>/config.pbtxt          Triton model config (onnxruntime, dynamic batching)
     models/<name>/labels.txt            class names, one per line (Triton's label_filename)
     models/<name>/<version>/model.onnx  one file, no external data
+    models/<name>/<version>/refined.pt        the refined PyTorch model (refiner.build.refined)
     models/<name>/<version>/metadata.json, report.json, report.html, *.png
 
 Versions are increasing integers; a version folder is written under a temporary
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -61,8 +62,10 @@ class ArtifactMetadata(BaseModel):
     preprocess: Preprocess  # RGB, bilinear resize to input_size, /255, (x - mean) / std
     max_batch_size: int = Field(ge=1)
     onnx_sha256: str
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"  # of the graph inside; input and output are always FP32
     refined: dict[str, Any]  # layers, K, lambda, source checkpoint hashes
     export_check: dict[str, Any]  # validation figures (max abs diff, top-1 agreement)
+    quantization: dict[str, Any] | None = None  # INT8: calibration, top-1 agreement and accuracy drop on test images
 
 
 def _versions(model_dir: Path) -> list[int]:

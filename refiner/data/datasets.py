@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from refiner.errors import ConfigError, DataError
 
-__all__ = ["INTERPOLATIONS", "Preprocess", "Sample", "FileSample", "ArraySample", "ImageDataset", "preprocess_image", "fingerprint"]
+__all__ = ["INTERPOLATIONS", "Preprocess", "Sample", "FileSample", "ArraySample", "ImageDataset", "preprocess_image", "fingerprint", "stack_images"]
 
 
 INTERPOLATIONS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
@@ -170,3 +170,11 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         s = self.samples[i]
         return torch.from_numpy(preprocess_image(s.load(), self.pre)), self._index[s.label]
+
+
+def stack_images(samples: list[Sample], classes: list[str], pre: Preprocess, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n samples spread evenly over the split (so every class is in), preprocessed into one batch, and their class indices."""
+    picked = [samples[i] for i in np.linspace(0, len(samples) - 1, min(n, len(samples))).round().astype(int)] if samples else []
+    dataset = ImageDataset(picked, classes, pre)
+    images, labels = zip(*(dataset[i] for i in range(len(dataset))))
+    return torch.stack(images), torch.as_tensor(labels)

@@ -12,14 +12,14 @@ from refiner.data.tasks import TaskData
 from refiner.engine.device import Runtime, RuntimeConfig
 from refiner.engine.features import FeatureSet, classifier_features, iter_batches
 from refiner.engine.fitting import FitConfig, FitResult, fit_isomorphism
-from refiner.engine.isomorphism import IsomorphismConfig, IsomorphismNet
+from refiner.engine.isomorphism import IsomorphismConfig, IsomorphismNet, load_isomorphism
 from refiner.engine.metrics import VarianceTable, measure_isomorphism
-from refiner.errors import ConfigError
+from refiner.errors import CheckpointError, ConfigError
 from refiner.models.architectures import get_arch
 from refiner.models.checkpoints import Classifier
 from refiner.models.layers import feature_shape, split_model
 
-__all__ = ["CompareConfig", "NetSide", "ComparisonReport", "compare", "default_layer", "measure_split"]
+__all__ = ["CompareConfig", "NetSide", "ComparisonReport", "compare", "default_layer", "measure_split", "load_fitted_g"]
 
 
 class CompareConfig(BaseModel):
@@ -131,3 +131,21 @@ def compare(
         runtime=runtime.record(),
     )
     return g, report, pairs
+
+
+def load_fitted_g(path: Path, clf_a: Classifier, clf_b: Classifier, config: CompareConfig) -> tuple[CompareConfig, tuple[IsomorphismNet, FitResult]]:
+    """Load a g from `refiner fit`, check that it was fitted between these very nets (sha256) and layers.
+
+    Returns the config with the g's layers filled in, and (g, its fit record).
+    """
+    g, info = load_isomorphism(path)
+    report = ComparisonReport.model_validate(info["report"])
+    for side, clf, net, layer in (("A", clf_a, report.a, config.layer_a), ("B", clf_b, report.b, config.layer_b)):
+        if net.sha256 != clf.sha256:
+            raise CheckpointError(
+                f"{Path(path).name} was fitted with net {side} {net.path} (sha256 {net.sha256[:12]}), not with "
+                f"{clf.path.name} (sha256 {clf.sha256[:12]}); refit g or pass the nets it was fitted for"
+            )
+        if layer is not None and layer != net.layer:
+            raise ConfigError(f"{Path(path).name} was fitted at layer {net.layer!r} of {side}, not {layer!r}; drop --layer-{side.lower()} or refit g")
+    return config.model_copy(update={"layer_a": report.a.layer, "layer_b": report.b.layer}), (g, report.fit)

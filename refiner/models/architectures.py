@@ -30,7 +30,7 @@ from torch import nn
 from refiner.data.datasets import Preprocess
 from refiner.errors import ConfigError, LayerError
 
-__all__ = ["ArchSpec", "TIMM_PREFIX", "register_arch", "create_model", "get_arch", "list_archs"]
+__all__ = ["ArchSpec", "TIMM_PREFIX", "register_arch", "create_model", "get_arch", "list_archs", "timm_preprocess"]
 
 TIMM_PREFIX = "timm/"  # "timm/convnext_atto": a timm model by its timm name
 
@@ -162,14 +162,19 @@ def _from_timm(arch: str) -> ArchSpec:
     sums = [n for n in nodes if n.startswith(stage + ".") and re.search(r"\.add(_\d+)?$", n)]
     layer = sums[-1] if sums else stage
     split_model(model, layer)  # a clean cut, or a LayerError naming the problem
+    pre = timm_preprocess(cfg)
+    return ArchSpec(arch, _timm(name), classifier, layer, pre.input_size, pre)
+
+
+def timm_preprocess(cfg: dict) -> Preprocess:
+    """The evaluation transform of a timm pretrained config (crop_pct -> resize_size as timm computes it)."""
     size = tuple(int(v) for v in cfg.get("input_size", (3, 224, 224)))
     interpolation = cfg.get("interpolation", "bicubic")
-    pre = Preprocess(
+    return Preprocess(
         input_size=size, mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))), std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
         resize_size=math.floor(size[1] / cfg.get("crop_pct", 0.875) + 1e-9),
         interpolation=interpolation if interpolation in ("nearest", "bilinear", "bicubic") else "bicubic",
     )  # fmt: skip
-    return ArchSpec(arch, _timm(name), classifier, layer, size, pre)
 
 
 def _timm(name: str) -> Callable[[int, int], nn.Module]:

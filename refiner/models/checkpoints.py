@@ -8,7 +8,9 @@ state_dicts, the containers of Lightning, timm and torchvision's reference
 scripts ({'state_dict' | 'model' | 'model_state_dict' | 'ema' | 'state_dict_ema': ...}),
 the `module.` / `_orig_mod.` / `model.` prefixes of DataParallel, DDP,
 torch.compile and Lightning, and safetensors files; the architecture is inferred
-from the keys and shapes when exactly one registered architecture fits.
+from the keys and shapes when exactly one registered architecture fits. Names
+`torchvision/<model>` and `timm/<model>` are pretrained weights from local caches
+(refiner.models.pretrained).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from refiner.atomic import atomic_file
 from refiner.data.datasets import Preprocess
 from refiner.errors import CheckpointError, UnsafeCheckpointError
 from refiner.models.architectures import create_model, get_arch, list_archs
+from refiner.models.pretrained import is_pretrained_name, pretrained_source
 
 __all__ = [
     "CheckpointMeta",
@@ -97,9 +100,15 @@ def load_checkpoint(
     preprocessing is the architecture's pretrained one (torchvision, timm) or else
     `preprocess`, and `class_names` fill in what the file does not say.
     """
+    if is_pretrained_name(path):  # torchvision/<model>, timm/<model>: from a local cache
+        model, arch, class_names, pre, file = pretrained_source(str(path))
+        meta = CheckpointMeta(arch=arch, num_classes=len(class_names), class_names=class_names, preprocess=pre, info={"pretrained": str(path)})
+        return Classifier(model=model.eval(), meta=meta, sha256=file_sha256(file), path=file)
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not exist (pretrained weights are named torchvision/<model> or timm/<model>)"
+        )
     obj = _read_safetensors(path) if path.suffix == ".safetensors" else read_untrusted(path, trust)
     found: list[str] = []  # how the weights were reached, for the record and for errors
     if isinstance(obj, nn.Module):
