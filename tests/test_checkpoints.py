@@ -198,3 +198,13 @@ def test_timm_pretrained_weights_come_from_the_hugging_face_cache_only(tmp_path,
     assert (clf.meta.arch, clf.meta.num_classes, len(clf.meta.class_names)) == ("timm/test_convnext", 1000, 1000)
     assert (clf.meta.preprocess.resize_size, clf.meta.preprocess.interpolation) == (168, "bicubic")
     assert torch.equal(clf.model.state_dict()["head.fc.weight"], weights["head.fc.weight"])
+
+
+def test_whole_pickled_timm_model_names_its_architecture(tmp_path):
+    model = create_model("timm/test_vit", 3).eval()
+    torch.save(model, tmp_path / "vit.pt")
+    loaded = load_checkpoint(tmp_path / "vit.pt", trust=True)
+    assert (loaded.meta.arch, loaded.meta.num_classes) == ("timm/test_vit", 3)
+    assert loaded.meta.preprocess.input_size == (3, 160, 160)  # timm's pretrained config for the architecture
+    x = torch.randn(1, 3, 160, 160)
+    assert torch.equal(loaded.model(x), model(x))

@@ -145,7 +145,14 @@ def _tiny_imagefolder(root, sizes=((40, 48), (64, 30))):
     return root
 
 
-def test_fit_timm_convnext_on_a_tiny_imagefolder(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("arch", "layer", "shape"),
+    [
+        ("timm/convnext_atto", "stages.2.blocks.5.add", [160, 14, 14]),
+        ("timm/test_vit", "blocks.3.add_1", [64, 101, 1]),  # ViT tokens (cls + 10 x 10 patches) as a C x L x 1 map
+    ],
+)
+def test_fit_timm_models_on_a_tiny_imagefolder(tmp_path, capsys, arch, layer, shape):
     """A timm model by its timm name, from bare state_dicts, fed with its pretrained config's resize + crop."""
     import torch
 
@@ -154,14 +161,14 @@ def test_fit_timm_convnext_on_a_tiny_imagefolder(tmp_path, capsys):
     data = _tiny_imagefolder(tmp_path / "imgs")
     for name, seed in (("a.pt", 0), ("b.pt", 1)):
         torch.manual_seed(seed)
-        torch.save(create_model("timm/convnext_atto", 2).state_dict(), tmp_path / name)
+        torch.save(create_model(arch, 2).state_dict(), tmp_path / name)
     argv = ["fit", "--a", str(tmp_path / "a.pt"), "--b", str(tmp_path / "b.pt"), "--task", "imagefolder", "--data", str(data),
             "--classes", "cat,dog", "--g-epochs", "1", "--out", str(tmp_path / "g.pt"), "--cache", str(tmp_path / "c"), "--json",
-            "--arch-a", "timm/convnext_atto", "--arch-b", "timm/convnext_atto"]  # fmt: skip
+            "--arch-a", arch, "--arch-b", arch]  # fmt: skip
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["a"]["arch"] == "timm/convnext_atto" and report["a"]["layer"] == "stages.2.blocks.5.add"
-    assert report["a"]["feature_shape"] == [160, 14, 14] and 0 <= report["tables"]["test"]["instability"]
+    assert report["a"]["arch"] == arch and report["a"]["layer"] == layer
+    assert report["a"]["feature_shape"] == shape and 0 <= report["tables"]["test"]["instability"]
 
 
 def test_train_records_preprocessing_overrides_and_fit_applies_them(tmp_path, capsys):

@@ -28,7 +28,7 @@ from torch import nn
 from refiner.atomic import atomic_file
 from refiner.data.datasets import Preprocess
 from refiner.errors import CheckpointError, UnsafeCheckpointError
-from refiner.models.architectures import create_model, get_arch, list_archs
+from refiner.models.architectures import TIMM_PREFIX, create_model, get_arch, list_archs
 from refiner.models.pretrained import is_pretrained_name, pretrained_source
 
 __all__ = [
@@ -113,6 +113,10 @@ def load_checkpoint(
     found: list[str] = []  # how the weights were reached, for the record and for errors
     if isinstance(obj, nn.Module):
         found.append(f"a whole pickled {type(obj).__name__}")
+        timm_name = getattr(obj, "pretrained_cfg", {}).get("architecture") if type(obj).__module__.startswith("timm.") else None
+        if timm_name and arch is None:  # timm models say what they are; others are recognised by their keys
+            arch = TIMM_PREFIX + timm_name
+            found.append(f"architecture {arch!r} from the object")
         obj = obj.state_dict()
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         try:
