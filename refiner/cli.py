@@ -218,7 +218,16 @@ def _split(args):
 
 
 def _classes(args) -> list[str] | None:
-    return [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    from refiner.errors import ConfigError
+
+    if args.classes is None:
+        return None
+    classes = [c.strip() for c in args.classes.split(",")]
+    if "" in classes:
+        raise ConfigError(f"--classes {args.classes!r} has an empty entry; give comma-separated class names, e.g. cat,dog")
+    if len(set(classes)) < len(classes):
+        raise ConfigError(f"--classes names {sorted({c for c in classes if classes.count(c) > 1})} more than once")
+    return classes
 
 
 def _run_fit(args) -> None:
@@ -287,16 +296,24 @@ def _add_export(p: argparse.ArgumentParser, fp16: bool) -> None:
     if fp16:
         group.add_argument("--fp16", action="store_true", help="float16 weights and activations behind a float32 input and output (checked at 1%% of the logits' scale)")
     group.add_argument("--quantize", choices=["int8"], help="onnxruntime static INT8 (QDQ, per-channel), calibrated on validation images and scored on test images")
-    group.add_argument("--max-int8-drop", type=float, default=1.0, help="test accuracy points INT8 may lose before the artifact is refused (default: 1)")
+    group.add_argument("--max-int8-drop", type=float, help="test accuracy points INT8 may lose before the artifact is refused (default: 1)")
 
 
 def _export_options(args):
     from refiner.build.publish import ExportOptions
     from refiner.errors import ConfigError
 
-    if args.opset is not None and args.opset < 18:
-        raise ConfigError(f"--opset must be 18 or above (the lowest torch's ONNX exporter writes), got {args.opset}")
-    return ExportOptions(opset=args.opset, fp16=getattr(args, "fp16", False), quantize=args.quantize, max_int8_drop=args.max_int8_drop)
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if args.opset is not None and not 18 <= args.opset <= newest:
+        raise ConfigError(f"--opset must be between 18 (the lowest torch's ONNX exporter writes) and {newest} (the newest onnx knows), got {args.opset}")
+    if args.max_int8_drop is not None and not args.quantize:
+        raise ConfigError("--max-int8-drop applies to --quantize int8 only")
+    if args.max_int8_drop is not None and not args.max_int8_drop >= 0:
+        raise ConfigError(f"--max-int8-drop must be a number of accuracy points >= 0, got {args.max_int8_drop}")
+    drop = {} if args.max_int8_drop is None else {"max_int8_drop": args.max_int8_drop}
+    return ExportOptions(opset=args.opset, fp16=getattr(args, "fp16", False), quantize=args.quantize, **drop)
 
 
 def _run_build(args) -> None:
@@ -350,6 +367,7 @@ def _export_args(sub) -> None:
     p.add_argument("--data", type=Path, help="dataset folder of --task")
     p.add_argument("--classes", help="with --a/--b/--g: comma-separated classes of B the model answers (default: all of B's)")
     p.add_argument("--skip-bad-images", action="store_true", help="leave out image files that do not decode (counted in a warning) instead of stopping")
+    _add_preprocess(p)
     _add_export(p, fp16=True)
     p.set_defaults(run=_run_export)
 
@@ -369,9 +387,12 @@ def _run_export(args) -> None:
         if args.classes:
             raise ConfigError("--classes applies to --a/--b/--g; a refined checkpoint answers the classes it was built for")
         model, spec = load_refined(args.refined)
+        spec = spec.model_copy(update={"preprocess": _preprocess(args, spec.preprocess)})
     else:
         a = load_checkpoint(args.a, arch=args.arch_a, trust=args.trust_checkpoint)
         b = load_checkpoint(args.b, arch=args.arch_b, trust=args.trust_checkpoint)
+        for clf in (a, b):
+            clf.meta = clf.meta.model_copy(update={"preprocess": _preprocess(args, clf.meta.preprocess)})
         config, (g, _) = load_fitted_g(args.g_file, a, b, CompareConfig())
         model, spec = refined_from_parts(a, b, g, config.layer_a, config.layer_b, _classes(args))
     out = export_artifact(model, spec, args.models, args.name, _export_options(args), args.task, args.data, SplitOptions(skip_bad_images=args.skip_bad_images))

@@ -123,7 +123,7 @@ def test_export_a_triple_equals_trunk_g_head_and_checks_provenance(digit_nets, t
         (["--refined", "REFINED", "--classes", "1,2"], "--classes applies to --a/--b/--g"),
         (["--refined", "REFINED", "--fp16", "--quantize", "int8", "--task", "digits"], "--fp16 and --quantize int8 are two different precisions"),
         (["--refined", "REFINED", "--quantize", "int8"], "--quantize int8 is scored on test images: give the task"),
-        (["--refined", "REFINED", "--opset", "11"], "--opset must be 18 or above"),
+        (["--refined", "REFINED", "--opset", "11"], "--opset must be between 18"),
     ],
 )
 def test_export_refuses_bad_combinations_with_one_line(tiny_build, tmp_path, capsys, extra, message):
@@ -145,3 +145,44 @@ def test_build_quantize_int8_records_the_check(digit_nets, tmp_path):
     meta = json.loads((result.path / "metadata.json").read_text())
     assert meta["precision"] == "int8" and result.report.quantization.test_images == meta["quantization"]["test_images"]
     assert "INT8 (calibrated on" in result.summary()
+
+
+def test_bad_numbers_and_classes_are_one_line_errors(digit_nets, tmp_path, capsys):
+    a, b = digit_nets
+    fit = ["fit", "--a", str(a.path), "--b", str(b.path), "--task", "digits", "--g-epochs", "1", "--out", str(tmp_path / "g.pt")]
+    for extra, message in (
+        (["--img-size", "0"], "--img-size must be a positive number of pixels, got 0"),
+        (["--std", "0", "1", "1"], "--std must be three finite numbers above 0"),
+        (["--mean", "nan", "0", "0"], "--mean must be three finite numbers"),
+        (["--img-size", "1"], "SmallVGG cannot take 1x1 inputs"),
+        (["--classes", "0,0,1"], "--classes names ['0'] more than once"),
+        (["--classes", "0,,1"], "has an empty entry"),
+    ):
+        assert main([*fit, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "g.pt").exists()
+
+
+def test_export_checks_opset_drop_and_the_preprocessing_g_was_fitted_with(digit_nets, tiny_build, tmp_path, capsys):
+    import onnx as onnx_lib
+
+    refined = ["export", "--refined", str(tiny_build.path / "refined.pt"), "--models", str(tmp_path / "m")]
+    newest = onnx_lib.defs.onnx_opset_version()
+    for extra, message in (
+        (["--name", "o", "--opset", str(newest + 1)], f"--opset must be between 18 (the lowest torch's ONNX exporter writes) and {newest}"),
+        (["--name", "d", "--max-int8-drop", "0.5"], "--max-int8-drop applies to --quantize int8 only"),
+        (["--name", "d", "--quantize", "int8", "--task", "digits", "--max-int8-drop", "-1"], "--max-int8-drop must be a number of accuracy points >= 0"),
+    ):
+        assert main([*refined, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())  # no empty model folder either
+    a, b = digit_nets
+    g = tmp_path / "g.pt"
+    assert main(["fit", "--a", str(a.path), "--b", str(b.path), "--task", "digits", "--g-epochs", "1", "--out", str(g), "--quiet", "--mean", "0.1", "0.1", "0.1"]) == 0
+    triple = ["export", "--a", str(a.path), "--b", str(b.path), "--g", str(g), "--name", "t", "--models", str(tmp_path / "m")]
+    assert main(triple) == 2
+    assert "g.pt was fitted on A's images preprocessed with {'mean': (0.1, 0.1, 0.1)}, not as now ({'mean': (0.3, 0.3, 0.3)})" in capsys.readouterr().err
+    assert main([*triple, "--mean", "0.1", "0.1", "0.1", "--quiet"]) == 0
+    assert json.loads((tmp_path / "m" / "t" / "1" / "metadata.json").read_text())["preprocess"]["mean"] == [0.1, 0.1, 0.1]

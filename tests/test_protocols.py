@@ -50,6 +50,16 @@ def test_paper_protocol_keeps_b_classifier_and_exports_target_outputs(paper_buil
     assert old.shape == new.shape and (new - old).abs().max() < 0.05
 
 
+def test_paper_refined_checkpoint_rebuilds_the_kept_head(paper_build):
+    from refiner.build.refined import load_refined
+
+    model, spec = load_refined(paper_build.path / "refined.pt")
+    assert spec.head == "kept" and spec.indices == paper_build.model.head[1].indices.tolist()
+    x = torch.randn(3, *spec.preprocess.input_size)
+    with torch.no_grad():
+        assert torch.equal(model(x), paper_build.model(x))
+
+
 def test_paper_report_has_optimistic_and_last_epoch_figures(paper_build):
     report = json.loads((paper_build.path / "report.json").read_text())
     assert report["config"]["protocol"] == "paper"

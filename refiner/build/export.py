@@ -45,6 +45,7 @@ class ExportCheck(BaseModel):
     top1_agreement: float
     atol: float
     precision: str = "fp32"  # fp32 or fp16 (weights and activations; input and output stay float32)
+    opset: int | None = None  # the ONNX opset written
 
 
 class HalfPrecision(nn.Module):
@@ -58,13 +59,18 @@ class HalfPrecision(nn.Module):
         return self.model(x.half()).float()
 
 
-def export_onnx(model: nn.Module, input_size: tuple[int, int, int], path: Path, opset: int | None = None) -> None:
-    """Export `model` (eval mode) as one self-contained .onnx file with a dynamic batch axis."""
+def export_onnx(model: nn.Module, input_size: tuple[int, int, int], path: Path, opset: int | None = None) -> int:
+    """Export `model` (eval mode) as one self-contained .onnx file with a dynamic batch axis; returns its opset.
+
+    A requested opset the exporter did not write (it falls back with a warning) is an ExportValidationError.
+    """
+    import onnx
+
     model.eval()
     example = torch.randn(EXPORT_BATCH, *input_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
     kwargs = {"opset_version": opset} if opset else {}
-    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress lines, fallback tracebacks
         torch.onnx.export(
             model,
             (example,),
@@ -76,6 +82,10 @@ def export_onnx(model: nn.Module, input_size: tuple[int, int, int], path: Path, 
             dynamic_shapes=({0: batch},),
             **kwargs,
         )
+    written = next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx"))
+    if opset and written != opset:
+        raise ExportValidationError(f"torch's ONNX exporter wrote opset {written}, not the requested {opset}; choose another --opset")
+    return written
 
 
 def validate_onnx(path: Path, model: nn.Module, images: torch.Tensor, atol: float = 1e-4, fp16: bool = False) -> ExportCheck:

@@ -74,8 +74,8 @@ def publish(
         raise ConfigError("--quantize int8 is scored on test images: give the task (--task, --data) the model was built for")
     with new_version(models, name) as (version, folder):
         onnx = folder / "model.onnx"
-        export_onnx(HalfPrecision(copy.deepcopy(model)) if options.fp16 else model, spec.preprocess.input_size, onnx, options.opset)
-        check = validate_onnx(onnx, model, val_images, options.atol, fp16=options.fp16)
+        opset = export_onnx(HalfPrecision(copy.deepcopy(model)) if options.fp16 else model, spec.preprocess.input_size, onnx, options.opset)
+        check = validate_onnx(onnx, model, val_images, options.atol, fp16=options.fp16).model_copy(update={"opset": opset})
         quantization = None
         if options.quantize == "int8":
             int8 = folder / "model.int8.onnx"

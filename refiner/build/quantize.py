@@ -94,5 +94,5 @@ def format_quantization(q: QuantCheck) -> str:
     return (
         f"INT8 (calibrated on {q.calibration_images} validation images): top-1 agreement {q.top1_agreement:.1%} on "
         f"{q.test_images} test images, accuracy {100 * q.accuracy_fp32:.2f} -> {100 * q.accuracy_int8:.2f} "
-        f"({-q.accuracy_drop_points:+.2f} points; at most -{q.max_drop_points:g} allowed)"
+        f"(a drop of {q.accuracy_drop_points:.2f} points; at most {q.max_drop_points:g} allowed)"
     )

@@ -81,8 +81,14 @@ def new_version(models: Path, name: str) -> Iterator[tuple[int, Path]]:
         raise ConfigError(f"model name {name!r} must match {NAME_PATTERN} (letters, digits, _ . -)")
     model_dir = Path(models) / name
     version = (_versions(model_dir) or [0])[-1] + 1
-    with atomic_dir(model_dir / str(version)) as tmp:
-        yield version, tmp
+    new = not model_dir.exists()
+    try:
+        with atomic_dir(model_dir / str(version)) as tmp:
+            yield version, tmp
+    except BaseException:
+        if new and model_dir.is_dir() and not any(model_dir.iterdir()):
+            model_dir.rmdir()  # a first version that failed leaves no empty model folder for the server to find
+        raise
 
 
 def write_model_files(models: Path, meta: ArtifactMetadata, queue_delay_us: int = 2000) -> None:

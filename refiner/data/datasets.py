@@ -41,6 +41,10 @@ class Preprocess(BaseModel):
 
     @model_validator(mode="after")
     def _crop_fits(self) -> Preprocess:
+        if not all(math.isfinite(m) for m in self.mean) or not all(math.isfinite(v) and v > 0 for v in self.std):
+            raise ValueError(f"mean must be finite and std finite and above 0, got mean {self.mean}, std {self.std}")
+        if min(self.input_size) < 1:
+            raise ValueError(f"input_size must be positive, got {self.input_size}")
         if self.resize_size is not None and self.resize_size < max(self.input_size[1:]):
             raise ValueError(f"resize_size {self.resize_size} is smaller than the {self.input_size[1]}x{self.input_size[2]} crop")
         return self
@@ -55,9 +59,15 @@ class Preprocess(BaseModel):
         std: tuple[float, float, float] | None = None, interpolation: str | None = None,
     ) -> Preprocess:  # fmt: skip
         """A copy with the given fields replaced; a new img_size keeps the crop ratio unless crop_pct is given too."""
-        size = img_size or self.input_size[1]
+        if img_size is not None and img_size < 1:
+            raise ConfigError(f"--img-size must be a positive number of pixels, got {img_size}")
         if crop_pct is not None and not 0 < crop_pct <= 1:
             raise ConfigError(f"--crop-pct must be in (0, 1], got {crop_pct}")
+        if mean is not None and not all(math.isfinite(m) for m in mean):
+            raise ConfigError(f"--mean must be three finite numbers, got {' '.join(map(str, mean))}")
+        if std is not None and not all(math.isfinite(v) and v > 0 for v in std):
+            raise ConfigError(f"--std must be three finite numbers above 0, got {' '.join(map(str, std))}")
+        size = img_size or self.input_size[1]
         pct = crop_pct if crop_pct is not None else None if self.resize_size is None else self.crop_pct
         resize = None if pct is None else math.floor(size / pct + 1e-9)  # timm's scale_size
         fields = dict(input_size=(3, size, size) if img_size else self.input_size, resize_size=resize)

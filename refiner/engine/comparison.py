@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from refiner.data.datasets import Preprocess
 from refiner.data.tasks import TaskData
 from refiner.engine.device import Runtime, RuntimeConfig
 from refiner.engine.features import FeatureSet, classifier_features, iter_batches
@@ -43,6 +44,7 @@ class NetSide(BaseModel):
     arch: str
     layer: str
     feature_shape: list[int]
+    preprocess: Preprocess | None = None  # what its images were fed as (None in reports written before it was recorded)
 
 
 class ComparisonReport(BaseModel):
@@ -90,7 +92,7 @@ def compare(
     shapes = []
     for clf, layer in ((clf_a, layer_a), (clf_b, layer_b)):
         trunk, _ = split_model(clf.model, layer, clf.meta.preprocess.input_size)
-        shapes.append(feature_shape(trunk, clf.meta.preprocess.input_size))
+        shapes.append(feature_shape(trunk, clf.meta.preprocess.input_size, f"{clf.meta.arch} ({clf.path.name})"))
     if len(shapes[0]) != len(shapes[1]):
         raise ConfigError(
             f"layer {layer_a!r} of A gives shape {shapes[0]} but layer {layer_b!r} of B gives {shapes[1]}: "
@@ -122,8 +124,8 @@ def compare(
     report = ComparisonReport(
         task=data.task,
         classes=data.classes,
-        a=NetSide(path=clf_a.path.name, sha256=clf_a.sha256, arch=clf_a.meta.arch, layer=layer_a, feature_shape=list(shapes[0])),
-        b=NetSide(path=clf_b.path.name, sha256=clf_b.sha256, arch=clf_b.meta.arch, layer=layer_b, feature_shape=list(shapes[1])),
+        a=NetSide(path=clf_a.path.name, sha256=clf_a.sha256, arch=clf_a.meta.arch, layer=layer_a, feature_shape=list(shapes[0]), preprocess=clf_a.meta.preprocess),
+        b=NetSide(path=clf_b.path.name, sha256=clf_b.sha256, arch=clf_b.meta.arch, layer=layer_b, feature_shape=list(shapes[1]), preprocess=clf_b.meta.preprocess),
         g=g.config,
         fit=fit,
         tables=tables,
@@ -148,4 +150,10 @@ def load_fitted_g(path: Path, clf_a: Classifier, clf_b: Classifier, config: Comp
             )
         if layer is not None and layer != net.layer:
             raise ConfigError(f"{Path(path).name} was fitted at layer {net.layer!r} of {side}, not {layer!r}; drop --layer-{side.lower()} or refit g")
+        if net.preprocess is not None and net.preprocess != clf.meta.preprocess:
+            diff = {k: v for k, v in net.preprocess.model_dump().items() if v != clf.meta.preprocess.model_dump()[k]}
+            raise ConfigError(
+                f"{Path(path).name} was fitted on {side}'s images preprocessed with {diff}, not as now "
+                f"({ {k: clf.meta.preprocess.model_dump()[k] for k in diff} }); pass the preprocessing options given to `refiner fit`, or refit g"
+            )
     return config.model_copy(update={"layer_a": report.a.layer, "layer_b": report.b.layer}), (g, report.fit)

@@ -19,6 +19,7 @@ from refiner.engine.device import Runtime, RuntimeConfig
 from refiner.errors import ConfigError
 from refiner.models.architectures import create_model
 from refiner.models.checkpoints import CheckpointMeta, save_checkpoint
+from refiner.models.layers import feature_shape
 from refiner.progress import bar
 
 __all__ = ["TrainConfig", "PAPER_STOP_LOSS", "paper_regime", "train_base", "train_classifier", "train_one_epoch", "evaluate", "augment"]
@@ -186,6 +187,7 @@ def train_base(
     datasets = {name: ImageDataset(task_data.split(name), task_data.classes, pre) for name in ("train", "val", "test")}
     torch.manual_seed(config.seed)
     model = create_model(arch, len(task_data.classes), pre.input_size[0])
+    feature_shape(model, pre.input_size, arch)  # an input size the architecture cannot take fails here, in one line
     history = train_classifier(model, datasets["train"], datasets["val"], config)
     runtime = Runtime.resolve(config.runtime)
     final = {

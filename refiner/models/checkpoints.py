@@ -144,7 +144,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path, device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read safetensors file {str(path)!r}: {e}") from e
+        raise CheckpointError(f"cannot read {str(path)!r}: it is truncated or not a safetensors file ({e})") from e
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -225,7 +225,9 @@ def read_untrusted(path: Path, trust: bool) -> Any:
                 "checkpoint instead, or pass --trust-checkpoint if you trust where it came from"
             ) from e
     except Exception as e:  # zip/EOF/format errors: the file is not a torch checkpoint
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {e}") from e
+        raise CheckpointError(
+            f"cannot read checkpoint {str(path)!r}: it is truncated or not a file written by torch.save ({type(e).__name__}: {e})"
+        ) from e
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:

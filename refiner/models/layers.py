@@ -17,7 +17,7 @@ from torch import nn
 from torch.fx import GraphModule
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-from refiner.errors import LayerError
+from refiner.errors import ConfigError, LayerError
 
 __all__ = ["list_layers", "split_model", "feature_shape", "TokensToMap", "MapToTokens"]
 
@@ -89,7 +89,7 @@ def split_model(model: nn.Module, layer: str, input_size: tuple[int, int, int] |
     finally:
         model.train(was_training)
     trunk, head = _single_output(trunk_full, "feat"), _cut_head(full, layer)
-    if input_size is not None and len(feature_shape(trunk, input_size)) == 2:
+    if input_size is not None and len(feature_shape(trunk, input_size, type(model).__name__)) == 2:
         return TokensToMap(trunk), MapToTokens(head)
     return trunk, head
 
@@ -130,12 +130,22 @@ def _cut_head(full: GraphModule, layer: str) -> GraphModule:
 
 
 @torch.no_grad()
-def feature_shape(trunk: nn.Module, input_size: tuple[int, int, int]) -> tuple[int, ...]:
-    """Shape of one sample's feature (C,) or (C, H, W) for an input of size (C, H, W)."""
+def feature_shape(trunk: nn.Module, input_size: tuple[int, int, int], name: str = "the net") -> tuple[int, ...]:
+    """Shape of one sample's output (C,) or (C, H, W) for an input of size (C, H, W).
+
+    An input the net cannot take (too small for its downsampling, or not the size
+    a ViT was built for) is a ConfigError naming the size, not a traceback.
+    """
     was_training = trunk.training
     trunk.eval()
     try:
         param = next(trunk.parameters(), None)
-        return tuple(trunk(torch.zeros(1, *input_size, device=param.device if param is not None else None)).shape[1:])
+        x = torch.zeros(1, *input_size, device=param.device if param is not None else None)
+        return tuple(trunk(x).shape[1:])
+    except (RuntimeError, AssertionError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+        raise ConfigError(
+            f"{name} cannot take {input_size[1]}x{input_size[2]} inputs ({reason}); pass --img-size with a size it accepts"
+        ) from e
     finally:
         trunk.train(was_training)
