@@ -99,6 +99,10 @@ def _add_g(p: argparse.ArgumentParser) -> None:
     group.add_argument("--g-lr", type=float, nargs=2, default=(1e-2, 1e-5), metavar=("START", "END"), help="initial lr and the floor of its cuts (with --g-epochs: log-spaced from START to END) (default: 1e-2 1e-5)")
     group.add_argument("--g-batch", type=int, default=64, help="batch size to fit g, per process (default: 64)")
     group.add_argument("--g-seed", type=int, default=0, help="seed of g's initialisation, held-out split and batch order (default: 0)")
+    group.add_argument(
+        "--g-compile", choices=["auto", "on", "off"], default="auto",
+        help="torch.compile g's training step; auto: for large fits (budget x batch x feature size >= 1e10), eager when compiling fails (default: auto)",
+    )  # fmt: skip
     group.add_argument("--cache-fp16", action="store_true", help="store cached features as float16 (half the disk; values rounded to fp16)")
 
 
@@ -111,7 +115,7 @@ def _g_configs(args):
         IsomorphismConfig(orders=args.orders, lam=args.lam, kernel_size=args.kernel, normalizer=args.normalizer),
         FitConfig(
             max_steps=args.g_steps, patience=args.g_patience, epochs=args.g_epochs,
-            lr_start=args.g_lr[0], lr_end=args.g_lr[1], batch_size=args.g_batch, seed=args.g_seed,
+            lr_start=args.g_lr[0], lr_end=args.g_lr[1], batch_size=args.g_batch, seed=args.g_seed, compile=args.g_compile,
         ),  # fmt: skip
     )
 

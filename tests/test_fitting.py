@@ -95,3 +95,41 @@ def test_divergence_is_reported_not_hidden():
     x_b[3, 0, 0, 0] = np.nan
     with pytest.raises(DataError, match="diverged at step 10 .* lower the learning rate"):
         fit_isomorphism(x_a, x_b, config=FitConfig(max_steps=30, eval_every=10))
+
+
+def test_compiled_fit_matches_eager_and_auto_compiles_large_fits_only():
+    """torch.compile'd steps reach the same fit as eager ones; "auto" compiles only fits large enough to repay it."""
+    import torch
+
+    from refiner.engine import fitting
+
+    x_a, x_b = _toy(200)
+    config = FitConfig(max_steps=30, eval_every=10)
+    g_eager, eager = fit_isomorphism(x_a, x_b, config=config)
+    g_comp, comp = fit_isomorphism(x_a, x_b, config=config.model_copy(update={"compile": "on"}))
+    assert comp.compiled and not eager.compiled
+    np.testing.assert_allclose(comp.holdout_mse, eager.holdout_mse, rtol=1e-4)
+    for a, b in zip(g_eager.state_dict().values(), g_comp.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    module = torch.nn.Identity()
+    assert fitting._step_fn(module, FitConfig(), 20_000, 2 * 12 * 6 * 6) is module  # the toy: eager
+    assert isinstance(fitting._step_fn(module, FitConfig(), 20_000, 2 * 64 * 16 * 16), fitting._Compiled)  # a CIFAR layer
+    assert fitting._step_fn(module, FitConfig(compile="off"), 20_000, 2 * 64 * 16 * 16) is module
+
+
+def test_a_failing_compilation_falls_back_to_eager(monkeypatch):
+    import torch
+
+    def broken(module, **kwargs):
+        def fail(*args):
+            raise RuntimeError("no C++ compiler")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    x_a, x_b = _toy(200)
+    config = FitConfig(max_steps=20, eval_every=10)
+    _, eager = fit_isomorphism(x_a, x_b, config=config)
+    with pytest.warns(UserWarning, match=r"torch.compile failed \(RuntimeError: no C\+\+ compiler\); fitting g eagerly"):
+        _, fallback = fit_isomorphism(x_a, x_b, config=config.model_copy(update={"compile": "on"}))
+    assert not fallback.compiled and fallback.holdout_mse == eager.holdout_mse
