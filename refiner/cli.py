@@ -75,8 +75,8 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
 
 
 def _add_pair(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--a", required=True, type=Path, help="checkpoint of net A (its features are the input of g)")
-    p.add_argument("--b", required=True, type=Path, help="checkpoint of net B (its features are the target of g)")
+    p.add_argument("--a", required=True, type=Path, help="checkpoint of net A (its features are the input of g), or torchvision/<model> or timm/<model> from the local cache")
+    p.add_argument("--b", required=True, type=Path, help="checkpoint of net B (its features are the target of g), or torchvision/<model> or timm/<model> from the local cache")
     p.add_argument("--arch-a", help="architecture of A when --a is a bare state_dict")
     p.add_argument("--arch-b", help="architecture of B when --b is a bare state_dict")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need arbitrary unpickling (runs code from the file!)")
@@ -129,7 +129,7 @@ def _train_args(sub) -> None:
         "  refiner train --arch small_vgg --task cifar10 --data cifar10/ --seed 1 --subset half-b --out b.pt\n"
         "  refiner train --arch small_vgg --task cifar-animal --data cifar10/ --regime paper --train-per-class 200 --imbalance 4 --out a.pt\n",
     )
-    p.add_argument("--arch", required=True, help="architecture name (e.g. small_vgg, cifar_resnet20, vgg16, resnet18)")
+    p.add_argument("--arch", required=True, help="architecture name: small_vgg, cifar_resnet20, any torchvision model (resnet18, vgg16, ...) or timm/<name>")
     p.add_argument("--seed", type=int, default=0, help="random seed (A and B: different seeds)")
     p.add_argument("--subset", choices=["half-a", "half-b"], help="train on one of two disjoint halves of the training data")
     p.add_argument(
@@ -178,7 +178,8 @@ def _fit_args(sub) -> None:
         "fit",
         "Fit g: x_A -> x_B, print and save the Var table and instability (paper Sections 3, 4.2).",
         "  refiner fit --a a.pt --b b.pt --task digits --out g.pt\n"
-        "  refiner fit --a a.pt --b b.pt --task cifar10 --data cifar10/ --layer-a features.19 --layer-b features.19 --orders 3 --out g.pt\n",
+        "  refiner fit --a a.pt --b b.pt --task cifar10 --data cifar10/ --layer-a features.19 --layer-b features.19 --orders 3 --out g.pt\n"
+        "  refiner fit --a a.safetensors --arch-a timm/convnext_atto --b torchvision/resnet18 --task imagefolder --data photos/ --out g.pt\n",
     )
     _add_pair(p)
     p.add_argument("--on", choices=["base", "target"], default="base", help="fit on the task's base classes or its target classes")
@@ -444,10 +445,10 @@ def _layers_args(sub) -> None:
         sub,
         "layers",
         "List the layer names of an architecture (or a checkpoint's) usable as --layer-a/--layer-b, with the default marked.",
-        "  refiner layers --arch resnet18\n  refiner layers --checkpoint a.pt\n",
+        "  refiner layers --arch resnet18\n  refiner layers --arch timm/vit_small_patch16_224\n  refiner layers --checkpoint a.pt\n",
     )
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--arch", help="a registered architecture name")
+    which.add_argument("--arch", help="an architecture name: small_vgg, any torchvision model (resnet18, ...) or timm/<name> (timm/convnext_atto, ...)")
     which.add_argument("--checkpoint", type=Path, help="a checkpoint (its architecture is read from it)")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow a checkpoint that needs arbitrary unpickling (runs code from the file!)")
     p.set_defaults(run=_run_layers)

@@ -139,6 +139,7 @@ def _torchvision_preprocess(name: str) -> Preprocess | None:
 def _from_timm(arch: str) -> ArchSpec:
     """An ArchSpec for a timm model: classifier and preprocessing from its pretrained config, default layer from feature_info."""
     import timm
+    import torch
 
     from refiner.models.layers import list_layers, split_model
 
@@ -146,7 +147,11 @@ def _from_timm(arch: str) -> ArchSpec:
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         raise ConfigError(f"unknown timm model {name!r}; similar timm names: {', '.join(close) or 'none'} (see timm.list_models())")
-    model = timm.create_model(name, pretrained=False, num_classes=10)
+    try:
+        with torch.device("meta"):  # the graph only: nothing allocated
+            model = timm.create_model(name, pretrained=False, num_classes=10)
+    except NotImplementedError:  # an initialiser that reads values: build it for real
+        model = timm.create_model(name, pretrained=False, num_classes=10)
     cfg = model.pretrained_cfg
     classifier = cfg.get("classifier")
     modules = dict(model.named_modules())

@@ -38,6 +38,7 @@ __all__ = [
     "load_checkpoint",
     "file_sha256",
     "read_untrusted",
+    "load_weights",
 ]
 
 FORMAT = "refiner-checkpoint/1"
@@ -131,7 +132,7 @@ def load_checkpoint(
         arch = arch or _infer_arch(state, path, found)
         meta = _bare_meta(state, arch, preprocess, class_names, path, found)
     model = create_model(meta.arch, meta.num_classes)
-    _load_state(model, state, meta.arch, path)
+    load_weights(model, state, meta.arch, path)
     model.eval()
     return Classifier(model=model, meta=meta, sha256=file_sha256(path), path=path)
 
@@ -259,7 +260,8 @@ def _bare_meta(
     )
 
 
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor], arch: str, path: Path) -> None:
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], arch: str, path: Path) -> None:
+    """Load `state` into `model` strictly; a mismatch names the missing, unexpected and mis-shaped keys."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

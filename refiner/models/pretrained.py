@@ -12,10 +12,13 @@ from pathlib import Path
 
 import torch
 
+from refiner.data.datasets import Preprocess
 from refiner.errors import CheckpointError
 from refiner.models.architectures import TIMM_PREFIX, get_arch, timm_preprocess
 
-__all__ = ["PRETRAINED_PREFIXES", "is_pretrained_name", "pretrained_source"]
+__all__ = ["PRETRAINED_PREFIXES", "Pretrained", "is_pretrained_name", "pretrained_source"]
+
+Pretrained = tuple[torch.nn.Module, str, list[str], Preprocess, Path]  # model with weights, arch, class names, preprocessing, file
 
 TORCHVISION_PREFIX = "torchvision/"
 PRETRAINED_PREFIXES = (TORCHVISION_PREFIX, TIMM_PREFIX)
@@ -27,7 +30,7 @@ def is_pretrained_name(path: Path | str) -> bool:
     return str(path).startswith(PRETRAINED_PREFIXES) and not Path(path).exists()
 
 
-def pretrained_source(name: str) -> tuple[torch.nn.Module, str, list[str], object, Path]:
+def pretrained_source(name: str) -> Pretrained:
     """(model with its weights, arch, class names, preprocessing, the local file) for a pretrained name."""
     if name.startswith(TORCHVISION_PREFIX):
         return _torchvision(name.removeprefix(TORCHVISION_PREFIX))
@@ -45,10 +48,10 @@ def _missing(what: str, looked: list[str], fetch: str) -> CheckpointError:
     )
 
 
-def _torchvision(arch: str) -> tuple[torch.nn.Module, str, list[str], object, Path]:
+def _torchvision(arch: str) -> Pretrained:
     import torchvision
 
-    from refiner.models.checkpoints import _load_state  # the strict loader with readable errors (imported here: checkpoints imports this module)
+    from refiner.models.checkpoints import load_weights  # imported here: checkpoints imports this module
 
     spec = get_arch(arch)
     try:
@@ -64,11 +67,11 @@ def _torchvision(arch: str) -> tuple[torch.nn.Module, str, list[str], object, Pa
         raise CheckpointError(f"cannot read {str(file)!r} as torchvision's {weights}: {e}") from e
     classes = list(weights.meta["categories"])
     model = spec.build(len(classes), 3)
-    _load_state(model, state, arch, file)
+    load_weights(model, state, arch, file)
     return model, arch, classes, spec.preprocess, file
 
 
-def _timm(name: str) -> tuple[torch.nn.Module, str, list[str], object, Path]:
+def _timm(name: str) -> Pretrained:
     import timm
     from huggingface_hub import try_to_load_from_cache
     from timm.models import get_pretrained_cfg
