@@ -378,6 +378,8 @@ def _export_args(sub) -> None:
 
 
 def _run_export(args) -> None:
+    import warnings
+
     from refiner.build.publish import export_artifact
     from refiner.build.refined import load_refined, refined_from_parts
     from refiner.data.tasks import SplitOptions
@@ -392,7 +394,14 @@ def _run_export(args) -> None:
         if args.classes:
             raise ConfigError("--classes applies to --a/--b/--g; a refined checkpoint answers the classes it was built for")
         model, spec = load_refined(args.refined)
-        spec = spec.model_copy(update={"preprocess": _preprocess(args, spec.preprocess)})
+        pre = _preprocess(args, spec.preprocess)
+        if pre.input_size != spec.preprocess.input_size:
+            warnings.warn(
+                f"exporting at {pre.input_size[1]}x{pre.input_size[2]}, but the model was built and fine-tuned at "
+                f"{spec.preprocess.input_size[1]}x{spec.preprocess.input_size[2]}: its accuracy there is not measured",
+                stacklevel=1,
+            )
+        spec = spec.model_copy(update={"preprocess": pre})
     else:
         a = load_checkpoint(args.a, arch=args.arch_a, trust=args.trust_checkpoint)
         b = load_checkpoint(args.b, arch=args.arch_b, trust=args.trust_checkpoint)
@@ -447,9 +456,8 @@ def _layers_args(sub) -> None:
         "List the layer names of an architecture (or a checkpoint's) usable as --layer-a/--layer-b, with the default marked.",
         "  refiner layers --arch resnet18\n  refiner layers --arch timm/vit_small_patch16_224\n  refiner layers --checkpoint a.pt\n",
     )
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--arch", help="an architecture name: small_vgg, any torchvision model (resnet18, ...) or timm/<name> (timm/convnext_atto, ...)")
-    which.add_argument("--checkpoint", type=Path, help="a checkpoint (its architecture is read from it)")
+    p.add_argument("--arch", help="an architecture name: small_vgg, any torchvision model (resnet18, ...) or timm/<name> (timm/convnext_atto, ...); with --checkpoint, what a bare state_dict holds")
+    p.add_argument("--checkpoint", type=Path, help="a checkpoint (its architecture is read from it)")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow a checkpoint that needs arbitrary unpickling (runs code from the file!)")
     p.set_defaults(run=_run_layers)
 
@@ -459,12 +467,15 @@ def _run_layers(args) -> None:
 
     import torch
 
+    from refiner.errors import ConfigError
     from refiner.models.architectures import create_model, get_arch
     from refiner.models.checkpoints import load_checkpoint
     from refiner.models.layers import list_layers
 
+    if args.arch is None and args.checkpoint is None:
+        raise ConfigError("give --arch NAME or --checkpoint FILE")
     if args.checkpoint is not None:
-        clf = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
+        clf = load_checkpoint(args.checkpoint, arch=args.arch, trust=args.trust_checkpoint)
         arch, model = clf.meta.arch, clf.model
     else:
         arch = args.arch

@@ -128,3 +128,30 @@ def test_torchvision_vit_splits_as_tokens_and_unknown_timm_names_are_refused():
     assert spec.default_layer.startswith("encoder.layers.") and spec.preprocess.resize_size == 256
     with pytest.raises(ConfigError, match=r"unknown timm model 'convnxt_atto'; similar timm names: convnext_atto"):
         get_arch("timm/convnxt_atto")
+
+
+def test_listed_layers_are_activations_not_constants_arguments_or_shape_checks():
+    layers = list_layers(create_model("timm/test_vit", 3))
+    assert "blocks.3.add_1" in layers and layers[0] == "x"
+    for name in ("attn_mask", "is_causal", "cls_token", "getattr", "patch_embed._assert", "patch_embed.getitem", "patch_embed.mod"):
+        assert name not in layers
+    resnet = list_layers(create_model("tiny_resnet", 3))
+    assert resnet[0] == "x" and "layer1.0.add" in resnet and resnet[-1] == "fc"
+
+
+def test_tokens_pair_only_with_tokens_of_the_same_count(tmp_path):
+    from refiner.data.tasks import TaskData
+    from refiner.engine.comparison import CompareConfig, compare
+    from refiner.models.checkpoints import CheckpointMeta, Classifier
+    from refiner.models.architectures import get_arch
+
+    def net(arch):
+        spec = get_arch(arch)
+        meta = CheckpointMeta(arch=arch, num_classes=3, class_names=list("abc"), preprocess=spec.preprocess)
+        return Classifier(model=create_model(arch, 3).eval(), meta=meta, sha256="0" * 64, path=tmp_path / f"{arch.replace('/', '_')}.pt")
+
+    data = TaskData(task="imagefolder", classes=list("abc"), train=[], val=[], test=[], preprocess=get_arch("timm/test_vit").preprocess)
+    with pytest.raises(ConfigError, match=r"A gives 101 tokens and layer 'layer3.0.add' of B 10x10 map: .*pair token layers with token layers"):
+        compare(net("timm/test_vit"), net("timm/test_resnet"), data, CompareConfig())
+    with pytest.raises(ConfigError, match=r"of A gives 10x10 map and layer 'blocks.3.add_1' of B 101 tokens"):
+        compare(net("timm/test_resnet"), net("timm/test_vit"), data, CompareConfig())

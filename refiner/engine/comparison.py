@@ -18,7 +18,7 @@ from refiner.engine.metrics import VarianceTable, measure_isomorphism
 from refiner.errors import CheckpointError, ConfigError
 from refiner.models.architectures import get_arch
 from refiner.models.checkpoints import Classifier
-from refiner.models.layers import feature_shape, split_model
+from refiner.models.layers import TokensToMap, feature_shape, split_model
 
 __all__ = ["CompareConfig", "NetSide", "ComparisonReport", "compare", "default_layer", "measure_split", "load_fitted_g"]
 
@@ -89,10 +89,12 @@ def compare(
     runtime = Runtime.resolve(config.runtime)
     layer_a = config.layer_a or default_layer(clf_a)
     layer_b = config.layer_b or default_layer(clf_b)
-    shapes = []
+    shapes, tokens = [], []
     for clf, layer in ((clf_a, layer_a), (clf_b, layer_b)):
         trunk, _ = split_model(clf.model, layer, clf.meta.preprocess.input_size)
         shapes.append(feature_shape(trunk, clf.meta.preprocess.input_size, f"{clf.meta.arch} ({clf.path.name})"))
+        tokens.append(isinstance(trunk, TokensToMap))
+    _check_token_pairing(layer_a, layer_b, shapes, tokens)
     if len(shapes[0]) != len(shapes[1]):
         raise ConfigError(
             f"layer {layer_a!r} of A gives shape {shapes[0]} but layer {layer_b!r} of B gives {shapes[1]}: "
@@ -133,6 +135,23 @@ def compare(
         runtime=runtime.record(),
     )
     return g, report, pairs
+
+
+def _check_token_pairing(layer_a: str, layer_b: str, shapes: list[tuple[int, ...]], tokens: list[bool]) -> None:
+    """Tokens (a C x L x 1 map in sequence order) pair only with tokens of the same count, never with an image map."""
+    if not any(tokens):
+        return
+    what = [f"{s[1]} tokens" if t else "x".join(map(str, s[1:])) + " map" if len(s) == 3 else "a vector" for s, t in zip(shapes, tokens)]
+    if tokens[0] != tokens[1] and all(len(s) == 3 for s in shapes):
+        raise ConfigError(
+            f"layer {layer_a!r} of A gives {what[0]} and layer {layer_b!r} of B {what[1]}: resizing one onto the other "
+            "would mix the token order with image rows; pair token layers with token layers, or choose vector layers"
+        )
+    if all(tokens) and shapes[0][1] != shapes[1][1]:
+        raise ConfigError(
+            f"layer {layer_a!r} of A gives {what[0]} and layer {layer_b!r} of B {what[1]}: g pairs tokens one to one, "
+            "so both nets need the same token count (patch size and input size)"
+        )
 
 
 def load_fitted_g(path: Path, clf_a: Classifier, clf_b: Classifier, config: CompareConfig) -> tuple[CompareConfig, tuple[IsomorphismNet, FitResult]]:

@@ -201,10 +201,11 @@ def _infer_arch(state: dict[str, torch.Tensor], path: Path, found: list[str]) ->
         found.append(f"architecture {fits[0]!r} inferred from its keys")
         return fits[0]
     how = f" ({'; '.join(found)})" if found else ""
-    what = f"fits several architectures {fits}" if fits else "fits no registered architecture"
+    what = f"fit several architectures {fits}" if fits else "fit no architecture registered so far"
     raise CheckpointError(
         f"{str(path)!r} is a state_dict{how} whose keys {what}; its first parameters: {_first(state, 5)}. "
-        f"Pass --arch-a/--arch-b (one of {', '.join(list_archs())}) to say which it is"
+        f"Say which it is with --arch-a/--arch-b (`refiner layers`: --arch): one of {', '.join(list_archs())}, "
+        "any torchvision model, or timm/<name>"
     )
 
 

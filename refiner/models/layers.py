@@ -1,6 +1,6 @@
 """Split a classifier at a named layer into trunk (input -> layer) and head (layer -> logits).
 
-Layer names are torchvision's graph node names (`get_graph_node_names`); a
+Layer names are torchvision's graph node names (as `get_graph_node_names` gives them); a
 module name such as "layer3" stands for the last node inside that module. timm
 models are traced with timm's leaf modules and functions. A layer that outputs
 tokens (N, L, C), as a ViT block does, is handed on as a token map (N, C, L, 1)
@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import nn
 from torch.fx import GraphModule
-from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+from torchvision.models.feature_extraction import create_feature_extractor
 
 from refiner.errors import ConfigError, LayerError
 
@@ -31,11 +31,32 @@ def _tracer_kwargs(model: nn.Module) -> dict | None:
     return {"leaf_modules": get_notrace_modules(), "autowrap_functions": get_notrace_functions()}
 
 
+_NOT_ACTIVATIONS = {"getattr", "_assert", "eq", "ne", "size", "dim"}  # shape reads and checks, not tensors to split at
+
+
 def list_layers(model: nn.Module) -> list[str]:
-    """Every node name usable as a split point (eval-mode graph)."""
-    with warnings.catch_warnings():  # torchvision notes that eval-mode nodes are a subset of train-mode ones: we use eval
-        warnings.filterwarnings("ignore", message="NOTE: The nodes obtained by tracing")
-        return get_graph_node_names(model, tracer_kwargs=_tracer_kwargs(model))[1]
+    """The input, every activation usable as a split point, and the output (eval-mode graph, torchvision's node names).
+
+    Constants (timm's cls_token), optional arguments (attn_mask) and shape reads or checks are left out.
+    """
+    from torchvision.models.feature_extraction import NodePathTracer, _set_default_tracer_kwargs
+
+    was_training = model.training
+    tracer = NodePathTracer(**_set_default_tracer_kwargs(_tracer_kwargs(model)))
+    try:
+        graph = tracer.trace(model.eval())
+    finally:
+        model.train(was_training)
+    first = next(n for n in graph.nodes if n.op == "placeholder")
+    shape_only = set()  # nodes computed from shapes alone (x.shape, its items, sizes, checks)
+    for node in graph.nodes:
+        inputs = node.all_input_nodes
+        if getattr(node.target, "__name__", node.target) in _NOT_ACTIVATIONS or (inputs and all(n in shape_only for n in inputs)):
+            shape_only.add(node)
+    return [
+        name for node, name in tracer.node_to_qualname.items()
+        if node not in shape_only and node.op != "get_attr" and (node.op != "placeholder" or node is first)
+    ]  # fmt: skip
 
 
 class TokensToMap(nn.Module):
