@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -522,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"refiner {args.command}: interrupted; no partial output was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (`refiner layers ... | head`): not an error of the command
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit does not fail again
+        return 0
     return 0
 
 

@@ -192,3 +192,22 @@ def test_train_records_preprocessing_overrides_and_fit_applies_them(tmp_path, ca
     assert report["a"]["feature_shape"][1:] == [12, 12] and report["b"]["feature_shape"][1:] == [12, 12]  # both fed 24 x 24
     assert main([*fit[:-2], "--crop-pct", "1.5"]) == 2
     assert "--crop-pct must be in (0, 1], got 1.5" in capsys.readouterr().err
+
+
+def test_output_cut_short_by_a_closed_pipe_is_not_a_traceback(tmp_path, monkeypatch):
+    """`refiner layers ... | head -1`: the reader goes away, the command ends quietly with 0."""
+    import io
+    import os
+    import sys
+
+    sink = os.open(tmp_path / "sink", os.O_WRONLY | os.O_CREAT)
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self):
+            return sink
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["layers", "--arch", "tiny_vgg"]) == 0
