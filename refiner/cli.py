@@ -66,6 +66,12 @@ def _preprocess(args, pre):
     )  # fmt: skip
 
 
+def _fed_as_asked(args, clf):
+    """The loaded net `clf`, to be fed with its preprocessing plus the command line's overrides."""
+    clf.meta = clf.meta.model_copy(update={"preprocess": _preprocess(args, clf.meta.preprocess)})
+    return clf
+
+
 def _add_runtime(p: argparse.ArgumentParser) -> None:
     """Where and how the engine computes; shared by train, fit, build and the analyses."""
     group = p.add_argument_group("device and speed (also under torchrun: one process per GPU)")
@@ -197,9 +203,7 @@ def _load_pair(args, data_task: str):
     pre = get_task(data_task).preprocess
     a = load_checkpoint(args.a, arch=args.arch_a, preprocess=pre, trust=args.trust_checkpoint)
     b = load_checkpoint(args.b, arch=args.arch_b, preprocess=pre, trust=args.trust_checkpoint)
-    for clf in (a, b):
-        clf.meta = clf.meta.model_copy(update={"preprocess": _preprocess(args, clf.meta.preprocess)})
-    return a, b
+    return _fed_as_asked(args, a), _fed_as_asked(args, b)
 
 
 def _compare_config(args):
@@ -404,10 +408,8 @@ def _run_export(args) -> None:
             )
         spec = spec.model_copy(update={"preprocess": pre})
     else:
-        a = load_checkpoint(args.a, arch=args.arch_a, trust=args.trust_checkpoint)
-        b = load_checkpoint(args.b, arch=args.arch_b, trust=args.trust_checkpoint)
-        for clf in (a, b):
-            clf.meta = clf.meta.model_copy(update={"preprocess": _preprocess(args, clf.meta.preprocess)})
+        a = _fed_as_asked(args, load_checkpoint(args.a, arch=args.arch_a, trust=args.trust_checkpoint))
+        b = _fed_as_asked(args, load_checkpoint(args.b, arch=args.arch_b, trust=args.trust_checkpoint))
         config, (g, _) = load_fitted_g(args.g_file, a, b, CompareConfig())
         model, spec = refined_from_parts(a, b, g, config.layer_a, config.layer_b, _classes(args))
     out = export_artifact(model, spec, args.models, args.name, _export_options(args), args.task, args.data, SplitOptions(skip_bad_images=args.skip_bad_images))
@@ -501,7 +503,7 @@ def _analyze_args(sub) -> None:
         "  refiner analyze stability --models a.pt b.pt c.pt --task digits --out reports/stability\n"
         "  refiner analyze diagnose --weak a.pt --strong b.pt --task digits --out reports/diagnose\n",
     )
-    register(p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS"), _command, _add_task, _add_g, _g_configs, _runtime, _preprocess)
+    register(p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS"), _command, _add_task, _add_g, _g_configs, _runtime, _fed_as_asked)
 
 
 def main(argv: list[str] | None = None) -> int:

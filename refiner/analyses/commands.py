@@ -13,7 +13,7 @@ __all__ = ["register"]
 def register(sub, command, add_task, add_g, g_configs, runtime_config, preprocess) -> None:
     """Add one sub-parser per analysis; `command(sub, name, help, examples)` makes a parser.
 
-    `preprocess(args, pre)` applies the command line's preprocessing overrides to a loaded net's.
+    `preprocess(args, clf)` applies the command line's preprocessing overrides to a loaded net.
     """
     p = command(
         sub,
@@ -112,9 +112,7 @@ def _analysis_config(args):
 def _load(args, path: Path):
     from refiner.models.checkpoints import load_checkpoint
 
-    clf = load_checkpoint(path, trust=args.trust_checkpoint)
-    clf.meta = clf.meta.model_copy(update={"preprocess": args.preprocess(args, clf.meta.preprocess)})
-    return clf
+    return args.preprocess(args, load_checkpoint(path, trust=args.trust_checkpoint))
 
 
 def _where(args) -> dict:

@@ -38,8 +38,7 @@ class BuildConfig(BaseModel):
     seeds: int = Field(3, ge=1)  # fine-tuning seeds per variant
     ablations: bool = True  # also fine-tune on x^(0), x^(0)+x^(1), ...
     control_seed: int = 0  # which other image's Delta each image gets in the Delta-shuffle control
-    export: ExportOptions = Field(default_factory=ExportOptions)  # opset, fp16 or INT8, tolerances, max batch
-    validation_images: int = Field(16, ge=3)  # real validation images used to check the export
+    export: ExportOptions = Field(default_factory=ExportOptions)  # opset, fp16 or INT8, tolerances, check images, max batch
 
     @model_validator(mode="before")
     @classmethod

@@ -22,12 +22,11 @@ import torch
 from torch import nn
 
 from refiner.build.config import BuildConfig
-from refiner.build.publish import publish
+from refiner.build.publish import export_images, publish
 from refiner.build.quantize import format_quantization
 from refiner.build.refined import NetCut, OutputSlice, RefinedModel, RefinedSpec, replace_classifier
 from refiner.build.report import BuildReport, format_accuracy_table, write_build_report
 from refiner.build.results import CONTROL, REFINED, VariantResult, headline, paired_tests, worse_than_baselines
-from refiner.data.datasets import stack_images
 from refiner.data.tasks import SplitOptions, get_task, load_task
 from refiner.engine import distributed as dist
 from refiner.engine.comparison import ComparisonReport, compare, load_fitted_g
@@ -139,13 +138,11 @@ def build(
         p.requires_grad_(False)
     t0 = time.perf_counter()
     stage("ONNX export and validation" + (" and INT8 quantisation" if config.export.quantize else ""))
-    export = config.export
-    val_images, _ = stack_images(data.val, data.classes, clf_a.meta.preprocess, export.calibration_images if export.quantize else config.validation_images)
-    test = tuple(t.numpy() for t in stack_images(data.test, data.classes, clf_a.meta.preprocess, export.int8_test_images)) if export.quantize else None
+    val_images, test = export_images(data, clf_a.meta.preprocess, config.export)
     paired = paired_tests(results, METRICS[config.protocol])
-    spec = _spec(config, data.classes, clf_a, clf_b, comparison, g)
+    spec = _spec(config, data.classes, clf_a, clf_b, comparison, g, heads["B"].target)
     try:
-        with publish(models, config.name, model, spec, export, val_images, test) as out:
+        with publish(models, config.name, model, spec, config.export, val_images, test) as out:
             seconds["export"] = time.perf_counter() - t0
             seconds["total"] = time.perf_counter() - start
             report = BuildReport(
@@ -335,13 +332,14 @@ def _finetune_all(
 
 
 def _spec(
-    config: BuildConfig, classes: list[str], clf_a: Classifier, clf_b: Classifier, comparison: ComparisonReport, g: IsomorphismNet
-) -> RefinedSpec:
-    """How to rebuild the exported refined model, with the build's provenance."""
+    config: BuildConfig, classes: list[str], clf_a: Classifier, clf_b: Classifier, comparison: ComparisonReport, g: IsomorphismNet,
+    b_target: list[int],
+) -> RefinedSpec:  # fmt: skip
+    """How to rebuild the exported refined model (b_target: the target classes among B's outputs), with the build's provenance."""
     kept = config.protocol == "paper"
     return RefinedSpec(
         a=NetCut.of(clf_a, comparison.a.layer), b=NetCut.of(clf_b, comparison.b.layer), g=comparison.g, shape_a=list(g.shape_a), shape_b=list(g.shape_b),
-        head="kept" if kept else "new", indices=[clf_b.meta.class_names.index(c) for c in classes] if kept else None,
+        head="kept" if kept else "new", indices=b_target if kept else None,
         class_names=classes, preprocess=clf_a.meta.preprocess,
         info={
             "a": {"file": comparison.a.path, "sha256": comparison.a.sha256, "arch": comparison.a.arch},

@@ -8,6 +8,7 @@ when the export validated (and the INT8 model kept its accuracy).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,12 +23,12 @@ from refiner.build.export import INPUT_NAME, OUTPUT_NAME, ExportCheck, HalfPreci
 from refiner.build.quantize import QuantCheck, check_quantized, quantize_int8
 from refiner.build.refined import RefinedModel, RefinedSpec, save_refined
 from refiner.build.repository import ArtifactMetadata, TensorSpec, new_version, now_iso, write_model_files
-from refiner.data.datasets import stack_images
-from refiner.data.tasks import SplitOptions, load_task
+from refiner.data.datasets import Preprocess, stack_images
+from refiner.data.tasks import SplitOptions, TaskData, load_task
 from refiner.errors import ConfigError
 from refiner.models.checkpoints import file_sha256
 
-__all__ = ["ExportOptions", "Published", "publish", "export_artifact"]
+__all__ = ["ExportOptions", "Published", "export_images", "publish", "export_artifact"]
 
 RANDOM_VALIDATION = 8  # seeded N(0, 1) inputs check an export when no task images are given
 
@@ -40,6 +41,7 @@ class ExportOptions(BaseModel):
     opset: int | None = Field(None, ge=18)  # ONNX opset (None: the exporter's default)
     fp16: bool = False  # float16 weights and activations behind a float32 input and output
     quantize: Literal["int8"] | None = None  # onnxruntime static INT8 (QDQ), calibrated on validation images
+    validation_images: int = Field(16, ge=3)  # real validation images the export is checked on (without INT8)
     atol: float = Field(1e-4, gt=0)  # ONNX vs PyTorch tolerance on logits (fp16: relative to their scale)
     max_int8_drop: float = Field(1.0, ge=0)  # points of test accuracy INT8 may lose before the artifact is refused
     calibration_images: int = Field(128, ge=1)  # validation images INT8 is calibrated on
@@ -56,6 +58,13 @@ class Published:
     check: ExportCheck
     quantization: QuantCheck | None
     metadata: ArtifactMetadata
+
+
+def export_images(data: TaskData, pre: Preprocess, options: ExportOptions) -> tuple[torch.Tensor, tuple[np.ndarray, np.ndarray] | None]:
+    """Validation images that check the export (and calibrate INT8), and with INT8 the test (images, labels) that score it."""
+    val, _ = stack_images(data.val, data.classes, pre, options.calibration_images if options.quantize else options.validation_images)
+    test = tuple(t.numpy() for t in stack_images(data.test, data.classes, pre, options.int8_test_images)) if options.quantize else None
+    return val, test
 
 
 @contextmanager
@@ -106,9 +115,7 @@ def export_artifact(
         val = torch.randn(RANDOM_VALIDATION, *spec.preprocess.input_size, generator=torch.Generator().manual_seed(0))
         test = None
     else:
-        data = load_task(task, data_dir, target=True, classes=spec.class_names, options=split)
-        val, _ = stack_images(data.val, data.classes, spec.preprocess, options.calibration_images if options.quantize else 16)
-        test = tuple(t.numpy() for t in stack_images(data.test, data.classes, spec.preprocess, options.int8_test_images)) if options.quantize else None
+        val, test = export_images(load_task(task, data_dir, target=True, classes=spec.class_names, options=split), spec.preprocess, options)
     with publish(models, name, model, spec, options, val, test) as out:
         pass
-    return Published(out.version, Path(models) / name / str(out.version), out.check, out.quantization, out.metadata)
+    return dataclasses.replace(out, folder=Path(models) / name / str(out.version))  # where the version now is
