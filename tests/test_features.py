@@ -7,10 +7,14 @@ import os
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import TensorDataset
 
 from refiner.atomic import atomic_dir
+from refiner.data.tasks import load_task
+from refiner.engine.comparison import CompareConfig, compare
 from refiner.engine.features import cached_features, iter_batches
+from refiner.engine.fitting import FitConfig
 
 
 class _Counting(torch.nn.Module):
@@ -91,3 +95,33 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
     os.umask(mask)
     assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o666 & ~mask
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o777 & ~mask
+
+
+def _imagefolder(root, seed, n=10):
+    rng = np.random.default_rng(seed)
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+
+
+def test_folders_with_the_same_names_do_not_share_cached_features(tmp_path, digit_nets):
+    """One cache, two imagefolders with the same class and file names but other pixels: other features and Var tables; an edited file too."""
+    for name, seed in (("x", 0), ("y", 1)):
+        _imagefolder(tmp_path / name, seed)
+    config, cache = CompareConfig(fit=FitConfig(epochs=2)), tmp_path / "cache"
+
+    def run(root):
+        data = load_task("imagefolder", root, target=False)
+        _, report, pairs = compare(*digit_nets, data, config, cache, measure=("test",))
+        return np.array(pairs["train"][0].x), report.tables["test"]
+
+    x_features, x_table = run(tmp_path / "x")
+    y_features, y_table = run(tmp_path / "y")
+    assert not np.allclose(x_features, y_features) and x_table != y_table
+    assert np.array_equal(run(tmp_path / "x")[0], x_features)  # the same folder still hits its entry
+    edited = load_task("imagefolder", tmp_path / "x", target=False).train[0].path
+    before = edited.stat()
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(edited)
+    os.utime(edited, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))  # a later mtime even where timestamps are coarse
+    assert not np.allclose(run(tmp_path / "x")[0], x_features)

@@ -8,8 +8,10 @@ plain resize to the input size; /255; per-channel normalisation.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -123,11 +125,14 @@ class FileSample(Sample):
             with Image.open(self.path) as image:
                 image = image.convert("RGB")
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL's ways of saying "not an image"
-            raise DataError(
-                f"cannot read image {str(self.path)!r} ({type(e).__name__}: {e}); replace or delete it, "
-                "or pass --skip-bad-images to leave unreadable files out"
-            ) from e
+            raise self._unreadable(e) from e
         return image.crop(self.box) if self.box else image
+
+    def _unreadable(self, e: Exception) -> DataError:
+        return DataError(
+            f"cannot read image {str(self.path)!r} ({type(e).__name__}: {e}); replace or delete it, "
+            "or pass --skip-bad-images to leave unreadable files out"
+        )
 
     def readable(self) -> bool:
         """Whether the file decodes as an image (header and data), without keeping it."""
@@ -139,7 +144,18 @@ class FileSample(Sample):
         return True
 
     def ident(self) -> str:
-        return f"{self.path.name}|{self.path.parent.name}|{self.box}|{self.label}"
+        """Resolved path, size and mtime: another folder with the same names, or an edited file, is another sample."""
+        try:
+            st = os.stat(self.path)
+        except OSError as e:
+            raise self._unreadable(e) from e
+        return f"{_resolved_dir(self.path.parent.absolute())}/{self.path.name}|{st.st_size}|{st.st_mtime_ns}|{self.box}|{self.label}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _resolved_dir(folder: Path) -> str:
+    """A folder's absolute path with links resolved, once per folder (a split has many files per folder)."""
+    return str(folder.resolve())
 
 
 @dataclass(frozen=True, eq=False)
@@ -153,7 +169,8 @@ class ArraySample(Sample):
         return Image.fromarray(self.array)
 
     def ident(self) -> str:
-        return hashlib.sha1(self.array.tobytes()).hexdigest()[:16] + "|" + self.label
+        """Content hash with shape and dtype (the same bytes as 8x8 or 4x16 are different images)."""
+        return f"{hashlib.sha1(self.array.tobytes()).hexdigest()[:16]}|{self.array.shape}|{self.array.dtype}|{self.label}"
 
 
 def fingerprint(samples: list[Sample]) -> str:
