@@ -292,7 +292,7 @@ def _build_args(sub) -> None:
     )  # fmt: skip
     p.add_argument("--no-ablations", action="store_true", help="skip the order ablations x^(0), x^(0)+x^(1), ...")
     p.add_argument("--test-per-class", type=int, help="score on the first N test images per class (default: all)")
-    p.add_argument("--g", type=Path, dest="g_file", help="reuse a g written by `refiner fit --on target` for the same A, B and layers instead of fitting one")
+    p.add_argument("--g", type=Path, dest="g_file", help="reuse a g written by `refiner fit --on target` for the same A, B, layers, task and classes instead of fitting one (another data folder of the task only warns)")
     p.add_argument("--name", help="model name in the repository (default: <task>-refined)")
     p.add_argument("--models", type=Path, default=Path("models"), help="model repository folder (default: models/)")
     _add_export(p, fp16=False)
@@ -367,7 +367,7 @@ def _export_args(sub) -> None:
     source.add_argument("--refined", type=Path, help="a refined checkpoint (models/<name>/<version>/refined.pt from `refiner build`)")
     source.add_argument("--a", type=Path, help="checkpoint of net A, whose trunk feeds g")
     source.add_argument("--b", type=Path, help="checkpoint of net B, whose upper layers and own classifier read g's output")
-    source.add_argument("--g", type=Path, dest="g_file", help="a g written by `refiner fit` for A and B (its layers are used)")
+    source.add_argument("--g", type=Path, dest="g_file", help="a g written by `refiner fit` for A and B (its layers are used; --task must read the dataset g was fitted on)")
     source.add_argument("--arch-a", help="architecture of A when --a is a bare state_dict")
     source.add_argument("--arch-b", help="architecture of B when --b is a bare state_dict")
     source.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need arbitrary unpickling (runs code from the file!)")
@@ -410,7 +410,7 @@ def _run_export(args) -> None:
     else:
         a = _fed_as_asked(args, load_checkpoint(args.a, arch=args.arch_a, trust=args.trust_checkpoint))
         b = _fed_as_asked(args, load_checkpoint(args.b, arch=args.arch_b, trust=args.trust_checkpoint))
-        config, (g, _) = load_fitted_g(args.g_file, a, b, CompareConfig())
+        config, (g, _) = load_fitted_g(args.g_file, a, b, CompareConfig(), task=args.task, data_dir=args.data)
         model, spec = refined_from_parts(a, b, g, config.layer_a, config.layer_b, _classes(args))
     out = export_artifact(model, spec, args.models, args.name, _export_options(args), args.task, args.data, SplitOptions(skip_bad_images=args.skip_bad_images))
     if args.json:

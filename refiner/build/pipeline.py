@@ -111,7 +111,7 @@ def build(
         _check_label_spaces(clf_a, clf_b, data.classes)
     compare_config, fitted = config.compare, None
     if g_file is not None:
-        compare_config, fitted = load_fitted_g(g_file, clf_a, clf_b, config.compare)
+        compare_config, fitted = load_fitted_g(g_file, clf_a, clf_b, config.compare, task=task, classes=data.classes, data_dir=data_dir)
     g, comparison, pairs = compare(clf_a, clf_b, data, compare_config, cache_dir, measure=(), extra=("val", "test"), fitted=fitted)
     seconds["features_and_g"] = time.perf_counter() - start
     layer_a, layer_b = comparison.a.layer, comparison.b.layer

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from refiner.data.datasets import ArraySample, FileSample, Preprocess, Sample
 from refiner.errors import ConfigError, DataError, DataLayoutError
 
-__all__ = ["TaskSpec", "TaskData", "SplitOptions", "get_task", "list_tasks", "load_task"]
+__all__ = ["TaskSpec", "TaskData", "SplitOptions", "get_task", "list_tasks", "load_task", "same_dataset"]
 
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 CIFAR = dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
@@ -70,6 +70,7 @@ class TaskData:
     val: list[Sample]
     test: list[Sample]
     preprocess: Preprocess
+    root: Path | None = None  # the --data folder, resolved (None: bundled data)
 
     def split(self, name: str) -> list[Sample]:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
@@ -90,6 +91,11 @@ def get_task(name: str) -> TaskSpec:
     if name not in _REGISTRY:
         raise ConfigError(f"unknown task {name!r}; valid tasks: {', '.join(list_tasks())}")
     return _REGISTRY[name]
+
+
+def same_dataset(a: str, b: str) -> bool:
+    """Whether two tasks read the same dataset with the same splits (cifar10 and cifar-animal do)."""
+    return get_task(a).load is get_task(b).load
 
 
 def load_task(
@@ -139,7 +145,7 @@ def load_task(
         have = {s.label for s in split}
         if not split or (missing := [c for c in wanted if c not in have]):
             raise DataError(f"the {split_name} split of task {name!r} has no images of classes {missing or wanted}")
-    return TaskData(name, wanted, train, val, test, spec.preprocess)
+    return TaskData(name, wanted, train, val, test, spec.preprocess, Path(data).resolve() if data is not None else None)
 
 
 def _by_class(samples: list[Sample]) -> dict[str, list[Sample]]:

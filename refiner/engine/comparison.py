@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from refiner.data.datasets import Preprocess
-from refiner.data.tasks import TaskData
+from refiner.data.tasks import TaskData, get_task, same_dataset
 from refiner.engine.device import Runtime, RuntimeConfig
 from refiner.engine.features import FeatureSet, classifier_features, iter_batches
 from refiner.engine.fitting import FitConfig, FitResult, fit_isomorphism
@@ -52,6 +53,7 @@ class ComparisonReport(BaseModel):
 
     task: str
     classes: list[str]
+    data_root: str | None = None  # the resolved --data folder (None: bundled data, or a report written before it was recorded)
     a: NetSide
     b: NetSide
     g: IsomorphismConfig
@@ -126,6 +128,7 @@ def compare(
     report = ComparisonReport(
         task=data.task,
         classes=data.classes,
+        data_root=str(data.root) if data.root is not None else None,
         a=NetSide(path=clf_a.path.name, sha256=clf_a.sha256, arch=clf_a.meta.arch, layer=layer_a, feature_shape=list(shapes[0]), preprocess=clf_a.meta.preprocess),
         b=NetSide(path=clf_b.path.name, sha256=clf_b.sha256, arch=clf_b.meta.arch, layer=layer_b, feature_shape=list(shapes[1]), preprocess=clf_b.meta.preprocess),
         g=g.config,
@@ -154,13 +157,18 @@ def _check_token_pairing(layer_a: str, layer_b: str, shapes: list[tuple[int, ...
         )
 
 
-def load_fitted_g(path: Path, clf_a: Classifier, clf_b: Classifier, config: CompareConfig) -> tuple[CompareConfig, tuple[IsomorphismNet, FitResult]]:
-    """Load a g from `refiner fit`, check that it was fitted between these very nets (sha256) and layers.
+def load_fitted_g(
+    path: Path, clf_a: Classifier, clf_b: Classifier, config: CompareConfig, *,
+    task: str | None = None, classes: list[str] | None = None, data_dir: Path | None = None,
+) -> tuple[CompareConfig, tuple[IsomorphismNet, FitResult]]:  # fmt: skip
+    """Load a g from `refiner fit`, check that it was fitted between these very nets (sha256), layers and preprocessing.
 
+    Given `task` (and its `data_dir`) and `classes`, also that g was fitted on that data (see `_check_data`).
     Returns the config with the g's layers filled in, and (g, its fit record).
     """
     g, info = load_isomorphism(path)
     report = ComparisonReport.model_validate(info["report"])
+    _check_data(Path(path).name, report, task, classes, data_dir)
     for side, clf, net, layer in (("A", clf_a, report.a, config.layer_a), ("B", clf_b, report.b, config.layer_b)):
         if net.sha256 != clf.sha256:
             raise CheckpointError(
@@ -176,3 +184,28 @@ def load_fitted_g(path: Path, clf_a: Classifier, clf_b: Classifier, config: Comp
                 f"({ {k: clf.meta.preprocess.model_dump()[k] for k in diff} }); pass the preprocessing options given to `refiner fit`, or refit g"
             )
     return config.model_copy(update={"layer_a": report.a.layer, "layer_b": report.b.layer}), (g, report.fit)
+
+
+def _check_data(name: str, report: ComparisonReport, task: str | None, classes: list[str] | None, data_dir: Path | None) -> None:
+    """Refuse a g fitted on another dataset or other classes; warn when only the folder differs (a moved copy is legitimate)."""
+    if task is not None and not same_dataset(task, report.task):
+        raise ConfigError(
+            f"{name} was fitted on task {report.task!r}, another dataset than task {task!r}; "
+            f"pass --task {report.task} and its --data, or refit g with `refiner fit --task {task}`"
+        )
+    if classes is not None and set(classes) != set(report.classes):
+        raise ConfigError(
+            f"{name} was fitted on the classes {','.join(report.classes)} of {report.task!r}, not on {','.join(classes)}; "
+            f"refit g with `refiner fit --task {task or report.task} --on target` (and the same --classes), or leave --g out"
+        )
+    if task is None:
+        return
+    root = str(Path(data_dir).resolve()) if data_dir is not None else None
+    if report.data_root is None and get_task(report.task).needs_data:
+        warnings.warn(f"{name} does not record its data folder (written by an older refiner): not checked against {root!r}", stacklevel=3)
+    elif report.data_root != root:
+        warnings.warn(
+            f"{name} was fitted on the data in {report.data_root!r}, this run reads {root!r}: "
+            "fine for a copy of the same dataset, otherwise refit g on this folder",
+            stacklevel=3,
+        )
