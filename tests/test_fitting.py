@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from refiner.engine.features import iter_batches
 from refiner.engine.fitting import FitConfig, fit_isomorphism
@@ -44,14 +45,23 @@ def test_default_fit_converges_on_permuted_channels():
 
 
 def test_default_fit_leaves_independent_features_unexplained():
-    """Acceptance (b): independent features stay above 0.8 (measured on fresh independent targets)."""
+    """Acceptance (b): g fitted to independent features predicts almost nothing, so they stay above 0.8 unexplained.
+
+    Var(g(x_A)) is under 2 % of Var(x_B) (converged: 0.7 %; unfitted weights: about 30 %), the instability on
+    fresh independent targets is 1 + Var(g(x_A)) / Var(x_B), and the table's Var(g(x_A)) is g's forward pass.
+    """
     x_a, _ = _toy()
     rng = np.random.default_rng(5)
     x_b = rng.standard_normal(x_a.shape).astype(np.float32)
     g, fit = fit_isomorphism(x_a, x_b)
     assert fit.stop == "converged"
-    assert _table(g, x_a, x_b).instability > 0.8
-    assert _table(g, x_a, rng.standard_normal(x_a.shape).astype(np.float32)).instability > 0.8
+    assert 0.8 < _table(g, x_a, x_b).instability < 1.0  # g explains a little of its own training noise, never more than all
+    fresh = _table(g, x_a, rng.standard_normal(x_a.shape).astype(np.float32))
+    assert fresh.var_output < 0.02 * fresh.var_target
+    assert fresh.instability == pytest.approx(1 + fresh.var_output / fresh.var_target, abs=0.005)
+    with torch.no_grad():
+        prediction = g.standardize_target(g(torch.from_numpy(x_a))).double()
+    assert fresh.var_output == pytest.approx(prediction.var(unbiased=False).item(), rel=1e-4)
 
 
 def test_epochs_override_runs_a_fixed_budget():
@@ -99,8 +109,6 @@ def test_divergence_is_reported_not_hidden():
 
 def test_compiled_fit_matches_eager_and_auto_compiles_large_fits_only():
     """torch.compile'd steps reach the same fit as eager ones; "auto" compiles only fits large enough to repay it."""
-    import torch
-
     from refiner.engine import fitting
 
     x_a, x_b = _toy(200)
@@ -118,8 +126,6 @@ def test_compiled_fit_matches_eager_and_auto_compiles_large_fits_only():
 
 
 def test_a_failing_compilation_falls_back_to_eager(monkeypatch):
-    import torch
-
     def broken(module, **kwargs):
         def fail(*args):
             raise RuntimeError("no C++ compiler")
