@@ -131,9 +131,15 @@ def test_derangement_and_shuffled_delta(tmp_path):
     out = _shuffled_delta(xb, gxa, tmp_path / "c.npy", seed=5, batch=64)
     pi = derangement(300, 5)
     np.testing.assert_allclose(out, xb - (xb[pi] - gxa[pi]), rtol=1e-6)
-    # same energy of Delta, other image's content
-    delta, swapped = xb - gxa, xb - out
-    assert np.isclose((delta**2).sum(), (swapped**2).sum(), rtol=1e-5) and not np.allclose(delta, swapped)
+    # Read back from the output alone: whose Delta each image was given
+    delta, given = xb - gxa, xb - out
+    whose = ((given[:, None] - delta[None]) ** 2).sum((2, 3, 4)).argmin(1)
+    np.testing.assert_allclose(given, delta[whose], atol=1e-5)
+    assert sorted(whose.tolist()) == list(range(300))  # every image's Delta is given exactly once ...
+    assert not (whose == np.arange(300)).any()  # ... never to itself ...
+    assert (whose // 64 != np.arange(300) // 64).mean() > 0.5  # ... drawn from the whole split (not a neighbour's, not the batch's)
+    other = _shuffled_delta(xb, gxa, tmp_path / "d.npy", seed=6, batch=64)
+    assert (np.abs(other - out).max((1, 2, 3)) > 1e-6).mean() > 0.9  # and the pairing follows the seed
 
 
 def test_score_head_full_and_target_restricted():
