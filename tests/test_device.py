@@ -9,6 +9,7 @@ import torch
 from refiner.engine.device import Runtime, RuntimeConfig, default_workers, resolve_device
 from refiner.engine.features import inference_trunk
 from refiner.engine.fitting import FitConfig, fit_isomorphism
+from refiner.engine.isomorphism import IsomorphismNet
 from refiner.errors import ConfigError
 from refiner.models.architectures import create_model
 from refiner.models.layers import split_model
@@ -56,6 +57,20 @@ def test_threads_option_sets_torch_threads():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)])
+def test_runtime_of_a_module_moves_its_inputs_there_and_results_back(device):
+    """Runtime.of(g) is where g computes (no settings touched); to_host brings a result back as NumPy from any device."""
+    g = IsomorphismNet((4,), (3,)).eval().to(device)
+    runtime = Runtime.of(g)
+    assert runtime.device.type == device and runtime.workers == 0
+    x = torch.randn(5, 4)
+    (moved,) = runtime.to(x)
+    (y,) = runtime.to_host(g(moved))
+    assert isinstance(y, np.ndarray) and y.shape == (5, 3)
+    np.testing.assert_allclose(y, g.cpu()(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+    assert Runtime.of(torch.nn.ReLU()).device == torch.device("cpu")  # nothing to ask: the host
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

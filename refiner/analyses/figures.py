@@ -20,6 +20,7 @@ from refiner import reporting
 from refiner.analyses.measure import AnalysisConfig, ChannelShare, DataRecord
 from refiner.atomic import atomic_dir
 from refiner.data.datasets import Preprocess, Sample
+from refiner.engine.device import Runtime
 from refiner.engine.features import FeatureSet
 from refiner.engine.isomorphism import IsomorphismNet
 from refiner.engine.metrics import VarianceTable
@@ -155,10 +156,10 @@ def picture_rows(
         return []
     fa, fb = test
     order = np.asarray(indices)
-    xa, xb = torch.from_numpy(np.ascontiguousarray(fa.x[order])), torch.from_numpy(np.ascontiguousarray(fb.x[order]))
+    runtime = Runtime.of(g)
+    xa, xb = runtime.to(*(torch.from_numpy(np.ascontiguousarray(f.x[order])) for f in (fa, fb)))
     dec = g.decompose(xa, xb)
-    feature = g.standardize_target(xb)[:, channel].numpy()
-    iso, delta = dec.output[:, channel].numpy(), dec.delta[:, channel].numpy()
+    feature, iso, delta = runtime.to_host(g.standardize_target(xb)[:, channel], dec.output[:, channel], dec.delta[:, channel])
     _, h, w = pre.input_size
     rows = []
     for j, i in enumerate(indices):

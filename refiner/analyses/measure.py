@@ -113,9 +113,11 @@ def measure_pair(
 @torch.no_grad()
 def channel_shares(g: IsomorphismNet, fa: FeatureSet, fb: FeatureSet) -> list[ChannelShare]:
     """Per-channel Var(x^Delta_c) / Var(x_c), streamed, largest share first (dead channels last)."""
+    runtime = Runtime.of(g)
     sums: dict[str, Tensor] = {}
     count = 0
     for xa, xb in iter_batches(fa.x, fb.x, batch_size=128):
+        xa, xb = runtime.to(xa, xb)
         target = g.standardize_target(xb).double()
         delta = g.decompose(xa, xb).delta.double()
         for key, value in (("x", target), ("xx", target**2), ("d", delta), ("dd", delta**2)):
@@ -124,6 +126,7 @@ def channel_shares(g: IsomorphismNet, fa: FeatureSet, fb: FeatureSet) -> list[Ch
         count += target.shape[0] * target.shape[2] * target.shape[3]
     var_x = (sums["xx"] / count - (sums["x"] / count) ** 2).clamp_min(0)
     var_d = (sums["dd"] / count - (sums["d"] / count) ** 2).clamp_min(0)
+    var_x, var_d = runtime.to_host(var_x, var_d)
     rows = [
         ChannelShare(channel=c, var_feature=float(vx), var_delta=float(vd), share=float(vd / vx) if vx > 1e-8 else None)
         for c, (vx, vd) in enumerate(zip(var_x, var_d))
@@ -157,10 +160,11 @@ def accuracy_on_test(clf: Classifier, data: TaskData, runtime: RuntimeConfig | N
 @torch.no_grad()
 def top_images(g: IsomorphismNet, fa: FeatureSet, fb: FeatureSet, channel: int, n: int) -> list[int]:
     """Indices of the n test images whose x^Delta is strongest in `channel` (mean square)."""
-    energy = []
-    for xa, xb in iter_batches(fa.x, fb.x, batch_size=128):
-        energy.append(g.decompose(xa, xb).delta[:, channel].pow(2).mean((1, 2)))
-    return np.argsort(-torch.cat(energy).numpy(), kind="stable")[:n].tolist()
+    runtime = Runtime.of(g)
+    batches = iter_batches(fa.x, fb.x, batch_size=128)
+    energy = [g.decompose(*runtime.to(xa, xb)).delta[:, channel].pow(2).mean((1, 2)) for xa, xb in batches]
+    (energy,) = runtime.to_host(torch.cat(energy))
+    return np.argsort(-energy, kind="stable")[:n].tolist()
 
 
 def runtime_record(config: AnalysisConfig) -> dict[str, object]:

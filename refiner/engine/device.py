@@ -8,15 +8,17 @@ Accumulators (Var, CKA, losses summed over a split) stay in float64 on any devic
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor
+from torch import Tensor, nn
 
 from refiner.errors import ConfigError
 
@@ -97,6 +99,13 @@ class Runtime:
         workers = config.workers if config.workers is not None else default_workers(device)
         return cls(config=config, device=device, workers=workers)
 
+    @classmethod
+    def of(cls, module: nn.Module) -> Runtime:
+        """The runtime a module already computes on (its first parameter's or buffer's device), leaving torch's settings alone."""
+        first = next(itertools.chain(module.parameters(), module.buffers()), None)
+        device = first.device if first is not None else torch.device("cpu")
+        return cls(config=RuntimeConfig(device=str(device)), device=device, workers=0)
+
     @property
     def amp_dtype(self) -> torch.dtype | None:
         return _AMP_DTYPES.get(self.config.amp)
@@ -118,6 +127,10 @@ class Runtime:
     def to(self, *tensors: Tensor) -> Iterator[Tensor]:
         """Move tensors to the device (asynchronously from pinned memory)."""
         return (t.to(self.device, non_blocking=self.pin_memory) for t in tensors)
+
+    def to_host(self, *tensors: Tensor) -> Iterator[np.ndarray]:
+        """Tensors as NumPy arrays in host memory: the way back from `to` (`.numpy()` fails on a GPU tensor)."""
+        return (t.detach().cpu().numpy() for t in tensors)
 
     def record(self) -> dict[str, object]:
         """Device, its name, AMP mode and threads, for report.json."""
