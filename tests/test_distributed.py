@@ -15,12 +15,46 @@ from refiner.cli import main
 from refiner.models.checkpoints import load_checkpoint
 
 
-def _torchrun(*args: str, cwd: Path) -> str:
+def _torchrun(*args: str, cwd: Path, script: Path | None = None) -> str:
+    """Run `refiner ARGS` (or `python SCRIPT ARGS`) in 2 processes; its stdout, after checking it succeeded."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "refiner", *args]
+    target = [str(script)] if script else ["-m", "refiner"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *target, *args]
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
+
+
+# Each rank fits g on vector features (the batch normaliser) with the held-out schedule and writes what it kept.
+_FIT_VECTORS = """
+import hashlib, json, sys
+import numpy as np
+from refiner.engine import distributed as dist
+from refiner.engine.device import Runtime, RuntimeConfig
+from refiner.engine.fitting import FitConfig, fit_isomorphism
+
+dist.init_from_env("cpu")
+rng = np.random.default_rng(0)
+z = rng.standard_normal((320, 12)).astype(np.float32)
+x_a, x_b = np.maximum(z, 0) + 0.3 * z, np.tanh(z @ rng.standard_normal((12, 8))).astype(np.float32)
+config = FitConfig(max_steps=300, eval_every=10, patience=6, plateau=2, batch_size=16, compile="off")
+g, fit = fit_isomorphism(x_a, x_b, config=config, runtime=Runtime.resolve(RuntimeConfig(device="cpu")))
+assert g.normalizer == "batch"
+digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in g.state_dict().values())).hexdigest()
+record = {"sha256": digest, "fit": fit.model_dump(exclude={"seconds", "samples_per_s"})}
+open(f"{sys.argv[1]}/rank{dist.rank()}.json", "w").write(json.dumps(record))
+"""
+
+
+def test_two_processes_keep_the_same_g_with_the_batch_normaliser(tmp_path):
+    """Vector features: every rank takes the same lr cuts and stop, and keeps bit-identical weights and normaliser."""
+    script = tmp_path / "fit_vectors.py"
+    script.write_text(_FIT_VECTORS)
+    _torchrun(str(tmp_path), cwd=tmp_path, script=script)
+    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert zero["fit"]["holdout_mse"] == one["fit"]["holdout_mse"] and zero["fit"]["lr"] == one["fit"]["lr"]
+    assert zero["fit"]["best_step"] == one["fit"]["best_step"] and zero["fit"]["stop"] == one["fit"]["stop"]
+    assert zero["sha256"] == one["sha256"]
 
 
 def _pair(digit_nets) -> list[str]:

@@ -28,6 +28,7 @@ __all__ = [
     "barrier",
     "wrap",
     "mean",
+    "average_",
     "broadcast",
     "gather",
     "shard",
@@ -86,6 +87,13 @@ def mean(total: float, count: int) -> float:
     t = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
     tdist.all_reduce(t)
     return float(t[0] / t[1].clamp_min(1))
+
+
+def average_(tensor: torch.Tensor) -> None:
+    """Replace `tensor` in place by its mean over all processes (the same value on every rank)."""
+    if is_distributed():
+        tdist.all_reduce(tensor)
+        tensor.div_(world_size())
 
 
 def broadcast(obj: T, src: int = 0) -> T:

@@ -5,7 +5,9 @@ dataset size; every `eval_every` steps the held-out MSE is checked, the
 learning rate is cut after `plateau` checks without improvement, and fitting
 stops after `patience` such checks (the best held-out weights are kept).
 `epochs` switches to the old fixed budget (log-spaced lr, no early stop).
-Under torchrun the batches are split across ranks and gradients all-reduced (DDP).
+Under torchrun the batches are split across ranks and gradients all-reduced (DDP);
+the batch normaliser's running variance and the held-out MSE are averaged over
+ranks too, so every rank takes the same decisions and keeps the same g.
 Large fits run g's loss under torch.compile (eager when compiling fails).
 """
 
@@ -251,6 +253,8 @@ def fit_isomorphism(
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            if g.normalizer == "batch":  # each rank updated it from its own batch
+                dist.average_(g.running_var)
             mse_sum += mse.detach().double() * len(xa)
             mse_count += len(xa)
             step += 1
@@ -296,12 +300,16 @@ def fit_isomorphism(
 
 @torch.no_grad()
 def _holdout_mse(g: IsomorphismNet, pairs: _Pairs) -> float:
-    """Mean squared error of g(x_A) against x_B in B's standardised space (float64 sum)."""
+    """Mean squared error of g(x_A) against x_B in B's standardised space (float64 sum).
+
+    Under torchrun each rank scores its share of the pairs, and every rank gets the same mean.
+    """
     g.eval()
     total = torch.zeros((), dtype=torch.float64, device=pairs.runtime.device)
     count = 0
-    for xa, xb in pairs.batches(pairs.indices, 256):
+    mine = dist.shard(len(pairs.indices))
+    for xa, xb in pairs.batches(pairs.indices[mine.start : mine.stop], 256):
         err = g.forward_standardized(g.standardize_input(xa)) - g.standardize_target(xb)
         total += err.double().pow(2).sum()
         count += err.numel()
-    return total.item() / max(count, 1)
+    return dist.mean(total.item(), count)
