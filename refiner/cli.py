@@ -283,7 +283,12 @@ def _build_args(sub) -> None:
         help="sound: new target classifier, epoch chosen on validation data; paper: the authors' protocol, B's whole upper "
         "part kept with its base classifier, Adam 1e-5 -> 1e-7 for 100 epochs, best-on-test reported too (default: sound)",
     )  # fmt: skip
-    p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per variant, also the sample of the paired tests (default: 3)")
+    p.add_argument(
+        "--seeds", type=int, default=3,
+        help="fine-tuning seeds per variant; a seed sets the new classifier's initialisation, batch order and dropout (default: 3)",
+    )  # fmt: skip
+    p.add_argument("--g-seeds", type=int, default=1, help="fit g this many times (seeds --g-seed, +1, ...) so g's own noise enters the paired tests (default: 1)")
+    p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples of the paired tests, at least 10000 (default: 10000)")
     p.add_argument("--head-epochs", type=int, help="fine-tuning epochs of the upper layers (default: 20 sound, 100 paper)")
     p.add_argument(
         "--head-lr", type=float, nargs="+", metavar=("START", "END"),
@@ -344,6 +349,8 @@ def _run_build(args) -> None:
         compare=_compare_config(args),
         protocol=args.protocol,
         seeds=args.seeds,
+        g_seeds=args.g_seeds,
+        resamples=args.resamples,
         head=HeadConfig(**head),
         ablations=not args.no_ablations,
         name=args.name or f"{args.task}-refined",

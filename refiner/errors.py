@@ -9,6 +9,7 @@ __all__ = [
     "DataError",
     "DataLayoutError",
     "ExportValidationError",
+    "DivergedError",
 ]
 
 
@@ -42,3 +43,7 @@ class DataLayoutError(RefinerError, FileNotFoundError):
 
 class ExportValidationError(RefinerError, ValueError):
     """An exported ONNX model does not reproduce the PyTorch model."""
+
+
+class DivergedError(RefinerError, RuntimeError):
+    """Training produced non-finite losses wherever it could have produced the result asked for."""

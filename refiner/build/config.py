@@ -35,7 +35,10 @@ class BuildConfig(BaseModel):
     protocol: Protocol = "sound"  # paper: keep the base classifiers, label space of the base nets; sound: new target classifier
     compare: CompareConfig = Field(default_factory=CompareConfig)
     head: HeadConfig  # default: default_head(protocol)
-    seeds: int = Field(3, ge=1)  # fine-tuning seeds per variant
+    seeds: int = Field(3, ge=1)  # fine-tuning seeds per variant: a seed sets a new classifier's init, data order and dropout
+    g_seeds: int = Field(1, ge=1)  # fits of g (seeds fit.seed, fit.seed + 1, ...): g's own noise enters the bootstrap
+    resamples: int = Field(10_000, ge=10_000)  # bootstrap resamples of the paired tests
+    bootstrap_seed: int = 0  # the bootstrap's draws (the same for every comparison)
     ablations: bool = True  # also fine-tune on x^(0), x^(0)+x^(1), ...
     control_seed: int = 0  # which other image's Delta each image gets in the Delta-shuffle control
     export: ExportOptions = Field(default_factory=ExportOptions)  # opset, fp16 or INT8, tolerances, check images, max batch

@@ -25,17 +25,19 @@ from refiner.build.config import BuildConfig
 from refiner.build.publish import export_images, publish
 from refiner.build.quantize import format_quantization
 from refiner.build.refined import NetCut, OutputSlice, RefinedModel, RefinedSpec, replace_classifier
-from refiner.build.report import BuildReport, format_accuracy_table, write_build_report
+from refiner.build.predictions import FILE as PREDICTIONS, save_predictions, stack_runs
+from refiner.build.report import BuildReport, GFit, format_accuracy_table, format_noise_budget, write_build_report
 from refiner.build.results import CONTROL, REFINED, VariantResult, headline, paired_tests, worse_than_baselines
 from refiner.data.tasks import SplitOptions, get_task, load_task
 from refiner.engine import distributed as dist
-from refiner.engine.comparison import ComparisonReport, compare, load_fitted_g
+from refiner.engine.comparison import CompareConfig, ComparisonReport, compare, load_fitted_g
 from refiner.engine.device import Runtime
 from refiner.engine.features import FeatureSet, default_cache_dir, iter_batches
 from refiner.engine.finetune import HeadResult, finetune_head
+from refiner.engine.fitting import FitResult, fit_isomorphism
 from refiner.engine.isomorphism import IsomorphismNet
 from refiner.engine.metrics import VarianceAccumulator, VarianceTable
-from refiner.errors import CheckpointError, ConfigError
+from refiner.errors import CheckpointError, ConfigError, DivergedError
 from refiner.models.checkpoints import Classifier
 from refiner.models.layers import split_model
 from refiner.progress import stage
@@ -43,7 +45,7 @@ from refiner.progress import stage
 __all__ = ["BuildResult", "build", "derangement"]
 
 # Paired tests per protocol: with a new target classifier (sound) full-label and target-restricted figures coincide.
-METRICS = {"sound": ("acc_target", "ce_target"), "paper": ("acc_target", "acc", "ce_target", "ce")}
+METRICS = {"sound": ("acc_target",), "paper": ("acc_target", "acc")}
 
 
 @dataclass
@@ -56,7 +58,8 @@ class BuildResult:
         r = self.report
         return (
             f"{format_accuracy_table(r.variants, r.config.protocol)}\n\n{r.verdict}\n\n"
-            f"instability Var(x^Δ)/Var(x_B) on test: {r.comparison.tables['test'].instability:.4f}\n"
+            + (f"{format_noise_budget(r.paired)}\n\n" if r.paired else "")
+            + f"instability Var(x^Δ)/Var(x_B) on test: {r.comparison.tables['test'].instability:.4f}\n"
             f"ONNX ({r.export.precision}) max |logit diff| {r.export.max_abs_diff:.2e} at batch {r.export.batch_size}\n"
             + (f"{format_quantization(r.quantization)}\n" if r.quantization else "")
             + f"artifact: {self.path}"
@@ -68,15 +71,22 @@ class _Variant:
     name: str
     features: str
     head_from: str  # "A" or "B": whose upper layers are fine-tuned
-    sets: dict[str, np.ndarray]  # split -> head input features
+    sets: list[dict[str, np.ndarray]]  # per fit of g (one entry when the features do not depend on g): split -> head input
 
 
 @dataclass
 class _Head:
     """One side's upper layers and how the target classes sit among its outputs."""
 
-    module: nn.Module  # the pretrained upper layers, including the classifier
+    upper: nn.Module  # the pretrained upper layers, including the base classifier
     target: list[int]  # output index of each target class (paper protocol; sound: 0..T-1 of a new classifier)
+    new_classifier: str | None  # sound protocol: the architecture whose classifier a new target classifier replaces
+
+    def fresh(self) -> nn.Module:
+        """A trainable copy; under the sound protocol its new classifier is drawn from torch's current RNG (the seed)."""
+        if self.new_classifier:
+            return replace_classifier(self.upper, self.new_classifier, len(self.target))
+        return copy.deepcopy(self.upper)
 
 
 def build(
@@ -111,8 +121,12 @@ def build(
         _check_label_spaces(clf_a, clf_b, data.classes)
     compare_config, fitted = config.compare, None
     if g_file is not None:
+        if config.g_seeds > 1:
+            raise ConfigError(f"--g reuses one fit of g, so --g-seeds {config.g_seeds} cannot refit it; drop one of them")
         compare_config, fitted = load_fitted_g(g_file, clf_a, clf_b, config.compare, task=task, classes=data.classes, data_dir=data_dir)
     g, comparison, pairs = compare(clf_a, clf_b, data, compare_config, cache_dir, measure=(), extra=("val", "test"), fitted=fitted)
+    fits = [(g, comparison.fit, compare_config.fit.seed), *_refit(pairs["train"], compare_config, config.g_seeds, runtime)]
+    gs = [f[0] for f in fits]
     seconds["features_and_g"] = time.perf_counter() - start
     layer_a, layer_b = comparison.a.layer, comparison.b.layer
     trunk_a, head_a = split_model(clf_a.model, layer_a, clf_a.meta.preprocess.input_size)
@@ -121,44 +135,55 @@ def build(
     work = Path(tempfile.mkdtemp(prefix="build-", dir=_work_root(cache_dir)))
     try:
         t0 = time.perf_counter()
-        variants, comparison.tables = _variants(g, pairs, config, work)
+        variants, tables = _variants(gs, pairs, config, work)
+        comparison.tables = tables[0]
         labels = {s: pairs[s][0].y for s in ("train", "val", "test")}
         seconds["refined_features_and_var"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        stage(f"fine-tuning {len(variants)} variants x {config.seeds} seeds ({config.protocol} protocol, {config.head.epochs} epochs each)")
-        results, refined_head = _finetune_all(variants, labels, heads, config, runtime)
+        jobs = sum(len(v.sets) for v in variants) * config.seeds
+        stage(f"fine-tuning {len(variants)} variants x {config.seeds} seeds{f' x {len(gs)} g fits' if len(gs) > 1 else ''} = {jobs} runs ({config.protocol} protocol, {config.head.epochs} epochs each)")
+        results, predictions, (exported_g, refined_head), exported = _finetune_all(variants, labels, heads, config, runtime)
         seconds["finetune"] = time.perf_counter() - t0
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if not dist.is_main():
         dist.barrier()  # wait for rank 0's export so every process leaves together
         return None
-    model = RefinedModel(trunk_a, g.cpu(), refined_head.cpu()).eval()
+    model = RefinedModel(trunk_a, gs[exported_g].cpu(), refined_head.cpu()).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     t0 = time.perf_counter()
     stage("ONNX export and validation" + (" and INT8 quantisation" if config.export.quantize else ""))
     val_images, test = export_images(data, clf_a.meta.preprocess, config.export)
-    paired = paired_tests(results, METRICS[config.protocol])
+    paired = paired_tests(results, predictions, labels["test"], METRICS[config.protocol], config.seeds, config.resamples, config.bootstrap_seed)
     spec = _spec(config, data.classes, clf_a, clf_b, comparison, g, heads["B"].target)
+    g_fits = [GFit.of(seed, fit, t["test"]) for (_, fit, seed), t in zip(fits, tables)]
     try:
         with publish(models, config.name, model, spec, config.export, val_images, test) as out:
             seconds["export"] = time.perf_counter() - t0
             seconds["total"] = time.perf_counter() - start
             report = BuildReport(
                 name=config.name, version=out.version, task=task, classes=data.classes, config=config,
-                variants=results, paired=paired, verdict=headline(results, paired, config.seeds), comparison=comparison,
-                g_file=Path(g_file).name if g_file else None, export=out.check, quantization=out.quantization,
-                seconds=seconds, runtime={**runtime.record(), "processes": dist.world_size()},
+                variants=results, paired=paired, verdict=headline(results, paired, config.seeds, len(gs)), comparison=comparison,
+                g_fits=g_fits, exported_run=exported, g_file=Path(g_file).name if g_file else None, export=out.check,
+                quantization=out.quantization, seconds=seconds, runtime={**runtime.record(), "processes": dist.world_size()},
             )  # fmt: skip
+            save_predictions(out.folder / PREDICTIONS, {s: labels[s] for s in ("val", "test")}, predictions)
             write_build_report(out.folder, report)
     finally:
         dist.barrier()
+    for v in results:
+        if v.is_diverged:
+            warnings.warn(
+                f"fine-tuning on {v.features} diverged (non-finite loss or CE) in {sum(v.diverged)} of {len(v.diverged)} runs: "
+                "marked diverged and left out of the paired tests; a lower --head-lr may help",
+                stacklevel=2,
+            )
     worse = worse_than_baselines(paired)
     if worse:
         warnings.warn(
-            f"the exported refined model is worse than {', '.join(t.baseline for t in worse)} beyond seed noise "
-            f"(target-restricted test accuracy, {', '.join(f'{100 * t.mean:+.2f}' for t in worse)} points); see report.html",
+            f"the exported refined model is worse than {', '.join(t.baseline for t in worse)} beyond noise (target-class "
+            f"test accuracy, {', '.join(f'{100 * t.mean:+.2f}' for t in worse)} points, Holm-adjusted where secondary); see report.html",
             stacklevel=2,
         )
     return BuildResult(report=report, path=Path(models) / config.name / str(out.version), model=model)
@@ -192,10 +217,23 @@ def _check_label_spaces(clf_a: Classifier, clf_b: Classifier, target: list[str])
 
 
 def _head(upper: nn.Module, clf: Classifier, target: list[str], config: BuildConfig) -> _Head:
-    """The paper keeps the pretrained classifier (targets at their base indices); sound gets a new target classifier."""
+    """The paper keeps the pretrained classifier (targets at their base indices); sound gets a new target classifier per run."""
     if config.protocol == "paper":
-        return _Head(upper, [clf.meta.class_names.index(c) for c in target])
-    return _Head(replace_classifier(upper, clf.meta.arch, len(target)), list(range(len(target))))
+        return _Head(upper, [clf.meta.class_names.index(c) for c in target], None)
+    return _Head(upper, list(range(len(target))), clf.meta.arch)
+
+
+def _refit(train: tuple[FeatureSet, FeatureSet], config: CompareConfig, g_seeds: int, runtime: Runtime) -> list[tuple[IsomorphismNet, FitResult, int]]:
+    """g fitted again g_seeds - 1 times, from the next seeds: its own fitting noise enters the bootstrap."""
+    if g_seeds < 2:
+        return []
+    stage(f"fitting g {g_seeds - 1} more times (--g-seeds {g_seeds})")
+    out = []
+    for j in range(1, g_seeds):
+        seed = config.fit.seed + j
+        g, fit = fit_isomorphism(train[0].x, train[1].x, config.g, config.fit.model_copy(update={"seed": seed}), runtime=runtime, desc=f"fit g (seed {seed})")
+        out.append((g, fit, seed))
+    return out
 
 
 def _work_root(cache_dir: Path | None) -> Path:
@@ -205,26 +243,31 @@ def _work_root(cache_dir: Path | None) -> Path:
 
 
 def _variants(
-    g: IsomorphismNet, pairs: dict[str, tuple[FeatureSet, FeatureSet]], config: BuildConfig, work: Path
-) -> tuple[list[_Variant], dict[str, VarianceTable]]:
-    """Feature sources of every variant (x_A, x_B, g(x_A), the Delta-shuffle control, prefix sums of orders) and the Var tables."""
-    k_max = g.orders
+    gs: list[IsomorphismNet], pairs: dict[str, tuple[FeatureSet, FeatureSet]], config: BuildConfig, work: Path
+) -> tuple[list[_Variant], list[dict[str, VarianceTable]]]:
+    """Feature sources of every variant (x_A, x_B, g(x_A), the Delta-shuffle control, prefix sums of orders) and each g's Var tables."""
+    k_max = gs[0].orders
     orders = list(range(k_max + 1)) if config.ablations else [k_max]
     splits = ("train", "val", "test")
-    derived, tables, control = {}, {}, {}
-    for s in splits:
-        derived[s], tables[s] = _derive(g, *pairs[s], orders, work / s, measure=s != "train")
-        control[s] = _shuffled_delta(pairs[s][1].x, derived[s][k_max], work / s / "control.npy", seed=config.control_seed)
+    derived, control, tables = [], [], []
+    for j, g in enumerate(gs):
+        d, c, t = {}, {}, {}
+        for s in splits:
+            d[s], t[s] = _derive(g, *pairs[s], orders, work / str(j) / s, measure=s != "train")
+            c[s] = _shuffled_delta(pairs[s][1].x, d[s][k_max], work / str(j) / s / "control.npy", seed=config.control_seed)
+        derived.append(d)
+        control.append(c)
+        tables.append({s: t[s] for s in ("val", "test")})
     out = [
-        _Variant("features from A", "x_A", "A", {s: pairs[s][0].x for s in splits}),
-        _Variant("features from B (no Δ removal)", "x_B", "B", {s: pairs[s][1].x for s in splits}),
-        _Variant("refined: g(x_A) (x^Δ removed)", REFINED, "B", {s: derived[s][k_max] for s in splits}),
+        _Variant("features from A", "x_A", "A", [{s: pairs[s][0].x for s in splits}]),
+        _Variant("features from B (no Δ removal)", "x_B", "B", [{s: pairs[s][1].x for s in splits}]),
+        _Variant("refined: g(x_A) (x^Δ removed)", REFINED, "B", [{s: d[s][k_max] for s in splits} for d in derived]),
         _Variant("control: x_B minus another image's x^Δ", CONTROL, "B", control),
     ]
     for m in orders[:-1]:
         name = " + ".join(f"x^({k})" for k in range(m + 1))
-        out.append(_Variant(f"ablation: {name}", name, "B", {s: derived[s][m] for s in splits}))
-    return out, {s: tables[s] for s in ("val", "test")}
+        out.append(_Variant(f"ablation: {name}", name, "B", [{s: d[s][m] for s in splits} for d in derived]))
+    return out, tables
 
 
 @torch.no_grad()
@@ -284,51 +327,58 @@ def _shuffled_delta(xb: np.ndarray, gxa: np.ndarray, path: Path, seed: int, batc
 
 def _finetune_all(
     variants: list[_Variant], labels: dict[str, np.ndarray], heads: dict[str, _Head], config: BuildConfig, runtime: Runtime
-) -> tuple[list[VariantResult], nn.Module]:
-    """Fine-tune every variant for every seed (jobs split across ranks); return results and the best refined head.
+) -> tuple[list[VariantResult], dict[str, dict[str, np.ndarray]], tuple[int, nn.Module], dict[str, int]]:
+    """Fine-tune every variant for every g fit and seed (jobs split across ranks).
 
+    Returns the results, the per-image predictions per variant, the exported
+    run's g fit and head (best refined run on validation data), and that run.
     Labels are target indices; the paper protocol maps them to each side's base indices.
     """
-    jobs = [(v, seed) for v in variants for seed in range(config.seeds)]
+    jobs = [(v, j, seed) for v in variants for j in range(len(v.sets)) for seed in range(config.seeds)]
     mine: dict[int, dict[str, torch.Tensor]] = {}  # this rank's refined heads (state dicts)
     track_test = config.protocol == "paper"
 
     def run(index: int) -> HeadResult:
-        variant, seed = jobs[index]
-        torch.manual_seed(seed)
+        variant, j, seed = jobs[index]
         side = heads[variant.head_from]
-        head = copy.deepcopy(side.module)
+        torch.manual_seed(seed)  # the new classifier's initialisation (sound), then data order and dropout
+        head = side.fresh()
         for p in head.parameters():
             p.requires_grad_(True)
         rng = np.random.default_rng(seed)
         to_output = np.asarray(side.target)
 
         def loader(split: str, shuffle: bool = False):
-            x, y = variant.sets[split], to_output[labels[split]]
+            x, y = variant.sets[j][split], to_output[labels[split]]
             return lambda: iter_batches(x, y, indices=rng.permutation(len(y)) if shuffle else None, batch_size=config.head.batch_size)
 
+        fits = f" g{j}" if len(variant.sets) > 1 else ""
         head, res = finetune_head(
             head, loader("train", True), loader("val"), loader("test"), config.head, seed,
-            target=side.target, track_test=track_test, desc=f"{variant.features} seed {seed}", runtime=runtime,
+            target=side.target, track_test=track_test, desc=f"{variant.features}{fits} seed {seed}", runtime=runtime,
         )  # fmt: skip
         if variant.features == REFINED:
             mine[index] = {k: v.detach().cpu() for k, v in head.state_dict().items()}
         return res
 
     runs = dist.run_split(list(range(len(jobs))), run)
-    results = [
-        VariantResult.from_runs(v.name, v.features, v.head_from, [runs[i] for i, (w, _) in enumerate(jobs) if w is v])
-        for v in variants
-    ]
-    refined = [i for i, (v, _) in enumerate(jobs) if v.features == REFINED]
-    best = max(refined, key=lambda i: (runs[i].val.acc, -i))  # best validation accuracy, first seed on ties
+    results, predictions = [], {}
+    for v in variants:
+        mine_v = [(j, seed, runs[i]) for i, (w, j, seed) in enumerate(jobs) if w is v]
+        results.append(VariantResult.from_runs(v.name, v.features, v.head_from, mine_v))
+        predictions[v.features] = stack_runs(mine_v)
+    refined = [i for i, (v, _, _) in enumerate(jobs) if v.features == REFINED and not runs[i].diverged]
+    if not refined:
+        raise DivergedError("every fine-tuning run of the refined model diverged (non-finite loss): nothing to export; lower --head-lr")
+    best = max(refined, key=lambda i: (runs[i].val.correct, -i))  # best validation accuracy, first run on ties
     state = dist.broadcast(mine.get(best), src=best % dist.world_size())  # run_split gives job i to rank i % world
     side = heads["B"]
-    head = copy.deepcopy(side.module)
+    head = side.fresh()
     head.load_state_dict(state)
     if config.protocol == "paper":  # the artifact answers in the target classes, sliced from the base outputs
         head = nn.Sequential(head, OutputSlice(side.target))
-    return results, head.eval()
+    _, g_fit, seed = jobs[best]
+    return results, predictions, (g_fit, head.eval()), {"g_fit": g_fit, "seed": seed}
 
 
 def _spec(

@@ -14,9 +14,23 @@ from refiner.build.export import ExportCheck
 from refiner.build.quantize import QuantCheck
 from refiner.build.results import PairedTest, VariantResult
 from refiner.engine.comparison import ComparisonReport
+from refiner.engine.fitting import FitResult
+from refiner.engine.metrics import VarianceTable
 from refiner.reporting import GLOSSARY, describe_fit, format_fit, format_rows, html_table, page, save_bar_plot, save_fit_curve, variance_rows
 
-__all__ = ["BuildReport", "format_accuracy_table", "write_build_report"]
+__all__ = ["GFit", "BuildReport", "format_accuracy_table", "format_noise_budget", "write_build_report"]
+
+
+class GFit(BaseModel):
+    """One fit of g in a build (--g-seeds): how well it fitted and what it leaves in x^Δ."""
+
+    seed: int
+    holdout_mse: float  # lowest held-out MSE of the fit
+    instability_test: float  # Var(x^Δ)/Var(x_B) on the test split
+
+    @classmethod
+    def of(cls, seed: int, fit: FitResult, test: VarianceTable) -> GFit:
+        return cls(seed=seed, holdout_mse=min(fit.holdout_mse, default=float("nan")), instability_test=test.instability)
 
 
 class BuildReport(BaseModel):
@@ -28,9 +42,11 @@ class BuildReport(BaseModel):
     classes: list[str]
     config: BuildConfig
     variants: list[VariantResult]
-    paired: list[PairedTest]  # refined vs every other variant, per metric
-    verdict: str  # one line: does Delta removal help, hurt, or sit within seed noise here?
-    comparison: ComparisonReport
+    paired: list[PairedTest]  # refined vs every other variant, per accuracy metric (the primary first declared in results.PRIMARY)
+    verdict: str  # one line: does Delta removal help, hurt, or sit within noise here (seeds, test images, g fits)?
+    comparison: ComparisonReport  # g fit 0's record and Var tables
+    g_fits: list[GFit] = []  # every fit of g (one unless --g-seeds)
+    exported_run: dict[str, int] = {}  # the refined run exported (best on validation): its g fit and seed
     g_file: str | None = None  # the `refiner fit` file g came from; None: fitted by this build
     export: ExportCheck
     quantization: QuantCheck | None = None  # --quantize int8: agreement and accuracy drop on test images
@@ -39,8 +55,9 @@ class BuildReport(BaseModel):
 
 
 def _ms(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
-    sd = statistics.pstdev(values) if len(values) > 1 else 0.0
-    return f"{scale * statistics.fmean(values):.{digits}f} ± {scale * sd:.{digits}f}"
+    """Mean ± sample std (n - 1); the mean alone for one run."""
+    mean = f"{scale * statistics.fmean(values):.{digits}f}"
+    return f"{mean} ± {scale * statistics.stdev(values):.{digits}f}" if len(values) > 1 else mean
 
 
 def _accuracy_rows(variants: Sequence[VariantResult], protocol: str) -> tuple[list[str], list[list[str]]]:
@@ -48,9 +65,12 @@ def _accuracy_rows(variants: Sequence[VariantResult], protocol: str) -> tuple[li
     head = ["variant", "head from", "test acc, target classes", "test CE, target classes"]
     if protocol == "paper":
         head += ["test acc, all outputs", "last epoch", "best on test (optimistic)"]
-    head += ["val acc", "seeds"]
+    head += ["val acc", "runs"]
     rows = []
     for v in variants:
+        if v.is_diverged:
+            rows.append([v.name, v.head_from, "diverged", *["-"] * (len(head) - 4), str(len(v.diverged))])
+            continue
         row = [v.name, v.head_from, _ms(v.test_acc_target), _ms(v.test_ce_target, 1.0, 3)]
         if protocol == "paper":
             row += [_ms(v.test_acc), _ms(v.last_acc), _ms(v.best_test_acc) if v.best_test_acc else "-"]
@@ -60,14 +80,22 @@ def _accuracy_rows(variants: Sequence[VariantResult], protocol: str) -> tuple[li
 
 
 def _paired_rows(tests: Sequence[PairedTest]) -> tuple[list[str], list[list[str]]]:
-    head = ["refined vs", "metric", "mean difference", "95% CI", "p", "verdict"]
+    head = ["refined vs", "metric", "role", "difference (points)", "bootstrap 95% CI", "bootstrap p", "Holm p", "t over runs: p", "McNemar p per run", "verdict"]
     rows = []
     for t in tests:
-        scale = 1.0 if t.metric.startswith("ce") else 100.0
-        ci = f"{scale * t.ci95[0]:+.2f} to {scale * t.ci95[1]:+.2f}" if t.ci95 else "-"
-        p = f"{t.p_value:.3g}" if t.p_value is not None else "-"
-        rows.append([t.baseline, t.metric, f"{scale * t.mean:+.2f}", ci, p, t.verdict])
+        lo, hi = (100 * v for v in t.bootstrap.ci95)
+        ci = f"{lo:+.2f} to {hi:+.2f}" + (" (no image differs: bound)" if t.bootstrap.widened else "")
+        t_p = f"{t.t_test.p:.3g}" if t.t_test.p is not None else f"- ({t.t_test.note})"
+        mcnemar = ", ".join(f"{m.p:.2g}" for m in t.mcnemar)
+        role = "primary" if t.primary else "secondary"
+        holm = "-" if t.p_holm is None else f"{t.p_holm:.3g}"
+        rows.append([t.baseline, t.metric, role, f"{100 * t.mean:+.2f}", ci, f"{t.bootstrap.p:.3g}", holm, t_p, mcnemar, t.verdict])
     return head, rows
+
+
+def _noise_rows(test: PairedTest) -> tuple[list[str], list[list[str]]]:
+    rows = [[n.source, f"{100 * n.std:.2f}" if n.std is not None else "not measured (one draw)"] for n in test.noise_budget or []]
+    return ["noise source (resampled alone)", f"std of refined − {test.baseline} (points)"], rows
 
 
 def format_accuracy_table(variants: Sequence[VariantResult], protocol: str) -> str:
@@ -75,26 +103,59 @@ def format_accuracy_table(variants: Sequence[VariantResult], protocol: str) -> s
     return format_rows(*_accuracy_rows(variants, protocol))
 
 
+def format_noise_budget(tests: Sequence[PairedTest]) -> str:
+    """Plain-text noise budget of the primary comparison ('' when it was not tested)."""
+    primary = next((t for t in tests if t.primary), None)
+    return format_rows(*_noise_rows(primary)) if primary else ""
+
+
 _ACCURACY_NOTE = (
-    "<p>Mean ± std over seeds. <i>Target classes</i>: argmax over the target classes' outputs only, which does not "
-    "reward adapting to the target label set; <i>all outputs</i> (paper protocol): argmax over every base class, the "
-    "paper's score. <i>Best on test</i> is chosen by test data (as the paper reports) and is optimistic. The control "
-    "feeds B's upper layers x_B minus another image's x^Δ: the energy of x^Δ without its image-specific content.</p>"
+    "<p>Mean ± sample std (n − 1) over runs (fine-tuning seeds, times fits of g with --g-seeds). <i>Target classes</i>: "
+    "argmax over the target classes' outputs only, which does not reward adapting to the target label set; <i>all "
+    "outputs</i> (paper protocol): argmax over every base class, the paper's score. <i>Best on test</i> is chosen by test "
+    "data (as the paper reports) and is optimistic. The control feeds B's upper layers x_B minus another image's x^Δ: the "
+    "energy of x^Δ without its image-specific content. <i>diverged</i>: a run's loss went non-finite; the variant is left "
+    "out of the tests. Every accuracy is recomputable from predictions.npz.</p>"
 )
-_PAIRED_NOTE = (
-    "<p>refined − baseline per seed (same seed: same initialisation and data order); 95% t interval of the mean and "
-    "a two-sided paired t-test. The seeds vary fine-tuning only, not g or the base nets. Accuracy in points, CE in nats.</p>"
-)
+
+
+def _paired_note(protocol: str) -> str:
+    seed = (
+        "the new target classifier's initialisation, the order of training batches and dropout"
+        if protocol == "sound"
+        else "the order of training batches and dropout (the kept classifier starts from B's weights)"
+    )
+    return (
+        "<p>refined − baseline on the same test images, run by run. A seed sets " + seed + "; the refined model and "
+        "each baseline share it. <b>Primary</b> (declared before the build): refined vs x_B on target-class accuracy; it "
+        "alone decides the verdict. The p and interval are a paired bootstrap (10,000+ resamples): fits of g, then seeds, "
+        "then test images are resampled, with the same images for both variants, so the interval covers fine-tuning "
+        "seeds, the sampling of the test set and (with --g-seeds) g's own fit. Secondary comparisons carry Holm-adjusted "
+        "p-values; the t-test over runs (seed noise only) and the exact McNemar test per run (test images only) are shown "
+        "for reference. Nothing covers the choice of base nets: the verdict is about these A and B.</p>"
+    )
+
+
+def _noise_html(report: BuildReport) -> str:
+    primary = next((t for t in report.paired if t.primary), None)
+    if primary is None:
+        return "<p>Not tested: a variant diverged.</p>"
+    fits = ""
+    if len(report.g_fits) > 1:
+        rows = [[str(f.seed), f"{f.holdout_mse:.4f}", f"{f.instability_test:.4f}"] for f in report.g_fits]
+        fits = html_table(["g seed", "held-out MSE", "instability on test"], rows)
+    return html_table(*_noise_rows(primary)) + fits
 
 
 def write_build_report(folder: Path, report: BuildReport) -> None:
     """report.json, accuracy.png, variance.png and report.html of a build."""
     (folder / "report.json").write_text(report.model_dump_json(indent=2))
     v = report.variants
+    shown = [x for x in v if not x.is_diverged]
     save_bar_plot(
-        folder / "accuracy.png", [x.features for x in v], [100 * statistics.fmean(x.test_acc_target) for x in v],
-        [100 * statistics.pstdev(x.test_acc_target) for x in v], "test accuracy, target classes (%)",
-        "Accuracy per variant (mean ± std over seeds)", zoom=True,
+        folder / "accuracy.png", [x.features for x in shown], [100 * statistics.fmean(x.test_acc_target) for x in shown],
+        [100 * statistics.stdev(x.test_acc_target) if len(x.test_acc_target) > 1 else 0.0 for x in shown],
+        "test accuracy, target classes (%)", "Accuracy per variant (mean ± sample std over runs)", zoom=True,
     )  # fmt: skip
     test = report.comparison.tables["test"]
     labels = [f"x^({k})" for k in range(len(test.var_orders))] + ["x^Δ"]
@@ -111,7 +172,8 @@ def write_build_report(folder: Path, report: BuildReport) -> None:
         ("Setup", setup),
         ("Verdict", f"<p><b>{html.escape(report.verdict)}</b></p>"),
         (f"Accuracy ({report.config.protocol} protocol, epoch chosen on validation data)", html_table(*_accuracy_rows(v, report.config.protocol)) + _ACCURACY_NOTE + "<p><img src='accuracy.png'></p>"),
-        ("Paired tests over seeds", html_table(*_paired_rows(report.paired)) + _PAIRED_NOTE),
+        ("Paired tests", html_table(*_paired_rows(report.paired)) + _paired_note(report.config.protocol)),
+        ("Noise budget of the primary comparison", _noise_html(report)),
         ("Var table", html_table(*variance_rows(c.tables)) + "<p><img src='variance.png'></p>"),
         ("Fitting g", f"<p>{html.escape(describe_fit(report.config.compare.fit))}.<br>{html.escape(format_fit(c.fit))}.</p><p><img src='fit.png'></p>"),
         ("What the figures mean", GLOSSARY),
