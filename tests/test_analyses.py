@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
@@ -141,14 +142,37 @@ def test_diagnose_ranks_channels_and_pictures_them(digit_nets, tmp_path):
 
 
 def test_pictured_feature_is_isomorphic_plus_delta(digit_nets):
+    """Each row pictures its own test image: x_c is B's feature of it, g(x_A)_c is g's forward pass on A's feature of it.
+
+    Both are recomputed here from the images through the nets' trunks (not from the cached features or g's
+    decomposition), in B's standardised space; x^Delta_c is their difference.
+    """
+    from refiner.data.datasets import ImageDataset
+    from refiner.models.layers import split_model
+
     a, b = digit_nets
     data = load_analysis_data("digits", None, a.meta.class_names, QUICK_CONFIG)
     m = measure_pair(a, b, data, None, None, QUICK_CONFIG, None)
-    rows = picture_rows(m.g, m.test, data.test, b.meta.preprocess, channel=3, indices=[0, 5])
+    indices, channel = [7, 2], 3
+    rows = picture_rows(m.g, m.test, data.test, b.meta.preprocess, channel=channel, indices=indices)
     assert [r.image.shape for r in rows] == [(16, 16, 3)] * 2
-    for r in rows:
+    assert [r.caption for r in rows] == [f"test image {i} ({data.test[i].label})" for i in indices]
+
+    def images(clf):
+        dataset = ImageDataset([data.test[i] for i in indices], data.classes, clf.meta.preprocess)
+        return torch.stack([dataset[j][0] for j in range(len(dataset))])
+
+    trunk_a, _ = split_model(a.model, m.report.a.layer)
+    trunk_b, _ = split_model(b.model, m.report.b.layer)
+    with torch.no_grad():
+        feature = m.g.standardize_target(trunk_b(images(b)))[:, channel]
+        isomorphic = m.g.standardize_target(m.g(trunk_a(images(a))))[:, channel]
+    for r, f, iso in zip(rows, feature, isomorphic):
         assert r.feature.shape == r.delta.shape == (8, 8)
-        assert torch.allclose(torch.from_numpy(r.isomorphic + r.delta), torch.from_numpy(r.feature), atol=1e-5)
+        np.testing.assert_allclose(r.feature, f.numpy(), atol=1e-4)
+        np.testing.assert_allclose(r.isomorphic, iso.numpy(), atol=1e-4)
+        np.testing.assert_allclose(r.delta, (f - iso).numpy(), atol=1e-4)
+    assert not np.allclose(rows[0].feature, rows[1].feature)  # two different images
 
 
 def test_distillation_generations_and_blind_spots(digit_nets, tmp_path):
