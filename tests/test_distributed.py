@@ -92,6 +92,19 @@ def test_two_process_build_splits_jobs_and_writes_once(tmp_path, digit_nets):
             assert v1["test_acc"] == pytest.approx(v2["test_acc"], abs=1e-9)
 
 
+def test_two_process_analysis_writes_one_report(tmp_path, digit_nets):
+    """Rank 0 alone writes the report folder (the other ranks keep their pruned nets in a private folder) and prints."""
+    a, _ = digit_nets
+    argv = ["analyze", "compression", "--model", str(a.path), "--sparsity", "0,0.5", "--finetune-epochs", "1", "--images", "2", "--task", "digits",
+            "--device", "cpu", "--g-epochs", "1", "--train-per-class", "20", "--test-per-class", "5", "--out", "report"]  # fmt: skip
+    out = _torchrun(*argv, cwd=tmp_path)
+    assert out.count("wrote ") == 1
+    report = tmp_path / "report"
+    assert {"report.json", "report.html", "discarded-0.50.png"} <= {p.name for p in report.iterdir()}
+    assert sorted(p.name for p in (report / "nets").iterdir()) == ["pruned-0.00.pt", "pruned-0.50.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == ["report"]  # no temporary folder left behind
+
+
 def test_two_process_training(tmp_path):
     _torchrun("train", "--arch", "tiny_vgg", "--task", "digits", "--seed", "0", "--epochs", "2", "--train-per-class", "20", "--device", "cpu", "--out", "a.pt", cwd=tmp_path)
     clf = load_checkpoint(tmp_path / "a.pt")

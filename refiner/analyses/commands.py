@@ -128,6 +128,8 @@ def _run_diagnose(args) -> None:
         analysis=_analysis_config(args), layer_weak=args.layer_weak, layer_strong=args.layer_strong, images=args.images, channel=args.channel
     )
     report = diagnose(_load(args, args.weak), _load(args, args.strong), config=config, **_where(args))
+    if _other_rank():
+        return
     if args.json:
         print(report.model_dump_json())
         return
@@ -143,6 +145,8 @@ def _run_stability(args) -> None:
 
     config = StabilityConfig(analysis=_analysis_config(args), layers=tuple(args.layers) if args.layers else None)
     report = stability([_load(args, m) for m in args.models], config=config, **_where(args))
+    if _other_rank():
+        return
     if args.json:
         print(report.model_dump_json())
         return
@@ -164,6 +168,8 @@ def _run_compression(args) -> None:
         images=args.images,
     )
     report = compression(_load(args, args.model), config=config, **_where(args))
+    if _other_rank():
+        return
     if args.json:
         print(report.model_dump_json())
         return
@@ -187,6 +193,8 @@ def _run_distillation(args) -> None:
         layer=args.layer,
     )
     report = distillation(_load(args, args.model), config=config, **_where(args))
+    if _other_rank():
+        return
     if args.json:
         print(report.model_dump_json())
         return
@@ -194,6 +202,13 @@ def _run_distillation(args) -> None:
         blind = f", blind spots Var(x^Δ) {g.blind_spots.tables['test'].var_delta:.4f}" if g.blind_spots else " (newest)"
         print(f"generation {g.generation}: test acc {g.test_acc:.4f}{blind}")
     print(f"wrote {args.out / 'report.html'}")
+
+
+def _other_rank() -> bool:
+    """Under torchrun, whether this process is not rank 0 (which wrote the report and prints it)."""
+    from refiner.engine import distributed as dist
+
+    return not dist.is_main()
 
 
 def _floats(text: str, option: str) -> tuple[float, ...]:

@@ -30,13 +30,14 @@ from refiner.analyses.measure import (
     measure_pair,
     require_same_classes,
     runtime_record,
+    save_net,
     top_images,
 )
 from refiner.data.datasets import ImageDataset
 from refiner.data.tasks import TaskData
 from refiner.engine.comparison import ComparisonReport
 from refiner.engine.training import TrainConfig, train_classifier
-from refiner.models.checkpoints import Classifier, load_checkpoint, save_checkpoint
+from refiner.models.checkpoints import Classifier
 from refiner.progress import bar
 from refiner.reporting import html_table
 
@@ -126,7 +127,7 @@ def compression(
             pruned, history = _prune_and_finetune(clf, sparsity, data, config.finetune)
             file = Path("nets") / f"pruned-{sparsity:.2f}.pt"
             info = {"pruned_from": clf.path.name, "pruned_from_sha256": clf.sha256, "sparsity": sparsity, "finetune": history}
-            pruned_clf = load_checkpoint(save_checkpoint(folder / file, pruned, clf.meta.model_copy(update={"info": info})))
+            pruned_clf = save_net(folder / file, pruned, clf.meta.model_copy(update={"info": info}))
             acc = accuracy_on_test(pruned_clf, data, workers)
             m = measure_pair(pruned_clf, clf, data, config.layer, config.layer, config.analysis, cache_dir)
             measured.append(m)

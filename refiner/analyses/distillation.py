@@ -27,13 +27,14 @@ from refiner.analyses.measure import (
     measure_pair,
     require_same_classes,
     runtime_record,
+    save_net,
 )
 from refiner.data.datasets import ImageDataset
 from refiner.engine.comparison import ComparisonReport
 from refiner.engine.device import Runtime
 from refiner.engine.training import TrainConfig, train_classifier
 from refiner.models.architectures import create_model
-from refiner.models.checkpoints import Classifier, load_checkpoint, save_checkpoint
+from refiner.models.checkpoints import Classifier
 from refiner.progress import bar
 from refiner.reporting import html_table
 
@@ -116,8 +117,7 @@ def distillation(
             train_config = config.train.model_copy(update={"seed": config.train.seed + t})
             history = distill(student, nets[-1].model, train, val, train_config, config.kd_weight, config.temperature, f"generation {t}")
             info = {"generation": t, "teacher": nets[-1].path.name, "root": clf.path.name, "history": history}
-            path = save_checkpoint(folder / "nets" / f"generation-{t}.pt", student, clf.meta.model_copy(update={"info": info}))
-            nets.append(load_checkpoint(path))
+            nets.append(save_net(folder / "nets" / f"generation-{t}.pt", student, clf.meta.model_copy(update={"info": info})))
             histories.append(history)
         newest = nets[-1]
         blind = [measure_pair(net, newest, data, config.layer, config.layer, config.analysis, cache_dir).report for net in bar(nets[:-1], desc="blind spots", unit="generation")]

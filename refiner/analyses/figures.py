@@ -6,6 +6,7 @@ A folder is written atomically: it appears complete or not at all.
 from __future__ import annotations
 
 import html
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from refiner import reporting
 from refiner.analyses.measure import AnalysisConfig, ChannelShare, DataRecord
 from refiner.atomic import atomic_dir
 from refiner.data.datasets import Preprocess, Sample
+from refiner.engine import distributed as dist
 from refiner.engine.device import Runtime
 from refiner.engine.features import FeatureSet
 from refiner.engine.isomorphism import IsomorphismNet
@@ -55,10 +57,17 @@ class PictureRow:
 
 @contextmanager
 def report_folder(out: Path) -> Iterator[Path]:
-    """A temporary folder renamed to `out` when the block succeeds; refuses an existing `out` up front."""
+    """A temporary folder renamed to `out` when the block succeeds; refuses an existing `out` up front.
+
+    Under torchrun only rank 0 writes `out`; the other ranks work in a private folder deleted afterwards.
+    """
     out = Path(out)
-    if out.exists():
+    if dist.broadcast(out.exists()):  # rank 0's answer, so that every rank stops or none does
         raise ConfigError(f"report folder {str(out)!r} already exists; choose another --out or remove it")
+    if not dist.is_main():
+        with tempfile.TemporaryDirectory(prefix=f"refiner-{out.name}-rank{dist.rank()}-") as tmp:
+            yield Path(tmp)
+        return
     try:
         with atomic_dir(out) as tmp:
             yield tmp

@@ -13,11 +13,12 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from refiner.data.datasets import ImageDataset
 from refiner.data.tasks import SplitOptions, TaskData, load_task
+from refiner.engine import distributed as dist
 from refiner.engine.comparison import CompareConfig, ComparisonReport, compare
 from refiner.engine.device import Runtime, RuntimeConfig
 from refiner.engine.features import FeatureSet, iter_batches
@@ -25,7 +26,7 @@ from refiner.engine.fitting import FitConfig
 from refiner.engine.isomorphism import IsomorphismConfig, IsomorphismNet
 from refiner.engine.training import evaluate
 from refiner.errors import ConfigError
-from refiner.models.checkpoints import Classifier
+from refiner.models.checkpoints import CheckpointMeta, Classifier, load_checkpoint, save_checkpoint
 
 __all__ = [
     "AnalysisConfig",
@@ -40,6 +41,7 @@ __all__ = [
     "require_same_classes",
     "top_images",
     "runtime_record",
+    "save_net",
 ]
 
 
@@ -170,3 +172,13 @@ def top_images(g: IsomorphismNet, fa: FeatureSet, fb: FeatureSet, channel: int, 
 def runtime_record(config: AnalysisConfig) -> dict[str, object]:
     """Device, its name, AMP mode and threads, for report.json."""
     return Runtime.resolve(config.runtime).record()
+
+
+def save_net(path: Path, model: nn.Module, meta: CheckpointMeta) -> Classifier:
+    """Write a net into the report folder and load it back.
+
+    Under torchrun rank 0 writes and every rank loads that one file: a checkpoint's hash differs from one write to
+    the next, and the feature cache is keyed by it.
+    """
+    written = str(save_checkpoint(path, model, meta)) if dist.is_main() else None
+    return load_checkpoint(Path(dist.broadcast(written)))
