@@ -75,7 +75,7 @@ def _fed_as_asked(args, clf):
 def _add_runtime(p: argparse.ArgumentParser) -> None:
     """Where and how the engine computes; shared by train, fit, build and the analyses."""
     group = p.add_argument_group("device and speed (also under torchrun: one process per GPU)")
-    group.add_argument("--device", default="auto", help="auto (first CUDA GPU, else CPU), cpu, cuda, cuda:N or mps (default: auto)")
+    group.add_argument("--device", default="auto", help="auto (first CUDA GPU, else CPU), cpu, cuda, cuda:N or mps; under torchrun auto/cuda give each process GPU LOCAL_RANK and cuda:N is refused (default: auto)")
     group.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision for trunks, fitting and fine-tuning; fp16 uses a GradScaler (default: off)")
     group.add_argument("--threads", type=int, help="torch CPU threads (default: $OMP_NUM_THREADS, else torch's default: all cores); use 1 when other jobs share the cores")
     group.add_argument("--workers", type=int, help="data-loading worker processes (default: 0 on a CPU with <= 2 cores, else from the core count)")

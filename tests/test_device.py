@@ -50,6 +50,19 @@ def test_cli_reports_a_missing_gpu_in_one_line(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "a.pt").exists()
 
 
+def test_a_fixed_gpu_is_refused_under_torchrun(tmp_path, capsys, monkeypatch):
+    """--device cuda:1 would put every torchrun process on GPU 1: one line, before joining the group, nothing written."""
+    from refiner.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    code = main(["train", "--arch", "tiny_vgg", "--task", "digits", "--device", "cuda:1", "--out", str(tmp_path / "a.pt")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "--device cuda:1 under torchrun would put all 2 processes on one GPU; pass --device cuda" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_threads_option_sets_torch_threads():
     before = torch.get_num_threads()
     try:

@@ -18,6 +18,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from refiner.engine.device import Runtime
+from refiner.errors import ConfigError
 
 __all__ = [
     "init_from_env",
@@ -39,9 +40,18 @@ T = TypeVar("T")
 
 
 def init_from_env(device_spec: str) -> str:
-    """Join the torchrun process group when WORLD_SIZE > 1; returns the device spec this rank should use."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or tdist.is_initialized():
+    """Join the torchrun process group when WORLD_SIZE > 1; returns the device spec this rank should use.
+
+    Process i takes GPU LOCAL_RANK i, so a fixed `cuda:N` (every process on GPU N) is refused.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or tdist.is_initialized():
         return device_spec
+    if device_spec.startswith("cuda:"):
+        raise ConfigError(
+            f"--device {device_spec} under torchrun would put all {world} processes on one GPU; pass --device cuda "
+            "(each process takes GPU LOCAL_RANK) and choose the GPUs with CUDA_VISIBLE_DEVICES"
+        )
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_spec in ("auto", "cuda") and torch.cuda.is_available()
     if use_cuda:
