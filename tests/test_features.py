@@ -11,6 +11,7 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 
 from refiner.atomic import atomic_dir
+from refiner.data.datasets import ArraySample, fingerprint
 from refiner.data.tasks import load_task
 from refiner.engine.comparison import CompareConfig, compare
 from refiner.engine.features import cached_features, iter_batches
@@ -125,3 +126,8 @@ def test_folders_with_the_same_names_do_not_share_cached_features(tmp_path, digi
     Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(edited)
     os.utime(edited, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))  # a later mtime even where timestamps are coarse
     assert not np.allclose(run(tmp_path / "x")[0], x_features)
+
+
+def test_in_memory_images_with_the_same_bytes_but_another_shape_are_other_samples():
+    pixels = np.arange(64, dtype=np.uint8)
+    assert fingerprint([ArraySample(pixels.reshape(8, 8), "0")]) != fingerprint([ArraySample(pixels.reshape(4, 16), "0")])
