@@ -10,7 +10,7 @@ import torch
 
 from refiner.build.config import BuildConfig
 from refiner.build.pipeline import build
-from refiner.data.datasets import ImageDataset
+from refiner.data.datasets import ImageDataset, stack_images
 from refiner.data.tasks import load_task
 from refiner.engine.comparison import CompareConfig
 from refiner.engine.finetune import HeadConfig
@@ -28,17 +28,62 @@ def _val_images(clf, n=7):
     return torch.stack([ds[i][0] for i in range(len(ds))])
 
 
+def _split_images(clf, split):
+    """Every image of a split of the build's task, in split order, with their target-class indices."""
+    data = load_task("digits", None, target=True)
+    return stack_images(data.split(split), data.classes, clf.meta.preprocess, len(data.split(split)))
+
+
 def test_refined_model_is_trunk_g_head(tiny_build, digit_nets):
-    a, _ = digit_nets
-    model = tiny_build.model
-    layer = tiny_build.report.comparison.a.layer
-    trunk, _ = split_model(a.model, layer)
-    x = _val_images(a)
+    """The exported model is A's trunk -> the build's g -> the head of the run the build exported, the best on validation.
+
+    Assembled here from A's and B's checkpoints and refined.pt's weights; that g reproduces the report's Var table on
+    the test images, and that head reproduces, image by image, the exported run's row of predictions.npz.
+    """
+    from refiner.build.predictions import load_predictions
+    from refiner.build.refined import replace_classifier
+    from refiner.engine.isomorphism import IsomorphismNet
+    from refiner.engine.metrics import measure_isomorphism
+
+    a, b = digit_nets
+    model, report = tiny_build.model, tiny_build.report
+    saved = torch.load(tiny_build.path / "refined.pt", weights_only=True)["state_dict"]
+
+    def part(prefix):
+        return {k.removeprefix(prefix): v for k, v in saved.items() if k.startswith(prefix)}
+
+    trunk, _ = split_model(a.model, report.comparison.a.layer)
+    assert trunk.state_dict().keys() == part("trunk.").keys()
+    assert all(torch.equal(v, part("trunk.")[k]) for k, v in trunk.state_dict().items())  # A's own trunk, unchanged
+    g = IsomorphismNet(tuple(report.comparison.a.feature_shape), tuple(report.comparison.b.feature_shape), report.comparison.g)
+    g.load_state_dict(part("g."))
+    trunk_b, upper_b = split_model(b.model, report.comparison.b.layer)
+    head = replace_classifier(upper_b, b.meta.arch, len(report.classes))
+    head.load_state_dict(part("head."))
+    (val, _), (test, _) = _split_images(a, "val"), _split_images(a, "test")
     with torch.no_grad():
-        manual = model.head(model.g(trunk(x)))
-        assert torch.allclose(model(x), manual, atol=1e-6)
-        assert torch.allclose(model.forward_features(x), model.g(trunk(x)))
+        assembled = head.eval()(g.eval()(trunk(val)))
+        np.testing.assert_allclose(model(val).numpy(), assembled.numpy(), atol=1e-5)
+        assert torch.allclose(model.forward_features(val), g(trunk(val)), atol=1e-6)
+        table = measure_isomorphism(g, [(trunk(test), trunk_b(_split_images(b, "test")[0]))])
+        predicted = {"val": model(val).argmax(1).numpy(), "test": model(test).argmax(1).numpy()}
+        fresh = replace_classifier(upper_b, b.meta.arch, len(report.classes)).eval()(g(trunk(val)))
     assert not any(p.requires_grad for p in model.parameters())
+    # g is the one the build measured
+    built = report.comparison.tables["test"]
+    assert table.images == built.images
+    for key in ("var_output", "var_delta", "instability"):
+        assert getattr(table, key) == pytest.approx(getattr(built, key), rel=1e-4), key
+    # the head is the exported run's, and that run has the most validation images right
+    refined = next(v for v in report.variants if v.features == "g(x_A)")
+    _, predictions = load_predictions(tiny_build.path / "predictions.npz")
+    runs = predictions["g(x_A)"]["runs"].tolist()
+    exported = runs.index([report.exported_run["g_fit"], report.exported_run["seed"]])
+    assert refined.val_correct[exported] == max(refined.val_correct)
+    for split, got in predicted.items():
+        np.testing.assert_array_equal(got, predictions["g(x_A)"][split][exported], err_msg=split)
+    # and the comparison can tell heads apart: another classifier on the same g(x_A) answers otherwise
+    assert not torch.allclose(fresh, assembled, atol=1e-2)
 
 
 def test_onnx_matches_pytorch(tiny_build, digit_nets):
@@ -58,7 +103,7 @@ def test_artifact_layout_and_metadata(tiny_build, digit_nets):
     model_dir = folder.parent
     assert folder.name == "1"
     assert sorted(p.name for p in folder.iterdir()) == [
-        "accuracy.png", "fit.png", "metadata.json", "model.onnx", "refined.pt", "report.html", "report.json", "variance.png",
+        "accuracy.png", "fit.png", "metadata.json", "model.onnx", "predictions.npz", "refined.pt", "report.html", "report.json", "variance.png",
     ]  # fmt: skip
     assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt", "labels.txt"]
     meta = json.loads((folder / "metadata.json").read_text())
