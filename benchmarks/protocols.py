@@ -1,13 +1,19 @@
-"""Rerun the protocol table of docs/benchmarks.md: what Delta removal does on CIFAR-10, with controls.
+"""Rerun the protocol table of docs/benchmarks.md: what Delta removal does on CIFAR-10, with controls, across base-net pairs.
 
 Grid: base data (balanced, or non-target classes over-represented 4x) x layer
 (before BN, after ReLU) x protocol (paper, sound), with g converged (refiner's
 default); at the default layer (before BN) also with g fitted for 10 epochs,
-to show whether convergence changes the verdict. Base nets are small_vgg in the paper's regime (no augmentation,
-trained to training CE <= 0.02), A and B from different seeds. Each step is a
-`refiner` command run in a subprocess; finished steps are skipped on a rerun.
+to show whether convergence changes the verdict. Every row is built for
+--pairs independent base-net pairs (pair k: small_vgg from seeds 2k and 2k+1,
+in the paper's regime: no augmentation, trained to training CE <= 0.02), so
+the between-pair spread stands beside each build's own interval.
 
-    python benchmarks/protocols.py --data CIFAR_ROOT --out runs/protocols --jobs 2
+Each step is a `refiner` command run in a subprocess. A finished build's
+report.json and predictions.npz are copied to --results (small: commit them),
+and a build whose results are there is never run again, so the run resumes
+across machines and sessions; nets and g are made only for builds still missing.
+
+    python benchmarks/protocols.py --data CIFAR_ROOT --out runs/protocols --results benchmarks/results/protocols --jobs 2
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,6 +44,7 @@ class Step:
     log: Path
     out: Path
     needs: list[Path] = field(default_factory=list)
+    keep: tuple[Path, Path] | None = None  # (build folder, results folder): report.json and predictions.npz are copied over
 
 
 def _lock(step: Step) -> Path:
@@ -71,6 +79,11 @@ def _run(step: Step, threads: int, makers: dict[Path, Path]) -> None:
         return
     lock.write_text(str(os.getpid()))  # this run makes it: other runs, and steps needing it, wait
     try:
+        if step.keep and (step.keep[0] / "predictions.npz").exists():  # built before its results were copied
+            _keep(*step.keep)
+            return
+        if step.keep:
+            shutil.rmtree(step.keep[0].parent, ignore_errors=True)  # a build cut short: start its model folder afresh
         _wait_for(step.needs, makers)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
         start = time.perf_counter()
@@ -80,6 +93,18 @@ def _run(step: Step, threads: int, makers: dict[Path, Path]) -> None:
         lock.unlink(missing_ok=True)
     if code:
         raise SystemExit(f"failed ({code}): {' '.join(step.cmd)}\nsee {step.log}")
+    if step.keep:
+        _keep(*step.keep)
+
+
+def _keep(built: Path, kept: Path) -> None:
+    """Copy a build's report.json and predictions.npz to the results folder, whole or not at all."""
+    tmp = kept.with_name(kept.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("predictions.npz", "report.json"):
+        shutil.copy2(built / name, tmp / name)
+    tmp.rename(kept)
     print(f"[{time.perf_counter() - start:7.0f} s] {step.log.stem}", flush=True)
 
 
@@ -98,10 +123,13 @@ def _run_all(steps: list[Step], jobs: int, threads: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, type=Path, help="CIFAR-10 root (train/, test/ of class folders)")
-    p.add_argument("--out", required=True, type=Path, help="working folder: nets, g files, builds, logs, table.md")
+    p.add_argument("--data", type=Path, help="CIFAR-10 root (train/, test/ of class folders); not needed to tabulate finished results")
+    p.add_argument("--out", required=True, type=Path, help="working folder: nets, g files, builds, logs")
+    p.add_argument("--results", required=True, type=Path, help="per-build report.json + predictions.npz (kept, committed) and table.md")
     p.add_argument("--grid", choices=["full", "reduced"], default="full",
                    help="full: every base x layer x protocol; reduced: post-ReLU and the 10-epoch g on balanced data only (default: full)")
+    p.add_argument("--pairs", type=int, default=3, help="independent base-net pairs per row (default: 3)")
+    p.add_argument("--only", nargs="*", default=[], help="run only builds whose name contains one of these (e.g. p1 balanced-pre-BN-converged)")
     p.add_argument("--per-class", type=int, default=200, help="training images per class, base nets and heads (default: 200)")
     p.add_argument("--test-per-class", type=int, default=200, help="test images per class scored (default: 200)")
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per variant (default: 3)")
@@ -112,83 +140,97 @@ def main() -> None:
     p.add_argument("--g-steps", type=int, help="step budget of the converged g (default: refiner's)")
     p.add_argument("--jobs", type=int, default=1, help="steps run at once (default: 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per step (default: 1)")
+    p.add_argument("--table-only", action="store_true", help="tabulate the results there are; run nothing")
     args = p.parse_args()
-    out, refiner = args.out, [sys.executable, "-m", "refiner"]
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    cache = ["--cache", str(out / "cache"), "--device", "cpu"]
-    data = ["--task", TASK, "--data", str(args.data), "--train-per-class", str(args.per_class)]
-    nets = {(base, seed): out / f"{base}-s{seed}.pt" for base, seed in product(BASES, (0, 1))}
-
-    steps = [
-        Step([*refiner, "train", "--arch", "small_vgg", *data, "--regime", "paper", "--epochs", str(args.net_epochs),
-              "--seed", str(seed), *BASES[base], "--out", str(net), "--device", "cpu"],  # fmt: skip
-             out / "logs" / f"train-{base}-s{seed}.log", net)
-        for (base, seed), net in nets.items()
-    ]
+    out, results, refiner = args.out, args.results, [sys.executable, "-m", "refiner"]
     grid = [
-        (base, layer, g_kind)
+        (base, layer, g_kind, protocol)
         for base, layer, g_kind in product(BASES, LAYERS, ("converged", "short"))
         if (g_kind == "converged" or layer == "pre-BN") and (args.grid == "full" or base == "balanced" or (layer, g_kind) == ("pre-BN", "converged"))
+        for protocol in ("paper", "sound")
     ]
-    for base, layer, g_kind in grid:
-        g = out / f"g-{base}-{layer}-{g_kind}.pt"
-        budget = ["--g-epochs", str(args.short_g_epochs), "--g-lr", "1e-2", "1e-4"] if g_kind == "short" else []
-        if g_kind == "converged" and args.g_steps:
-            budget = ["--g-steps", str(args.g_steps)]
-        cmd = [*refiner, "fit", "--a", str(nets[base, 0]), "--b", str(nets[base, 1]), *data, *cache,
-               "--on", "target", "--layer-a", LAYERS[layer], "--layer-b", LAYERS[layer], "--test-per-class",
-               str(args.test_per_class), *budget, "--out", str(g)]  # fmt: skip
-        steps.append(Step(cmd, out / "logs" / f"fit-{base}-{layer}-{g_kind}.log", g, [nets[base, 0], nets[base, 1]]))
-    reports = {}
-    for (base, layer, g_kind), protocol in product(grid, ("paper", "sound")):
-        name = f"{base}-{layer}-{g_kind}-{protocol}"
-        g = out / f"g-{base}-{layer}-{g_kind}.pt"
-        epochs = args.paper_epochs if protocol == "paper" else args.sound_epochs
-        cmd = [*refiner, "build", "--a", str(nets[base, 0]), "--b", str(nets[base, 1]), *data, *cache,
-               "--test-per-class", str(args.test_per_class), "--g", str(g), "--protocol", protocol,
-               "--head-epochs", str(epochs), "--seeds", str(args.seeds), "--no-ablations",
-               "--name", name, "--models", str(out / "models")]  # fmt: skip
-        report = out / "models" / name / "1" / "report.json"
-        steps.append(Step(cmd, out / "logs" / f"build-{name}.log", report, [g]))
-        reports[base, layer, g_kind, protocol] = report
-    _run_all(steps, args.jobs, args.threads)
-
-    table = _table(reports)
-    (out / "table.md").write_text(table)
+    names = {(row, k): f"{'-'.join(row)}-p{k}" for row in grid for k in range(args.pairs)}
+    missing = [key for key, name in names.items() if not (results / name / "report.json").exists()]
+    missing = [key for key in missing if not args.only or any(o in names[key] for o in args.only)]
+    if missing and not args.table_only:
+        if args.data is None:
+            raise SystemExit(f"{len(missing)} builds are missing: give --data to run them, or --table-only")
+        _run_all(_steps(args, out, results, refiner, [(row, k, names[row, k]) for row, k in missing]), args.jobs, args.threads)
+    table = _table(results, grid, args.pairs)
+    (results / "table.md").write_text(table)
     print(table)
 
 
-def _ms(values: list[float], scale: float = 100.0) -> str:
-    return f"{scale * statistics.fmean(values):.1f} ± {scale * statistics.pstdev(values):.1f}"
+def _steps(args, out: Path, results: Path, refiner: list[str], builds: list[tuple[tuple[str, ...], int, str]]) -> list[Step]:
+    """The nets, g fits and builds that the missing `builds` need, in dependency order."""
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    cache = ["--cache", str(out / "cache"), "--device", "cpu"]
+    data = ["--task", TASK, "--data", str(args.data), "--train-per-class", str(args.per_class)]
+    net = lambda base, seed: out / f"{base}-s{seed}.pt"  # noqa: E731
+    nets, fits, steps = {}, {}, []
+    for (base, layer, g_kind, protocol), k, name in builds:
+        a, b = net(base, 2 * k), net(base, 2 * k + 1)
+        for seed, path in ((2 * k, a), (2 * k + 1, b)):
+            nets.setdefault(path, Step(
+                [*refiner, "train", "--arch", "small_vgg", *data, "--regime", "paper", "--epochs", str(args.net_epochs),
+                 "--seed", str(seed), *BASES[base], "--out", str(path), "--device", "cpu"],
+                out / "logs" / f"train-{base}-s{seed}.log", path,
+            ))  # fmt: skip
+        g = out / f"g-{base}-{layer}-{g_kind}-p{k}.pt"
+        budget = ["--g-epochs", str(args.short_g_epochs), "--g-lr", "1e-2", "1e-4"] if g_kind == "short" else []
+        if g_kind == "converged" and args.g_steps:
+            budget = ["--g-steps", str(args.g_steps)]
+        fits.setdefault(g, Step(
+            [*refiner, "fit", "--a", str(a), "--b", str(b), *data, *cache, "--on", "target", "--layer-a", LAYERS[layer],
+             "--layer-b", LAYERS[layer], "--test-per-class", str(args.test_per_class), *budget, "--out", str(g)],
+            out / "logs" / f"fit-{g.stem}.log", g, [a, b],
+        ))  # fmt: skip
+        epochs = args.paper_epochs if protocol == "paper" else args.sound_epochs
+        report = out / "models" / name / "1" / "report.json"
+        cmd = [*refiner, "build", "--a", str(a), "--b", str(b), *data, *cache,
+               "--test-per-class", str(args.test_per_class), "--g", str(g), "--protocol", protocol,
+               "--head-epochs", str(epochs), "--seeds", str(args.seeds), "--no-ablations",
+               "--name", name, "--models", str(out / "models")]  # fmt: skip
+        steps.append(Step(cmd, out / "logs" / f"build-{name}.log", results / name / "report.json", [g], keep=(report.parent, results / name)))
+    return [*nets.values(), *fits.values(), *steps]
 
 
-def _diff(t: dict | None) -> str:
+def _pp(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+def _cell(t: dict | None) -> str:
+    """A paired test as 'difference [95% CI] p verdict' in points."""
     if t is None:
         return "—"
-    ci = f"{100 * t['ci95'][0]:+.1f} to {100 * t['ci95'][1]:+.1f}" if t["ci95"] else "no CI"
-    return f"{100 * t['mean']:+.1f} ({ci}, p {t['p_value']:.2g}): {t['verdict']}"
+    b = t["bootstrap"]
+    p = b["p"] if t.get("p_holm") is None else t["p_holm"]
+    return f"{_pp(t['mean'])} [{_pp(b['ci95'][0])}, {_pp(b['ci95'][1])}] p {p:.2g} {t['verdict']}"
 
 
-def _table(reports: dict[tuple[str, str, str, str], Path]) -> str:
-    """One row per build and variant: figures over seeds and the paired verdicts of the refined model against it."""
+def _table(results: Path, grid: list[tuple[str, ...]], pairs: int) -> str:
+    """Per row: refined − x_B (and − the control) on each pair with its bootstrap interval, then the spread between pairs."""
     lines = [
-        "| base data | layer | g | protocol | variant | acc, target classes | acc, all outputs | best on test (optimistic) "
-        "| test CE, target | refined − this, target acc (95% CI, p) | refined − this, all outputs |",
-        "|---|---|---|---|---|---:|---:|---:|---:|---|---|",
-    ]
-    for (base, layer, g_kind, protocol), path in reports.items():
-        r = json.loads(path.read_text())
-        fit = r["comparison"]["fit"]
-        g_desc = f"{g_kind}: {fit['total_steps']} steps, held-out MSE {min(fit['holdout_mse']):.3f}"
-        tests = {(t["baseline"], t["metric"]): t for t in r["paired"]}
-        for v in r["variants"]:
-            best = _ms(v["best_test_acc"]) if v["best_test_acc"] else "—"
-            full = _ms(v["test_acc"]) if protocol == "paper" else "(= target)"
-            full_diff = _diff(tests.get((v["features"], "acc"))) if protocol == "paper" else "(= target)"
+        "| base data | layer | g | protocol | score | " + " | ".join(f"pair {k}: refined − x_B" for k in range(pairs))
+        + " | mean over pairs ± between-pair sd | within-pair 95% half-width (mean) | refined − control, per pair |",
+        "|---|---|---|---|---|" + "---|" * pairs + "---:|---:|---|",
+    ]  # fmt: skip
+    for row in grid:
+        reports = [results / f"{'-'.join(row)}-p{k}" / "report.json" for k in range(pairs)]
+        found = [json.loads(r.read_text()) if r.exists() else None for r in reports]
+        metrics = [("acc_target", "target classes")] + ([("acc", "all outputs (paper's score)")] if row[3] == "paper" else [])
+        for metric, label in metrics:
+            tests = [{(t["baseline"], t["metric"]): t for t in r["paired"]} if r else {} for r in found]
+            main = [t.get(("x_B", metric)) for t in tests]
+            control = [t.get(("x_B - shuffled x^Δ", metric)) for t in tests]
+            means = [t["mean"] for t in main if t]
+            spread = f"{_pp(statistics.fmean(means))} ± {100 * statistics.stdev(means):.1f}" if len(means) > 1 else "—"
+            halves = [(t["bootstrap"]["ci95"][1] - t["bootstrap"]["ci95"][0]) / 2 for t in main if t]
+            half = f"{100 * statistics.fmean(halves):.1f}" if halves else "—"
             lines.append(
-                f"| {base} | {layer} | {g_desc} | {protocol} | {v['features']} | {_ms(v['test_acc_target'])} | {full} | {best} "
-                f"| {statistics.fmean(v['test_ce_target']):.3f} | {_diff(tests.get((v['features'], 'acc_target')))} | {full_diff} |"
-            )
+                f"| {' | '.join(row[:3])} | {row[3]} | {label} | " + " | ".join(_cell(t) for t in main)
+                + f" | {spread} | {half} | " + "; ".join(_pp(t["mean"]) if t else "—" for t in control) + " |"
+            )  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
