@@ -157,6 +157,7 @@ def main() -> None:
             raise SystemExit(f"{len(missing)} builds are missing: give --data to run them, or --table-only")
         _run_all(_steps(args, out, results, refiner, [(row, k, names[row, k]) for row, k in missing]), args.jobs, args.threads)
     table = _table(results, grid, args.pairs)
+    results.mkdir(parents=True, exist_ok=True)
     (results / "table.md").write_text(table)
     print(table)
 
