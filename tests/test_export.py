@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import onnx
@@ -45,21 +46,60 @@ def test_refined_checkpoint_rebuilds_the_exported_model_exactly(tiny_build, digi
         load_refined(digit_nets[0].path)  # a base net's checkpoint
 
 
+def _test_split(pre):
+    """Every test image of the build's task and its target-class index (what an INT8 export is scored on)."""
+    data = load_task("digits", None, target=True)
+    images, labels = stack_images(data.test, data.classes, pre, len(data.test))
+    return images, labels.numpy()
+
+
 def test_export_int8_is_calibrated_scored_recorded_and_servable(tiny_build, tmp_path, capsys):
+    """Within --max-int8-drop the INT8 model is written, with figures recomputed here from both ONNX files."""
     argv = ["export", "--refined", str(tiny_build.path / "refined.pt"), "--name", "q", "--models", str(tmp_path), "--task", "digits",
-            "--quantize", "int8", "--max-int8-drop", "100"]  # fmt: skip
+            "--quantize", "int8", "--max-int8-drop", "10"]  # fmt: skip
     assert main(argv) == 0
     assert "INT8 (calibrated on" in capsys.readouterr().out
     folder = tmp_path / "q" / "1"
     meta = json.loads((folder / "metadata.json").read_text())
     q = meta["quantization"]
-    assert meta["precision"] == "int8" and q["test_images"] > 100 and q["calibration_images"] > 16
-    assert 0 <= q["top1_agreement"] <= 1 and q["accuracy_drop_points"] == pytest.approx(100 * (q["accuracy_fp32"] - q["accuracy_int8"]))
+    assert meta["precision"] == "int8" and q["calibration_images"] > 16 and q["max_drop_points"] == 10
     ops = {n.op_type for n in onnx.load(folder / "model.onnx").graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert read_artifact(tmp_path, "q", 1).meta.input.datatype == "FP32"  # the server accepts it as any other
-    x = _images(load_refined(folder / "refined.pt")[1].preprocess)
-    assert (_onnx_logits(folder, x).argmax(1) == _onnx_logits(tiny_build.path, x).argmax(1)).mean() >= 0.5
+    x, labels = _test_split(load_refined(folder / "refined.pt")[1].preprocess)
+    fp32, int8 = _onnx_logits(tiny_build.path, x).argmax(1), _onnx_logits(folder, x).argmax(1)
+    assert q["test_images"] == len(labels) > 100
+    assert q["top1_agreement"] == pytest.approx((fp32 == int8).mean(), abs=1e-12) and (fp32 == int8).mean() >= 0.9
+    assert q["accuracy_fp32"] == pytest.approx((fp32 == labels).mean(), abs=1e-12)
+    assert q["accuracy_int8"] == pytest.approx((int8 == labels).mean(), abs=1e-12)
+    assert q["accuracy_drop_points"] == pytest.approx(100 * ((fp32 == labels).mean() - (int8 == labels).mean()), abs=1e-9)
+
+
+def test_export_int8_gate_refuses_a_larger_drop_and_writes_nothing(tiny_build, tmp_path, monkeypatch, capsys):
+    """An "INT8" model that always answers the first class loses a known number of points: past the limit, refused."""
+    from refiner.build.export import export_onnx
+
+    constant = tmp_path / "constant.onnx"
+    linear = torch.nn.Linear(3 * 16 * 16, 6)
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.bias.copy_(torch.tensor([1.0, 0, 0, 0, 0, 0]))
+    export_onnx(torch.nn.Sequential(torch.nn.Flatten(), linear), (3, 16, 16), constant)
+    monkeypatch.setattr("refiner.build.publish.quantize_int8", lambda fp32, out, calibration: out.write_bytes(constant.read_bytes()))
+    x, labels = _test_split(load_refined(tiny_build.path / "refined.pt")[1].preprocess)
+    drop = 100 * ((_onnx_logits(tiny_build.path, x).argmax(1) == labels).mean() - (labels == 0).mean())
+    assert drop > 20
+    models = tmp_path / "m"
+    argv = ["export", "--refined", str(tiny_build.path / "refined.pt"), "--name", "q", "--models", str(models), "--task", "digits", "--quantize", "int8"]
+    below, above = math.floor(drop) - 1, math.ceil(drop) + 1
+    assert main([*argv, "--max-int8-drop", str(below)]) == 2
+    err = capsys.readouterr().err
+    assert f"INT8 quantisation loses {drop:.2f} points of test accuracy" in err and f"at most {below} allowed" in err
+    assert not models.exists() or not any(models.iterdir())  # no version, no model folder
+    assert main([*argv, "--max-int8-drop", str(above), "--quiet"]) == 0
+    q = json.loads((models / "q" / "1" / "metadata.json").read_text())["quantization"]
+    assert q["accuracy_drop_points"] == pytest.approx(drop) and q["accuracy_int8"] == pytest.approx((labels == 0).mean())
+    assert sorted(p.name for p in (models / "q").iterdir()) == ["1", "config.pbtxt", "labels.txt"]
 
 
 def test_int8_past_the_tolerance_is_refused(tiny_build, tmp_path, digit_nets):
