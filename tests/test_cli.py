@@ -18,7 +18,7 @@ def test_help_has_examples_and_every_option_is_explained(command, capsys):
         main([*command.split(), "--help"])
     assert exit_info.value.code == 0
     assert "examples:" in capsys.readouterr().out
-    from refiner.cli import _parser
+    from refiner.cli.main import parser as _parser
 
     parser = _parser()
     for word in command.split():

@@ -1,0 +1,50 @@
+"""The `refiner` command line: parses arguments and calls the library (one module per command)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from refiner.cli import analyze, build, export, fit, layers, serve, train
+from refiner.errors import RefinerError
+
+__all__ = ["main"]
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="refiner",
+        description="Compare what two trained networks know and build refined, deployable models from it.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `refiner COMMAND --help` for each command's options and examples.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in (train, fit, build, export, serve, layers, analyze):
+        command.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
+    args = parser().parse_args(argv)
+    from refiner.progress import set_quiet
+
+    set_quiet(getattr(args, "quiet", False))
+    try:
+        if hasattr(args, "device"):
+            from refiner.engine.distributed import init_from_env
+
+            args.device = init_from_env(args.device)  # under torchrun: join the group, one GPU per process
+        args.run(args)
+    except (RefinerError, ValidationError) as e:
+        print(f"refiner {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"refiner {args.command}: interrupted; no partial output was written", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # stdout closed early (`refiner layers ... | head`): not an error of the command
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit does not fail again
+        return 0
+    return 0
