@@ -583,7 +583,13 @@ BAD_INPUTS: dict[str, _Case] = {
     "infer unknown version": ("POST", "/v2/models/{m}/versions/2/infer", lambda s: _v2(s), 404, "has no version '2' loaded; the served version is \\d+"),
     "infer non-integer version": ("POST", "/v2/models/{m}/versions/latest/infer", lambda s: _v2(s), 404, "has no version 'latest'"),
     "metadata unknown model": ("GET", "/v2/models/nope", lambda s: {}, 404, "unknown model 'nope'"),
+    "metadata unknown version": ("GET", "/v2/models/{m}/versions/9", lambda s: {}, 404, "has no version '9' loaded; the served version is \\d+"),
     "ready unknown model": ("GET", "/v2/models/nope/ready", lambda s: {}, 404, "unknown model 'nope'"),
+    "ready unknown version": ("GET", "/v2/models/{m}/versions/9/ready", lambda s: {}, 404, "has no version '9' loaded"),
+    "config unknown model": ("GET", "/v2/models/nope/config", lambda s: {}, 404, "unknown model 'nope'"),
+    "config unknown version": ("GET", "/v2/models/{m}/versions/9/config", lambda s: {}, 404, "has no version '9' loaded"),
+    "index ready not a boolean": ("POST", "/v2/repository/index", lambda s: {"json": {"ready": "yes"}}, 400, "\"ready\" is 'yes'; expected true or false"),
+    "index body not JSON": ("POST", "/v2/repository/index", lambda s: {"content": b"[1"}, 400, "takes an empty body or"),
     "GET infer": ("GET", I, lambda s: {}, 405, "method GET is not allowed"),
     "unknown endpoint": ("GET", "/v3/models", lambda s: {}, 404, "no such endpoint '/v3/models'"),
 }  # fmt: skip
@@ -596,8 +602,23 @@ def strict_client(served: Served):
         yield c
 
 
-def test_bad_input_corpus_is_large():
-    assert len(BAD_INPUTS) >= 30
+def test_bad_inputs_reach_every_route_that_takes_input_and_distinct_checks(strict_client, served):
+    """Measured on the server, not by counting the corpus: every route of its OpenAPI schema that takes a body or a
+    parameter is sent bad input, and the answers name 60+ different problems."""
+    paths = strict_client.get("/openapi.json").json()["paths"]
+    routes = {
+        (method.upper(), path) for path, operations in paths.items() for method, op in operations.items()
+        if method == "post" or op.get("parameters")
+    }  # fmt: skip
+    reached, answers = set(), set()
+    for method, path, make, _, _ in BAD_INPUTS.values():
+        url = path.format(m=served.name)
+        reached |= {(m, p) for m, p in routes if m == method and re.fullmatch(re.sub(r"\{\w+\}", "[^/]+", p), url.split("?")[0])}
+        r = strict_client.request(method, url, **make(served))
+        answers.add((r.status_code, r.json()["error"]))
+    assert {("POST", "/v2/models/{name}/infer"), ("POST", "/v1/models/{name}/classify"), ("GET", "/v2/models/{name}/versions/{version}")} <= routes
+    assert routes - reached == set()
+    assert len(answers) >= 60
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
