@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from refiner.build.config import BuildConfig
-from refiner.build.pipeline import build
-from refiner.build.refined import replace_classifier
+from refiner.refine.config import BuildConfig
+from refiner.refine.pipeline import build
+from refiner.refine.refined import replace_classifier
 from refiner.data.datasets import ImageDataset
 from refiner.data.tasks import SplitOptions, load_task
 from refiner.engine.comparison import CompareConfig, compare

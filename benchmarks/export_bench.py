@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from refiner.build.publish import ExportOptions, export_artifact
-from refiner.build.refined import load_refined
+from refiner.refine.publish import ExportOptions, export_artifact
+from refiner.refine.refined import load_refined
 
 BATCHES = (1, 8, 32)
 

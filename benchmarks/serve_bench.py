@@ -101,9 +101,9 @@ def _untrained_artifact(arch: str, models: Path) -> str:
     """Export an untrained refined model (A's trunk -> g -> B's head at the default layer) as version 1."""
     import torch
 
-    from refiner.build.export import export_onnx, validate_onnx
-    from refiner.build.refined import RefinedModel
-    from refiner.build.repository import ArtifactMetadata, TensorSpec, new_version, now_iso, write_model_files
+    from refiner.refine.export import export_onnx, validate_onnx
+    from refiner.refine.refined import RefinedModel
+    from refiner.refine.repository import ArtifactMetadata, TensorSpec, new_version, now_iso, write_model_files
     from refiner.data.datasets import Preprocess
     from refiner.engine.isomorphism import IsomorphismNet
     from refiner.models.architectures import create_model, get_arch

@@ -62,8 +62,8 @@ def digit_nets(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_build(tmp_path_factory, digit_nets):
     """A real `refiner build` on digits with tiny nets; returns the BuildResult (artifact under result.path)."""
-    from refiner.build.config import BuildConfig
-    from refiner.build.pipeline import build
+    from refiner.refine.config import BuildConfig
+    from refiner.refine.pipeline import build
     from refiner.engine.comparison import CompareConfig
     from refiner.engine.finetune import HeadConfig
     from refiner.engine.fitting import FitConfig

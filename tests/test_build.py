@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from refiner.build.config import BuildConfig
-from refiner.build.pipeline import build
+from refiner.refine.config import BuildConfig
+from refiner.refine.pipeline import build
 from refiner.data.datasets import ImageDataset, stack_images
 from refiner.data.tasks import load_task
 from refiner.engine.comparison import CompareConfig
@@ -40,8 +40,8 @@ def test_refined_model_is_trunk_g_head(tiny_build, digit_nets):
     Assembled here from A's and B's checkpoints and refined.pt's weights; that g reproduces the report's Var table on
     the test images, and that head reproduces, image by image, the exported run's row of predictions.npz.
     """
-    from refiner.build.predictions import load_predictions
-    from refiner.build.refined import replace_classifier
+    from refiner.refine.predictions import load_predictions
+    from refiner.refine.refined import replace_classifier
     from refiner.engine.isomorphism import IsomorphismNet
     from refiner.engine.metrics import measure_isomorphism
 
@@ -149,7 +149,7 @@ def test_versions_increase_and_failures_leave_nothing(tmp_path, digit_nets, monk
     def broken(*args, **kwargs):
         raise RuntimeError("injected failure during export validation")
 
-    monkeypatch.setattr("refiner.build.publish.validate_onnx", broken)
+    monkeypatch.setattr("refiner.refine.publish.validate_onnx", broken)
     with pytest.raises(RuntimeError, match="injected"):
         build(*digit_nets, "digits", None, BuildConfig(name="m", **FAST), models=models)
     assert sorted(p.name for p in (models / "m").iterdir()) == ["1", "config.pbtxt", "labels.txt"]
@@ -177,7 +177,7 @@ def test_bad_inputs(tmp_path, digit_nets):
 
 def test_one_decomposition_pass_gives_the_order_sums_and_the_var_table(tmp_path):
     """The build derives x^(0..m) sums and the Var table in one pass; both equal the separate computations."""
-    from refiner.build.pipeline import _derive
+    from refiner.refine.pipeline import _derive
     from refiner.engine.features import FeatureSet, iter_batches
     from refiner.engine.fitting import fit_isomorphism
     from refiner.engine.metrics import measure_isomorphism

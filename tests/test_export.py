@@ -11,10 +11,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from refiner.build.config import BuildConfig
-from refiner.build.publish import ExportOptions
-from refiner.build.quantize import QuantizationError, check_quantized
-from refiner.build.refined import load_refined
+from refiner.refine.config import BuildConfig
+from refiner.refine.publish import ExportOptions
+from refiner.refine.quantize import QuantizationError, check_quantized
+from refiner.refine.refined import load_refined
 from refiner.cli import main
 from refiner.data.datasets import stack_images
 from refiner.data.tasks import load_task
@@ -77,7 +77,7 @@ def test_export_int8_is_calibrated_scored_recorded_and_servable(tiny_build, tmp_
 
 def test_export_int8_gate_refuses_a_larger_drop_and_writes_nothing(tiny_build, tmp_path, monkeypatch, capsys):
     """An "INT8" model that always answers the first class loses a known number of points: past the limit, refused."""
-    from refiner.build.export import export_onnx
+    from refiner.refine.export import export_onnx
 
     constant = tmp_path / "constant.onnx"
     linear = torch.nn.Linear(3 * 16 * 16, 6)
@@ -85,7 +85,7 @@ def test_export_int8_gate_refuses_a_larger_drop_and_writes_nothing(tiny_build, t
         linear.weight.zero_()
         linear.bias.copy_(torch.tensor([1.0, 0, 0, 0, 0, 0]))
     export_onnx(torch.nn.Sequential(torch.nn.Flatten(), linear), (3, 16, 16), constant)
-    monkeypatch.setattr("refiner.build.publish.quantize_int8", lambda fp32, out, calibration: out.write_bytes(constant.read_bytes()))
+    monkeypatch.setattr("refiner.refine.publish.quantize_int8", lambda fp32, out, calibration: out.write_bytes(constant.read_bytes()))
     x, labels = _test_split(load_refined(tiny_build.path / "refined.pt")[1].preprocess)
     drop = 100 * ((_onnx_logits(tiny_build.path, x).argmax(1) == labels).mean() - (labels == 0).mean())
     assert drop > 20
@@ -107,7 +107,7 @@ def test_int8_past_the_tolerance_is_refused(tiny_build, tmp_path, digit_nets):
     x = _images(digit_nets[0].meta.preprocess, 40).numpy()
     right = _onnx_logits(tiny_build.path, torch.from_numpy(x)).argmax(1)  # labels the fp32 model gets all right
     other = tmp_path / "other.onnx"
-    from refiner.build.export import export_onnx
+    from refiner.refine.export import export_onnx
 
     torch.manual_seed(5)
     export_onnx(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 6)), (3, 16, 16), other)
@@ -175,7 +175,7 @@ def test_export_refuses_bad_combinations_with_one_line(tiny_build, tmp_path, cap
 
 
 def test_build_quantize_int8_records_the_check(digit_nets, tmp_path):
-    from refiner.build.pipeline import build
+    from refiner.refine.pipeline import build
 
     config = BuildConfig(
         name="q", compare=CompareConfig(fit=FitConfig(epochs=1)), head=HeadConfig(epochs=1), seeds=1, ablations=False,

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from refiner.build.config import BuildConfig, default_head
-from refiner.build.pipeline import _shuffled_delta, build, derangement
+from refiner.refine.config import BuildConfig, default_head
+from refiner.refine.pipeline import _shuffled_delta, build, derangement
 from refiner.engine.comparison import CompareConfig
 from refiner.engine.device import Runtime
 from refiner.engine.finetune import HeadConfig, score_head
@@ -100,7 +100,7 @@ def test_paper_protocol_keeps_b_classifier_and_exports_target_outputs(reordered_
 
 
 def test_paper_refined_checkpoint_rebuilds_the_kept_head(paper_build):
-    from refiner.build.refined import load_refined
+    from refiner.refine.refined import load_refined
 
     model, spec = load_refined(paper_build.path / "refined.pt")
     assert spec.head == "kept" and spec.indices == paper_build.model.head[1].indices.tolist()
@@ -229,7 +229,7 @@ def test_build_reuses_a_fitted_g_and_refuses_other_nets(tmp_path, digit_nets):
 
 def test_a_seed_sets_the_new_classifiers_initialisation(digit_nets):
     """Sound protocol: each run draws its new classifier from its seed; the paper protocol starts from B's weights."""
-    from refiner.build.pipeline import _head
+    from refiner.refine.pipeline import _head
 
     _, b = digit_nets
     _, upper = split_model(b.model, "features.4")
@@ -246,7 +246,7 @@ def test_a_seed_sets_the_new_classifiers_initialisation(digit_nets):
 
 def test_a_diverged_variant_is_reported_and_the_build_goes_on(tmp_path, digit_nets, monkeypatch):
     """x_A's training features hold an inf: its runs diverge, the table says so, the others are tested and exported."""
-    from refiner.build import pipeline
+    from refiner.refine import pipeline
 
     real = pipeline._variants
 

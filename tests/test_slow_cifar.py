@@ -37,9 +37,9 @@ def test_two_seeds_share_most_knowledge(tmp_path):
 
 def test_int8_export_of_a_cifar_refined_model_keeps_its_accuracy(tmp_path):
     """A real build with --quantize int8: calibrated on validation images, within a point of fp32 on 2,000 test images."""
-    from refiner.build.config import BuildConfig
-    from refiner.build.pipeline import build
-    from refiner.build.publish import ExportOptions
+    from refiner.refine.config import BuildConfig
+    from refiner.refine.pipeline import build
+    from refiner.refine.publish import ExportOptions
     from refiner.engine.finetune import HeadConfig
 
     split = SplitOptions(train_per_class=300)

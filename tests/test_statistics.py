@@ -9,9 +9,9 @@ import pytest
 import torch
 from scipy import stats
 
-from refiner.build.predictions import FILE, load_predictions
-from refiner.build.results import REFINED, VariantResult, headline, paired_tests, worse_than_baselines
-from refiner.build.statistics import bootstrap, holm, mcnemar, seed_t_test
+from refiner.refine.predictions import FILE, load_predictions
+from refiner.refine.results import REFINED, VariantResult, headline, paired_tests, worse_than_baselines
+from refiner.refine.statistics import bootstrap, holm, mcnemar, seed_t_test
 from refiner.engine.device import Runtime
 from refiner.engine.finetune import HeadConfig, HeadResult, Predictions, Scores, finetune_head
 
@@ -188,7 +188,7 @@ def _run(correct: int, diverged: bool = False) -> HeadResult:
 
 
 def test_accuracy_table_marks_diverged_variants_and_uses_the_sample_std():
-    from refiner.build.report import format_accuracy_table
+    from refiner.refine.report import format_accuracy_table
 
     ok = VariantResult.from_runs("x_B", "x_B", "B", [(0, 0, _run(5)), (0, 1, _run(7))])
     bad = VariantResult.from_runs("x_A", "x_A", "A", [(0, 0, _run(5)), (0, 1, _run(5, diverged=True))])
@@ -223,8 +223,8 @@ def test_every_accuracy_in_report_json_is_recomputed_from_predictions(which, tin
 
 @pytest.fixture(scope="module")
 def paper_protocol_build(tmp_path_factory, digit_nets):
-    from refiner.build.config import BuildConfig
-    from refiner.build.pipeline import build
+    from refiner.refine.config import BuildConfig
+    from refiner.refine.pipeline import build
     from refiner.engine.comparison import CompareConfig
     from refiner.engine.fitting import FitConfig
 

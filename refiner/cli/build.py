@@ -46,8 +46,8 @@ def register(sub) -> None:
 
 
 def run(args) -> None:
-    from refiner.build.config import BuildConfig, default_head
-    from refiner.build.pipeline import build
+    from refiner.refine.config import BuildConfig, default_head
+    from refiner.refine.pipeline import build
     from refiner.engine.finetune import HeadConfig
     from refiner.errors import ConfigError
 

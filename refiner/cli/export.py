@@ -40,8 +40,8 @@ def register(sub) -> None:
 def run(args) -> None:
     import warnings
 
-    from refiner.build.publish import export_artifact
-    from refiner.build.refined import load_refined, refined_from_parts
+    from refiner.refine.publish import export_artifact
+    from refiner.refine.refined import load_refined, refined_from_parts
     from refiner.data.tasks import SplitOptions
     from refiner.engine.comparison import CompareConfig, load_fitted_g
     from refiner.errors import ConfigError
@@ -71,7 +71,7 @@ def run(args) -> None:
     if args.json:
         print(out.metadata.model_dump_json())
         return
-    from refiner.build.quantize import format_quantization
+    from refiner.refine.quantize import format_quantization
 
     c = out.check
     print(f"ONNX ({c.precision}) max |logit diff| {c.max_abs_diff:.2e} (tolerance {c.atol:.1e}), top-1 agreement {c.top1_agreement:.1%} at batch {c.batch_size}")

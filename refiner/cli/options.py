@@ -165,7 +165,7 @@ def add_export(p: argparse.ArgumentParser, fp16: bool) -> None:
 
 
 def export_options(args):
-    from refiner.build.publish import ExportOptions
+    from refiner.refine.publish import ExportOptions
     from refiner.errors import ConfigError
 
     import onnx

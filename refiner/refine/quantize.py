@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel
 
-from refiner.build.export import INPUT_NAME
+from refiner.refine.export import INPUT_NAME
 from refiner.errors import ExportValidationError
 
 __all__ = ["QuantCheck", "QuantizationError", "quantize_int8", "check_quantized", "format_quantization"]

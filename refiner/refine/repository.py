@@ -3,7 +3,7 @@
     models/<name>/config.pbtxt          Triton model config (onnxruntime, dynamic batching)
     models/<name>/labels.txt            class names, one per line (Triton's label_filename)
     models/<name>/<version>/model.onnx  one file, no external data
-    models/<name>/<version>/refined.pt        the refined PyTorch model (refiner.build.refined)
+    models/<name>/<version>/refined.pt        the refined PyTorch model (refiner.refine.refined)
     models/<name>/<version>/metadata.json, report.json, report.html, *.png
 
 Versions are increasing integers; a version folder is written under a temporary

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from refiner.build.export import INPUT_NAME, OUTPUT_NAME, ExportCheck, HalfPrecision, export_onnx, validate_onnx
-from refiner.build.quantize import QuantCheck, check_quantized, quantize_int8
-from refiner.build.refined import RefinedModel, RefinedSpec, save_refined
-from refiner.build.repository import ArtifactMetadata, TensorSpec, new_version, now_iso, write_model_files
+from refiner.refine.export import INPUT_NAME, OUTPUT_NAME, ExportCheck, HalfPrecision, export_onnx, validate_onnx
+from refiner.refine.quantize import QuantCheck, check_quantized, quantize_int8
+from refiner.refine.refined import RefinedModel, RefinedSpec, save_refined
+from refiner.refine.repository import ArtifactMetadata, TensorSpec, new_version, now_iso, write_model_files
 from refiner.data.datasets import Preprocess, stack_images
 from refiner.data.tasks import SplitOptions, TaskData, load_task
 from refiner.errors import ConfigError

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from refiner.build.config import BuildConfig
-from refiner.build.publish import export_images, publish
-from refiner.build.quantize import format_quantization
-from refiner.build.refined import NetCut, OutputSlice, RefinedModel, RefinedSpec, replace_classifier
-from refiner.build.predictions import FILE as PREDICTIONS, save_predictions, stack_runs
-from refiner.build.report import BuildReport, GFit, format_accuracy_table, format_noise_budget, write_build_report
-from refiner.build.results import CONTROL, REFINED, VariantResult, headline, paired_tests, worse_than_baselines
+from refiner.refine.config import BuildConfig
+from refiner.refine.publish import export_images, publish
+from refiner.refine.quantize import format_quantization
+from refiner.refine.refined import NetCut, OutputSlice, RefinedModel, RefinedSpec, replace_classifier
+from refiner.refine.predictions import FILE as PREDICTIONS, save_predictions, stack_runs
+from refiner.refine.report import BuildReport, GFit, format_accuracy_table, format_noise_budget, write_build_report
+from refiner.refine.results import CONTROL, REFINED, VariantResult, headline, paired_tests, worse_than_baselines
 from refiner.data.tasks import SplitOptions, get_task, load_task
 from refiner.engine import distributed as dist
 from refiner.engine.comparison import CompareConfig, ComparisonReport, compare, load_fitted_g

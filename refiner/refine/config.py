@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from refiner.build.publish import ExportOptions
+from refiner.refine.publish import ExportOptions
 from refiner.engine.comparison import CompareConfig
 from refiner.engine.finetune import HeadConfig
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from refiner.build.config import BuildConfig
-from refiner.build.export import ExportCheck
-from refiner.build.quantize import QuantCheck
-from refiner.build.results import PairedTest, VariantResult
+from refiner.refine.config import BuildConfig
+from refiner.refine.export import ExportCheck
+from refiner.refine.quantize import QuantCheck
+from refiner.refine.results import PairedTest, VariantResult
 from refiner.engine.comparison import ComparisonReport
 from refiner.engine.fitting import FitResult
 from refiner.engine.metrics import VarianceTable

@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, computed_field
 
-from refiner.build.statistics import LEVELS, BootstrapResult, McNemarResult, SeedTTest, bootstrap, holm, mcnemar, seed_t_test
+from refiner.refine.statistics import LEVELS, BootstrapResult, McNemarResult, SeedTTest, bootstrap, holm, mcnemar, seed_t_test
 from refiner.engine.finetune import HeadResult
 
 __all__ = [
