@@ -128,18 +128,16 @@ class PairedTest(BaseModel):
         return self.bootstrap.p if self.p_holm is None else self.p_holm
 
 
-def _by_run(v: VariantResult, preds: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Per-run rows (in v's run order) as a (g fits, seeds, images) array; features without g have one fit."""
-    fits = max(v.g_fit) + 1
-    out = np.empty((fits, shape[1], preds.shape[1]), dtype=preds.dtype)
+def correctness(v: VariantResult, predictions: Mapping[str, np.ndarray], labels: np.ndarray, key: str, seeds: int) -> np.ndarray:
+    """Boolean (g fits, seeds, images): did run (g, s) of `v` classify image i right, under prediction key `key`.
+
+    Features that do not depend on g have one fit, which broadcasts against the refined model's fits.
+    """
+    preds = predictions[key]
+    out = np.empty((max(v.g_fit) + 1, seeds, preds.shape[1]), dtype=preds.dtype)
     for row, (g, s) in enumerate(zip(v.g_fit, v.seed)):
         out[g, s] = preds[row]
-    return out
-
-
-def correctness(v: VariantResult, predictions: Mapping[str, np.ndarray], labels: np.ndarray, key: str, seeds: int) -> np.ndarray:
-    """Boolean (g fits, seeds, images): did run (g, s) classify image i right, under prediction key `key`."""
-    return _by_run(v, predictions[key], (0, seeds)) == labels[None, None, :]
+    return out == labels[None, None, :]
 
 
 def paired_tests(
