@@ -155,3 +155,23 @@ def test_tokens_pair_only_with_tokens_of_the_same_count(tmp_path):
         compare(net("timm/test_vit"), net("timm/test_resnet"), data, CompareConfig())
     with pytest.raises(ConfigError, match=r"of A gives 10x10 map and layer 'blocks.3.add_1' of B 101 tokens"):
         compare(net("timm/test_resnet"), net("timm/test_vit"), data, CompareConfig())
+
+
+@pytest.mark.parametrize(("arch", "layer"), [("vgg11", "features.3"), ("resnet18", "layer3.1.add")])
+def test_head_leaves_its_input_as_it_was(arch, layer):
+    """VGG and ResNet heads start with ReLU(inplace=True): head(f) and a refined model's forward_head must not overwrite f."""
+    from refiner.engine.isomorphism import IsomorphismNet
+    from refiner.refine.refined import RefinedModel
+
+    model = create_model(arch, 4).eval()
+    trunk, head = split_model(model, layer, (3, 64, 64))
+    with torch.no_grad():
+        f = trunk(torch.randn(2, 3, 64, 64))
+        assert (f < 0).any()  # pre-activation values an in-place ReLU would zero
+        kept = f.clone()
+        head(f)
+        assert torch.equal(f, kept)
+        shape = tuple(f.shape[1:])
+        refined = RefinedModel(trunk, IsomorphismNet(shape, shape), head).eval()
+        refined.forward_head(f)
+        assert torch.equal(f, kept)

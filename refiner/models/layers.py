@@ -131,7 +131,11 @@ def _cut_head(full: GraphModule, layer: str) -> GraphModule:
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     with graph.inserting_before(inputs[0]):
         feat_in = graph.placeholder("feat")
-    feat_node.replace_all_uses_with(feat_in)
+    with graph.inserting_after(inputs[-1]):
+        # The head's first op may be in place (ReLU(inplace=True) in VGG, AlexNet, ResNet): it works on a copy, so
+        # head(f) leaves the caller's f as it was.
+        feat_copy = graph.call_function(torch.clone, (feat_in,))
+    feat_node.replace_all_uses_with(feat_copy)
     out.args = (logits_node,)
     for node in [n for n in graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") == "_assert"]:
         graph.erase_node(node)  # checks of the input's shape (timm's patch embedding) belong to the trunk
