@@ -211,3 +211,12 @@ def test_output_cut_short_by_a_closed_pipe_is_not_a_traceback(tmp_path, monkeypa
 
     monkeypatch.setattr(sys, "stdout", ClosedPipe())
     assert main(["layers", "--arch", "tiny_vgg"]) == 0
+
+
+def test_unknown_torchvision_architecture_suggests_close_names(capsys):
+    """Issue 17, 7b: `resnet81` names resnet18 among torchvision's and refiner's registered names."""
+    assert main(["layers", "--arch", "resnet81"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown architecture 'resnet81'; similar names: resnet18" in err and len(err.strip().splitlines()) == 1
+    assert main(["layers", "--arch", "smal_vgg"]) == 2
+    assert "similar names: small_vgg" in capsys.readouterr().err

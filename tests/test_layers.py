@@ -37,7 +37,7 @@ def test_mid_block_is_not_a_clean_cut():
 def test_feature_shape_and_registry_errors():
     trunk, _ = split_model(create_model("tiny_vgg", 3), "features.5")
     assert feature_shape(trunk, (3, 16, 16)) == (16, 8, 8)
-    with pytest.raises(ConfigError, match="unknown architecture 'vgg99'; valid names: alexnet"):
+    with pytest.raises(ConfigError, match="unknown architecture 'vgg99'; similar names: vgg19, .*; valid names: alexnet"):
         create_model("vgg99", 3)
     assert {"alexnet", "vgg16", "vgg16_bn", "resnet50", "small_vgg", "cifar_resnet20"} <= set(list_archs())
 

@@ -67,8 +67,9 @@ def get_arch(name: str) -> ArchSpec:
         elif name in _torchvision_classifiers():
             register_arch(_from_torchvision(name))
         else:
+            close = difflib.get_close_matches(name, sorted({*list_archs(), *_torchvision_classifiers()}), n=5, cutoff=0.6)
             raise ConfigError(
-                f"unknown architecture {name!r}; valid names: {', '.join(list_archs())}, any torchvision.models "
+                f"unknown architecture {name!r}; similar names: {', '.join(close) or 'none'}; valid names: {', '.join(list_archs())}, any torchvision.models "
                 "classification model (torchvision.models.list_models()), or timm/<name> for any timm model (timm.list_models())"
             )
     return _REGISTRY[name]
