@@ -29,10 +29,10 @@ def test_help_has_examples_and_every_option_is_explained(command, capsys):
 
 def test_layers_lists_split_points_with_the_default(capsys, digit_nets):
     assert main(["layers", "--arch", "resnet18"]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert "layer3.1.add  <- default" in out and "x" not in out and "fc" not in out
+    out = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert ["layer3.1.add", "256x14x14", "<-", "default"] in out and not any(row[0] in ("x", "fc") for row in out)
     assert main(["layers", "--checkpoint", str(digit_nets[0].path)]) == 0
-    assert "features.4  <- default" in capsys.readouterr().out.splitlines()
+    assert ["features.4", "16x8x8", "<-", "default"] in [line.split() for line in capsys.readouterr().out.splitlines()]
 
 
 def test_train_then_fit(tmp_path, capsys):
@@ -211,6 +211,20 @@ def test_output_cut_short_by_a_closed_pipe_is_not_a_traceback(tmp_path, monkeypa
 
     monkeypatch.setattr(sys, "stdout", ClosedPipe())
     assert main(["layers", "--arch", "tiny_vgg"]) == 0
+
+
+def test_layers_give_each_output_shape_for_the_input_size(capsys, digit_nets):
+    """Issue 17, 7d: shapes for --img-size, else the checkpoint's recorded input size; --json carries them."""
+    assert main(["layers", "--arch", "resnet18", "--img-size", "64", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["input_size"] == [3, 64, 64] and out["shapes"]["layer3.1.add"] == [256, 4, 4] and out["shapes"]["avgpool"] == [512, 1, 1]
+    assert set(out["shapes"]) == set(out["layers"])
+    assert main(["layers", "--checkpoint", str(digit_nets[0].path)]) == 0  # recorded: 16 x 16 digits
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("output shapes for 16x16 inputs") and ["features.0", "8x16x16"] in [line.split() for line in lines]
+    assert main(["layers", "--arch", "small_vgg", "--img-size", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "small_vgg cannot take 2x2 inputs" in err[0] and "--img-size" in err[0]
 
 
 def test_unknown_torchvision_architecture_suggests_close_names(capsys):

@@ -175,3 +175,17 @@ def test_head_leaves_its_input_as_it_was(arch, layer):
         refined = RefinedModel(trunk, IsomorphismNet(shape, shape), head).eval()
         refined.forward_head(f)
         assert torch.equal(f, kept)
+
+
+def test_layer_shapes_on_the_meta_device_match_the_trunks_real_output():
+    """`refiner layers` computes shapes without weights; they are what the split trunk really outputs."""
+    from refiner.models.layers import layer_shapes
+
+    with torch.device("meta"):
+        shapes = layer_shapes(create_model("tiny_resnet", 3), (3, 20, 20))
+    model = create_model("tiny_resnet", 3)
+    assert list(shapes) == list_layers(model)
+    for layer in ("layer1.0.add", "avgpool"):
+        assert shapes[layer] == feature_shape(split_model(model, layer)[0], (3, 20, 20))
+    assert shapes["fc"] == (3,) and shapes["x"] == (3, 20, 20)
+

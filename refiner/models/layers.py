@@ -19,7 +19,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from refiner.errors import ConfigError, LayerError
 
-__all__ = ["list_layers", "split_model", "feature_shape", "TokensToMap", "MapToTokens"]
+__all__ = ["list_layers", "layer_shapes", "split_model", "feature_shape", "TokensToMap", "MapToTokens"]
 
 
 def _tracer_kwargs(model: nn.Module) -> dict | None:
@@ -39,6 +39,41 @@ def list_layers(model: nn.Module) -> list[str]:
 
     Constants (timm's cls_token), optional arguments (attn_mask) and shape reads or checks are left out.
     """
+    return list(_split_points(model)[1].values())
+
+
+@torch.no_grad()
+def layer_shapes(model: nn.Module, input_size: tuple[int, int, int], name: str = "the net") -> dict[str, tuple[int, ...] | None]:
+    """Each name of `list_layers` -> one sample's output shape for an input of size (C, H, W) (None: not one tensor).
+
+    One forward pass of a batch of one, shapes only on a model on the meta device; an input the
+    net cannot take is a ConfigError naming the size.
+    """
+    graph_module, points = _split_points(model)
+    shapes: dict[str, tuple[int, ...] | None] = {}
+
+    class Shapes(torch.fx.Interpreter):
+        def run_node(self, node):
+            out = super().run_node(node)
+            if node in points:
+                shapes[points[node]] = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else None
+            return out
+
+    was_training = model.training
+    param = next(model.parameters(), None)
+    interpreter = Shapes(graph_module.eval())
+    interpreter.extra_traceback = False  # the op's own message names the problem
+    try:
+        interpreter.run(torch.zeros(1, *input_size, device=param.device if param is not None else None))
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise _size_error(name, input_size, e) from e
+    finally:
+        model.train(was_training)
+    return shapes
+
+
+def _split_points(model: nn.Module) -> tuple[GraphModule, dict]:
+    """`model`'s eval-mode graph (sharing its parameters) and its split-point nodes -> their names, input first, output last."""
     from torchvision.models.feature_extraction import NodePathTracer, _set_default_tracer_kwargs
 
     was_training = model.training
@@ -53,10 +88,11 @@ def list_layers(model: nn.Module) -> list[str]:
         inputs = node.all_input_nodes
         if getattr(node.target, "__name__", node.target) in _NOT_ACTIVATIONS or (inputs and all(n in shape_only for n in inputs)):
             shape_only.add(node)
-    return [
-        name for node, name in tracer.node_to_qualname.items()
+    points = {
+        node: name for node, name in tracer.node_to_qualname.items()
         if node not in shape_only and node.op != "get_attr" and (node.op != "placeholder" or node is first)
-    ]  # fmt: skip
+    }  # fmt: skip
+    return GraphModule(tracer.root, graph), points
 
 
 class TokensToMap(nn.Module):
@@ -168,9 +204,12 @@ def feature_shape(trunk: nn.Module, input_size: tuple[int, int, int], name: str 
         x = torch.zeros(1, *input_size, device=param.device if param is not None else None)
         return tuple(trunk(x).shape[1:])
     except (RuntimeError, AssertionError, ValueError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
-        raise ConfigError(
-            f"{name} cannot take {input_size[1]}x{input_size[2]} inputs ({reason}); pass --img-size with a size it accepts"
-        ) from e
+        raise _size_error(name, input_size, e) from e
     finally:
         trunk.train(was_training)
+
+
+def _size_error(name: str, input_size: tuple[int, int, int], e: Exception) -> ConfigError:
+    """One line naming the input size a net refused, with the op's own reason."""
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+    return ConfigError(f"{name} cannot take {input_size[1]}x{input_size[2]} inputs ({reason}); pass --img-size with a size it accepts")
