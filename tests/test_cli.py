@@ -234,3 +234,64 @@ def test_unknown_torchvision_architecture_suggests_close_names(capsys):
     assert "unknown architecture 'resnet81'; similar names: resnet18" in err and len(err.strip().splitlines()) == 1
     assert main(["layers", "--arch", "smal_vgg"]) == 2
     assert "similar names: small_vgg" in capsys.readouterr().err
+
+
+def _colour_imagefolder(root, splits=("train", "test")):
+    """Red and blue noisy images; in every split but train/ the colours are swapped, so what train/ teaches fails there."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for c, channel in (("red", 0), ("blue", 2)):
+            (root / split / c).mkdir(parents=True)
+            for i in range(24 if split == "train" else 10):
+                image = rng.integers(0, 90, (16, 16, 3), dtype=np.uint8)
+                image[..., channel if split == "train" else 2 - channel] += 160
+                Image.fromarray(image).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_validation_overlap_warns_and_val_folder_or_half_of_test_replace_it(tmp_path, capsys):
+    """Issue 17, 5: validation carved from train/ that reads far above test is named in a warning with both options;
+    a val/ folder is then taken as validation, and --val-from test halves the test split (recorded in the reports)."""
+    import shutil
+    import warnings
+
+    data = _colour_imagefolder(tmp_path / "imgs")
+    nets = [str(tmp_path / n) for n in ("a.pt", "b.pt")]
+    for net, seed in zip(nets, "01"):
+        train = ["train", "--arch", "tiny_vgg", "--task", "imagefolder", "--data", str(data), "--img-size", "16", "--epochs", "1", "--seed", seed, "--out", net, "--quiet"]
+        assert main(train) == 0
+    build = ["build", "--a", nets[0], "--b", nets[1], "--task", "imagefolder", "--data", str(data), "--g-epochs", "1", "--head-epochs", "4",
+             "--head-lr", "1e-2", "--seeds", "1", "--no-ablations", "--models", str(tmp_path / "models"), "--cache", str(tmp_path / "c"), "--json", "--quiet"]  # fmt: skip
+    capsys.readouterr()
+
+    def run(argv):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main(argv) == 0
+        overlap = [str(w.message) for w in caught if "points above its test accuracy" in str(w.message)]
+        return json.loads(capsys.readouterr().out), overlap
+
+    report, overlap = run(build)
+    assert report["comparison"]["val_from"] == "train"
+    assert len(overlap) == 1 and "x_B's mean validation accuracy" in overlap[0], overlap
+    assert "carved from the training data" in overlap[0] and "DIR/val/<class>/" in overlap[0] and "--val-from test" in overlap[0]
+
+    _colour_imagefolder(data, splits=("val",))  # validation images the nets never saw, like test/
+    report, overlap = run(build)
+    assert report["comparison"]["val_from"] == "val" and not overlap
+    assert report["variants"][0]["val_images"] == 20 and report["variants"][0]["test_images"] == 20
+    shutil.rmtree(data / "val")
+
+    fit = ["fit", "--a", nets[0], "--b", nets[1], "--task", "imagefolder", "--data", str(data), "--on", "target", "--g-epochs", "1",
+           "--out", str(tmp_path / "g.pt"), "--cache", str(tmp_path / "c"), "--json", "--quiet", "--val-from", "test"]  # fmt: skip
+    assert main(fit) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["val_from"] == "test" and report["tables"]["test"]["images"] == 10  # the scored half of 20 test images
+    fit[fit.index("--out") + 1] = str(tmp_path / "g2.pt")
+    assert main([*fit[:-2], "--val-from", "val"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "found no validation folder" in err[0] and not (tmp_path / "g2.pt").exists()
+

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -191,3 +193,39 @@ def test_corrupt_images_are_named_or_skipped(tmp_path):
         clean = load_task("imagefolder", tmp_path, target=True, classes=["cat", "dog"], options=SplitOptions(skip_bad_images=True))
     names = [s.path.name for split in ("train", "val", "test") for s in clean.split(split)]
     assert "9.jpg" not in names and len(names) == 40
+
+
+def test_validation_from_a_val_folder_or_half_of_test(tmp_path):
+    """Issue 17, 5: imagefolder's val/ is the validation split when present; --val-from test halves test, disjointly."""
+    for split, n in (("train", 8), ("test", 7), ("val", 3)):
+        for c in ("x", "y"):
+            for j in range(n):
+                _png(tmp_path / "imgs" / split / c / f"{j}.png", value=j)
+    data = load_task("imagefolder", tmp_path / "imgs", target=True)
+    assert data.val_from == "val" and len(data.train) == 16 and len(data.test) == 14
+    assert {s.path.parent.parent.name for s in data.val} == {"val"} and len(data.val) == 6
+    halves = load_task("imagefolder", tmp_path / "imgs", target=True, options=SplitOptions(val_from="test"))
+    assert halves.val_from == "test" and len(halves.train) == 16
+    assert not _ids(halves.val) & _ids(halves.test) and _ids(halves.val) | _ids(halves.test) == _ids(data.test)
+    assert sorted(s.label for s in halves.val) == ["x"] * 4 + ["y"] * 4  # stratified: half of each class (7 -> 4 + 3)
+    again = load_task("imagefolder", tmp_path / "imgs", target=True, options=SplitOptions(val_from="test"))
+    assert [s.ident() for s in again.test] == [s.ident() for s in halves.test]  # seeded
+    carved = load_task("imagefolder", tmp_path / "imgs", target=True, options=SplitOptions(val_from="train"))
+    assert carved.val_from == "train" and _ids(carved.val) <= _ids(data.train) and len(carved.test) == 14
+    shutil.rmtree(tmp_path / "imgs" / "val")
+    assert load_task("imagefolder", tmp_path / "imgs", target=True).val_from == "train"
+    with pytest.raises(DataLayoutError, match="--val-from val: task 'imagefolder' found no validation folder"):
+        load_task("imagefolder", tmp_path / "imgs", target=True, options=SplitOptions(val_from="val"))
+    digits = load_task("digits", None, target=True, options=SplitOptions(val_from="test"))
+    assert digits.val_from == "test" and not _ids(digits.val) & _ids(digits.test)
+
+
+def test_overlap_warning_names_both_options():
+    data = load_task("digits", None, target=True)
+    assert data.overlap_warning([0.95, 0.97], [0.80, 0.82], "x_B") is None  # 15 points: not above the threshold
+    text = data.overlap_warning([0.95, 0.97], [0.42, 0.44], "x_B")
+    assert "x_B's mean validation accuracy (96.0 %) is 53.0 points above its test accuracy (43.0 %)" in text
+    assert "carved from the training data" in text and "DIR/val/<class>/" in text and "--val-from test" in text
+    halves = load_task("digits", None, target=True, options=SplitOptions(val_from="test"))
+    assert halves.overlap_warning([0.95], [0.42], "x_B") is None  # two halves of one test split cannot overlap training
+

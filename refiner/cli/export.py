@@ -32,6 +32,7 @@ def register(sub) -> None:
     p.add_argument("--data", type=Path, help="dataset folder of --task")
     p.add_argument("--classes", help="with --a/--b/--g: comma-separated classes of B the model answers (default: all of B's)")
     p.add_argument("--skip-bad-images", action="store_true", help="leave out image files that do not decode (counted in a warning) instead of stopping")
+    options.add_val_from(p)
     options.add_preprocess(p)
     options.add_export(p, fp16=True)
     p.set_defaults(run=run)
@@ -67,7 +68,7 @@ def run(args) -> None:
         b = options.fed_as_asked(args, load_checkpoint(args.b, arch=args.arch_b, trust=args.trust_checkpoint))
         config, (g, _) = load_fitted_g(args.g_file, a, b, CompareConfig(), task=args.task, data_dir=args.data)
         model, spec = refined_from_parts(a, b, g, config.layer_a, config.layer_b, options.classes(args))
-    out = export_artifact(model, spec, args.models, args.name, options.export_options(args), args.task, args.data, SplitOptions(skip_bad_images=args.skip_bad_images))
+    out = export_artifact(model, spec, args.models, args.name, options.export_options(args), args.task, args.data, SplitOptions(skip_bad_images=args.skip_bad_images, val_from=args.val_from))
     if args.json:
         print(out.metadata.model_dump_json())
         return

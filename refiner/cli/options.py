@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-__all__ = ["command", "add_task", "add_preprocess", "preprocess", "fed_as_asked", "add_runtime", "add_pair", "add_g", "g_configs", "load_pair", "compare_config", "runtime", "split", "classes", "add_export", "export_options"]
+__all__ = ["command", "add_task", "add_preprocess", "preprocess", "fed_as_asked", "add_val_from", "add_runtime", "add_pair", "add_g", "g_configs", "load_pair", "compare_config", "runtime", "split", "classes", "add_export", "export_options"]
 
 
 def command(sub, name: str, help: str, examples: str) -> argparse.ArgumentParser:
@@ -55,6 +55,16 @@ def fed_as_asked(args, clf):
     return clf
 
 
+def add_val_from(p: argparse.ArgumentParser) -> None:
+    """--val-from: where the validation split (epoch choice, INT8 calibration) comes from."""
+    p.add_argument(
+        "--val-from", choices=["train", "val", "test"],
+        help="validation images: train (carved from the training data, which base nets trained on all of it have seen), val "
+        "(the dataset's val/ folder, e.g. imagefolder DIR/val/<class>/) or test (a seeded half of each class's test images; the "
+        "other half is then the test split everywhere) (default: val/ when the dataset has one, else train)",
+    )  # fmt: skip
+
+
 def add_runtime(p: argparse.ArgumentParser) -> None:
     """Where and how the engine computes; shared by train, fit, build and the analyses."""
     group = p.add_argument_group("device and speed (also under torchrun: one process per GPU)")
@@ -74,6 +84,7 @@ def add_pair(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer-b", help="layer of B (default: the architecture's default)")
     add_g(p)
     add_task(p)
+    add_val_from(p)
 
 
 def add_g(p: argparse.ArgumentParser) -> None:
@@ -138,7 +149,9 @@ def runtime(args):
 def split(args):
     from refiner.data.tasks import SplitOptions
 
-    return SplitOptions(train_per_class=args.train_per_class, test_per_class=getattr(args, "test_per_class", None), skip_bad_images=args.skip_bad_images)
+    return SplitOptions(
+        train_per_class=args.train_per_class, test_per_class=getattr(args, "test_per_class", None), skip_bad_images=args.skip_bad_images, val_from=args.val_from
+    )
 
 
 def classes(args) -> list[str] | None:

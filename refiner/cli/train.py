@@ -35,6 +35,7 @@ def register(sub) -> None:
     )  # fmt: skip
     p.add_argument("--out", required=True, type=Path, help="checkpoint to write")
     options.add_task(p)
+    options.add_val_from(p)
     p.set_defaults(run=run)
 
 
@@ -49,7 +50,7 @@ def run(args) -> None:
     config = paper_regime(**chosen) if args.regime == "paper" else TrainConfig(**chosen)
     from refiner.data.tasks import get_task
 
-    split = SplitOptions(subset=args.subset, train_per_class=args.train_per_class, imbalance=args.imbalance, skip_bad_images=args.skip_bad_images)
+    split = SplitOptions(subset=args.subset, train_per_class=args.train_per_class, imbalance=args.imbalance, skip_bad_images=args.skip_bad_images, val_from=args.val_from)
     meta = train_base(args.arch, args.task, args.data, config, args.out, split, options.preprocess(args, get_task(args.task).preprocess))
     if not dist.is_main():
         return

@@ -1,8 +1,10 @@
 """Task registry: which dataset, which classes for base nets and for the target, which splits.
 
 Each task reads the dataset's standard layout from a user-given folder (nothing
-is downloaded). Splits are deterministic; validation is carved from training
-data per class, never from test data.
+is downloaded). Splits are deterministic. Validation is the dataset's own val/
+folder when it has one, else carved from training data per class; base nets
+trained on all of that training data have seen it, so `val_from="test"` takes
+a seeded stratified half of the test split instead (the other half is scored).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,6 +32,8 @@ VOC_CLASSES = [
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 ]  # fmt: skip
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
+VAL_GAP_POINTS = 15.0  # validation accuracy this far above test accuracy suggests validation the base nets were trained on
+VAL_SOURCES = {"train": "carved from the training data", "val": "the dataset's val/ folder", "test": "half of the test split"}
 
 Loader = Callable[[Path | None], dict[str, list[Sample]]]
 
@@ -39,7 +44,7 @@ class TaskSpec:
 
     name: str
     description: str
-    load: Loader  # data dir -> {"train": [...], "test": [...]}
+    load: Loader  # data dir -> {"train": [...], "test": [...]}, and "val": [...] when the dataset has its own
     base_classes: tuple[str, ...] | None
     target_classes: tuple[str, ...] | Callable[[list[str]], list[str]] | None  # None: all found
     preprocess: Preprocess
@@ -58,6 +63,7 @@ class SplitOptions(BaseModel):
     skip_bad_images: bool = False  # leave out files that do not decode as images (with a warning), instead of failing
     imbalance: float | None = Field(None, ge=1)  # base classes only: non-target classes keep this many times the images of each target class
     seed: int = 0  # fixed: the same data always gives the same splits
+    val_from: Literal["train", "val", "test"] | None = None  # validation: carved from train, the val/ folder, or half of test (disjoint from the half scored); None: val/ if present, else train
 
 
 @dataclass
@@ -71,9 +77,28 @@ class TaskData:
     test: list[Sample]
     preprocess: Preprocess
     root: Path | None = None  # the --data folder, resolved (None: bundled data)
+    val_from: Literal["train", "val", "test"] = "train"  # where validation came from (see SplitOptions.val_from)
 
     def split(self, name: str) -> list[Sample]:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
+
+    def overlap_warning(self, val_acc: list[float], test_acc: list[float], what: str) -> str | None:
+        """A warning when `what`'s mean validation accuracy is more than VAL_GAP_POINTS above its mean test accuracy, else None.
+
+        Validation that the base nets were trained on (carved from the same train/) reads
+        high and picks epochs badly; the warning names the two ways to avoid it.
+        """
+        if not val_acc or not test_acc or self.val_from == "test":  # two halves of one test split: a gap is noise, not overlap
+            return None
+        val, test = 100 * sum(val_acc) / len(val_acc), 100 * sum(test_acc) / len(test_acc)
+        if val - test <= VAL_GAP_POINTS:
+            return None
+        return (
+            f"{what}'s mean validation accuracy ({val:.1f} %) is {val - test:.1f} points above its test accuracy ({test:.1f} %): validation "
+            f"({VAL_SOURCES[self.val_from]}) probably holds images the base nets were trained on, and it picks the epochs; "
+            "give the dataset a val/ folder of images the nets never saw (imagefolder: DIR/val/<class>/), or pass "
+            "--val-from test (half of the test split, disjoint from the half scored)"
+        )
 
 
 _REGISTRY: dict[str, TaskSpec] = {}
@@ -117,6 +142,12 @@ def load_task(
     if data is not None and not Path(data).is_dir():
         raise DataLayoutError(f"data folder {str(data)!r} does not exist")
     raw = spec.load(Path(data) if data is not None else None)
+    val_from = options.val_from or ("val" if "val" in raw else "train")
+    if val_from == "val" and "val" not in raw:
+        raise DataLayoutError(
+            f"--val-from val: task {name!r} found no validation folder in {str(data)!r} (imagefolder: DIR/val/<class>/ "
+            "beside DIR/train/ and DIR/test/); use --val-from train or --val-from test"
+        )
     found = sorted({s.label for s in raw["train"]})
     chosen = spec.target_classes if target else spec.base_classes
     wanted = classes or list((chosen(found) if callable(chosen) else chosen) or found)
@@ -128,24 +159,31 @@ def load_task(
     keep = set(wanted)
     train = [s for s in raw["train"] if s.label in keep]
     test = [s for s in raw["test"] if s.label in keep]
-    train, val = _carve(train, options.val_fraction, options.seed)
+    if val_from == "train":
+        train, val = _carve(train, options.val_fraction, options.seed)
+    elif val_from == "val":
+        val = [s for s in raw["val"] if s.label in keep]
+    else:  # a seeded stratified half of test; the other half is the test split everywhere (scoring, Var tables, INT8)
+        test, val = _carve(test, 0.5, options.seed)
     if options.subset:
         train = _half(train, options.subset, options.seed)
     if options.train_per_class:
         train = _per_class(train, options.train_per_class)
-        # Validation in proportion to the kept training data (still carved before trimming, so disjoint).
-        val = _per_class(val, max(1, round(options.train_per_class * options.val_fraction / (1 - options.val_fraction))))
+        if val_from == "train":  # validation in proportion to the kept training data (still carved before trimming, so disjoint)
+            val = _per_class(val, max(1, round(options.train_per_class * options.val_fraction / (1 - options.val_fraction))))
     if options.test_per_class:
         test = _per_class(test, options.test_per_class)
     if options.skip_bad_images:
         train, val, test = (_readable(name, part) for part, name in ((train, "train"), (val, "val"), (test, "test")))
     if options.imbalance and not target:
-        train, val = (_imbalanced(part, _target_classes(spec, found), options.imbalance) for part in (train, val))
+        train = _imbalanced(train, _target_classes(spec, found), options.imbalance)
+        if val_from == "train":  # carved validation follows the training data; a val/ folder or test half is left as given
+            val = _imbalanced(val, _target_classes(spec, found), options.imbalance)
     for split_name, split in (("train", train), ("val", val), ("test", test)):
         have = {s.label for s in split}
         if not split or (missing := [c for c in wanted if c not in have]):
             raise DataError(f"the {split_name} split of task {name!r} has no images of classes {missing or wanted}")
-    return TaskData(name, wanted, train, val, test, spec.preprocess, Path(data).resolve() if data is not None else None)
+    return TaskData(name, wanted, train, val, test, spec.preprocess, Path(data).resolve() if data is not None else None, val_from)
 
 
 def _by_class(samples: list[Sample]) -> dict[str, list[Sample]]:
@@ -246,7 +284,10 @@ def _folder_samples(root: Path) -> list[Sample]:
 def _load_imagefolder(data: Path | None) -> dict[str, list[Sample]]:
     assert data is not None
     if (data / "train").is_dir():
-        return {"train": _folder_samples(data / "train"), "test": _folder_samples(_require(data / "test", "a test/ folder beside train/"))}
+        out = {"train": _folder_samples(data / "train"), "test": _folder_samples(_require(data / "test", "a test/ folder beside train/"))}
+        if (data / "val").is_dir():
+            out["val"] = _folder_samples(data / "val")
+        return out
     train, test = _carve(_folder_samples(data), 0.2, seed=7)
     return {"train": train, "test": test}
 
@@ -358,5 +399,5 @@ _register(TaskSpec("mix-cub", "CUB-200-2011 + Stanford Dogs (320 classes); targe
                    _load_mix, None, _cub_classes, _224))
 _register(TaskSpec("mix-dogs", "CUB-200-2011 + Stanford Dogs (320 classes); target: the 120 dogs",
                    _load_mix, None, _dog_classes, _224))
-_register(TaskSpec("imagefolder", "any folder tree <class>/<image> (optionally train/ and test/); choose classes with --classes",
+_register(TaskSpec("imagefolder", "any folder tree <class>/<image> (optionally train/, test/ and val/); choose classes with --classes",
                    _load_imagefolder, None, None, _224))

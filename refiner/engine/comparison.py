@@ -54,6 +54,7 @@ class ComparisonReport(BaseModel):
     task: str
     classes: list[str]
     data_root: str | None = None  # the resolved --data folder (None: bundled data, or a report written before it was recorded)
+    val_from: str | None = None  # where validation came from: "train" (carved), "val" (the val/ folder), "test" (half of test); None in older reports
     a: NetSide
     b: NetSide
     g: IsomorphismConfig
@@ -129,6 +130,7 @@ def compare(
         task=data.task,
         classes=data.classes,
         data_root=str(data.root) if data.root is not None else None,
+        val_from=data.val_from,
         a=NetSide(path=clf_a.path.name, sha256=clf_a.sha256, arch=clf_a.meta.arch, layer=layer_a, feature_shape=list(shapes[0]), preprocess=clf_a.meta.preprocess),
         b=NetSide(path=clf_b.path.name, sha256=clf_b.sha256, arch=clf_b.meta.arch, layer=layer_b, feature_shape=list(shapes[1]), preprocess=clf_b.meta.preprocess),
         g=g.config,

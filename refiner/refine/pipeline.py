@@ -186,6 +186,9 @@ def build(
             f"test accuracy, {', '.join(f'{100 * t.mean:+.2f}' for t in worse)} points, Holm-adjusted where secondary); see report.html",
             stacklevel=2,
         )
+    x_b = next(v for v in results if v.features == "x_B")
+    if overlap := data.overlap_warning(x_b.val_acc, x_b.test_acc, "x_B"):
+        warnings.warn(overlap, stacklevel=2)
     return BuildResult(report=report, path=Path(models) / config.name / str(out.version), model=model)
 
 
