@@ -152,6 +152,7 @@ def main() -> None:
     names = {(row, k): f"{'-'.join(row)}-p{k}" for row in grid for k in range(args.pairs)}
     missing = [key for key, name in names.items() if not (results / name / "report.json").exists()]
     missing = [key for key in missing if not args.only or any(o in names[key] for o in args.only)]
+    missing.sort(key=lambda key: key[1])  # pair by pair: a pair's builds start before the next pair's nets are trained
     if missing and not args.table_only:
         if args.data is None:
             raise SystemExit(f"{len(missing)} builds are missing: give --data to run them, or --table-only")
@@ -163,16 +164,16 @@ def main() -> None:
 
 
 def _steps(args, out: Path, results: Path, refiner: list[str], builds: list[tuple[tuple[str, ...], int, str]]) -> list[Step]:
-    """The nets, g fits and builds that the missing `builds` need, in dependency order."""
+    """The nets, g fits and builds that the missing `builds` need, build by build (a pair's builds before the next pair's nets)."""
     (out / "logs").mkdir(parents=True, exist_ok=True)
     cache = ["--cache", str(out / "cache"), "--device", "cpu"]
     data = ["--task", TASK, "--data", str(args.data), "--train-per-class", str(args.per_class)]
     net = lambda base, seed: out / f"{base}-s{seed}.pt"  # noqa: E731
-    nets, fits, steps = {}, {}, []
+    steps: dict[Path, Step] = {}  # by the file each step makes, in the order they are first needed
     for (base, layer, g_kind, protocol), k, name in builds:
         a, b = net(base, 2 * k), net(base, 2 * k + 1)
         for seed, path in ((2 * k, a), (2 * k + 1, b)):
-            nets.setdefault(path, Step(
+            steps.setdefault(path, Step(
                 [*refiner, "train", "--arch", "small_vgg", *data, "--regime", "paper", "--epochs", str(args.net_epochs),
                  "--seed", str(seed), *BASES[base], "--out", str(path), "--device", "cpu"],
                 out / "logs" / f"train-{base}-s{seed}.log", path,
@@ -181,7 +182,7 @@ def _steps(args, out: Path, results: Path, refiner: list[str], builds: list[tupl
         budget = ["--g-epochs", str(args.short_g_epochs), "--g-lr", "1e-2", "1e-4"] if g_kind == "short" else []
         if g_kind == "converged" and args.g_steps:
             budget = ["--g-steps", str(args.g_steps)]
-        fits.setdefault(g, Step(
+        steps.setdefault(g, Step(
             [*refiner, "fit", "--a", str(a), "--b", str(b), *data, *cache, "--on", "target", "--layer-a", LAYERS[layer],
              "--layer-b", LAYERS[layer], "--test-per-class", str(args.test_per_class), *budget, "--out", str(g)],
             out / "logs" / f"fit-{g.stem}.log", g, [a, b],
@@ -192,8 +193,8 @@ def _steps(args, out: Path, results: Path, refiner: list[str], builds: list[tupl
                "--test-per-class", str(args.test_per_class), "--g", str(g), "--protocol", protocol,
                "--head-epochs", str(epochs), "--seeds", str(args.seeds), "--no-ablations",
                "--name", name, "--models", str(out / "models")]  # fmt: skip
-        steps.append(Step(cmd, out / "logs" / f"build-{name}.log", results / name / "report.json", [g], keep=(report.parent, results / name)))
-    return [*nets.values(), *fits.values(), *steps]
+        steps[results / name] = Step(cmd, out / "logs" / f"build-{name}.log", results / name / "report.json", [g], keep=(report.parent, results / name))
+    return list(steps.values())
 
 
 def _pp(x: float) -> str:
