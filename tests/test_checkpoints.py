@@ -158,8 +158,10 @@ def test_unusable_files_say_what_they_hold_and_which_flag_fixes_it(tmp_path):
     with pytest.raises(CheckpointError, match=r"holds no weights.*top-level keys \['epoch', 'optimizer', 'notes'\].*--arch-a/--arch-b"):
         load_checkpoint(tmp_path / "no-weights.pt")
     torch.save({"encoder.weight": torch.zeros(3, 3), "head.weight": torch.zeros(2, 3)}, tmp_path / "foreign.pt")
-    with pytest.raises(CheckpointError, match=r"fit no architecture registered so far; its first parameters: \['encoder.weight', 'head.weight'\]\. Say which it is with --arch-a/--arch-b"):
+    with pytest.raises(CheckpointError, match=r"fit no architecture registered so far; its first parameters: \['encoder.weight', 'head.weight'\]\. Say which architecture the net is with --arch-a/--arch-b NAME"):
         load_checkpoint(tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match=r"Say which architecture net B is with --arch-b NAME"):
+        load_checkpoint(tmp_path / "foreign.pt", who="net B", arch_flag="--arch-b")
     model, _ = _model_and_input()
     torch.save({"module." + k: v for k, v in model.state_dict().items()}, tmp_path / "dp.pt")
     with pytest.raises(CheckpointError, match=r"\(keys stripped of 'module.'\) has no 'fc.weight', so it is not a 'tiny_resnet'"):

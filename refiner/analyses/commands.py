@@ -10,10 +10,12 @@ from refiner.errors import ConfigError
 __all__ = ["register"]
 
 
-def register(sub, command, add_task, add_g, g_configs, runtime_config, preprocess) -> None:
+def register(sub, command, add_task, add_g, g_configs, runtime_config, add_net_names, load) -> None:
     """Add one sub-parser per analysis; `command(sub, name, help, examples)` makes a parser.
 
-    `preprocess(args, clf)` applies the command line's preprocessing overrides to a loaded net.
+    `add_net_names(p, suffix, which)` adds --arch-SUFFIX/--labels-SUFFIX (--arch/--labels without a
+    suffix); `load(args, path, suffix, who)` loads a net with them, the task's default and the
+    command line's preprocessing overrides, and says its preprocessing.
     """
     p = command(
         sub,
@@ -28,8 +30,10 @@ def register(sub, command, add_task, add_g, g_configs, runtime_config, preproces
     p.add_argument("--layer-weak", help="layer of the weak net (default: the architecture's default layer)")
     p.add_argument("--layer-strong", help="layer of the strong net (default: the architecture's default layer)")
     p.add_argument("--channel", type=int, help="channel to picture (default: the one with the largest Δ share)")
+    add_net_names(p, "weak", "the weak net")
+    add_net_names(p, "strong", "the strong net")
     _add_images(p)
-    _add_common(p, add_task, add_g, g_configs, preprocess)
+    _add_common(p, add_task, add_g, g_configs, load)
     p.set_defaults(run=_run_diagnose, runtime_config=runtime_config)
 
     p = command(
@@ -44,7 +48,8 @@ def register(sub, command, add_task, add_g, g_configs, runtime_config, preproces
     )
     p.add_argument("--models", required=True, nargs="+", type=Path, help="checkpoints of nets trained the same way (at least 2)")
     p.add_argument("--layers", nargs="+", help="layers to compare (default: the architecture's default layer)")
-    _add_common(p, add_task, add_g, g_configs, preprocess)
+    add_net_names(p, "", "every net")
+    _add_common(p, add_task, add_g, g_configs, load)
     p.set_defaults(run=_run_stability, runtime_config=runtime_config)
 
     p = command(
@@ -62,8 +67,9 @@ def register(sub, command, add_task, add_g, g_configs, runtime_config, preproces
     p.add_argument("--finetune-epochs", type=int, default=3, help="fine-tuning epochs after pruning (default: 3)")
     p.add_argument("--finetune-lr", type=float, default=0.01, help="peak SGD learning rate of the fine-tuning (default: 0.01)")
     p.add_argument("--batch-size", type=int, default=128, help="fine-tuning batch size (default: 128)")
+    add_net_names(p, "", "the net")
     _add_images(p)
-    _add_common(p, add_task, add_g, g_configs, preprocess)
+    _add_common(p, add_task, add_g, g_configs, load)
     p.set_defaults(run=_run_compression, runtime_config=runtime_config)
 
     p = command(
@@ -82,7 +88,8 @@ def register(sub, command, add_task, add_g, g_configs, runtime_config, preproces
     p.add_argument("--kd-weight", type=float, default=0.5, help="loss = CE + W * KD (default: 0.5)")
     p.add_argument("--temperature", type=float, default=1.0, help="KD temperature τ (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="students' seeds are SEED + generation (default: 0)")
-    _add_common(p, add_task, add_g, g_configs, preprocess)
+    add_net_names(p, "", "generation 0")
+    _add_common(p, add_task, add_g, g_configs, load)
     p.set_defaults(run=_run_distillation, runtime_config=runtime_config)
 
 
@@ -90,11 +97,11 @@ def _add_images(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=int, default=4, help="test images pictured as heatmaps (default: 4; 0: none)")
 
 
-def _add_common(p: argparse.ArgumentParser, add_task, add_g, g_configs, preprocess) -> None:
+def _add_common(p: argparse.ArgumentParser, add_task, add_g, g_configs, load) -> None:
     p.add_argument("--out", required=True, type=Path, help="report folder to write (must not exist): report.json, *.png, report.html")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need arbitrary unpickling (runs code from the file!)")
     add_g(p)
-    p.set_defaults(g_configs=g_configs, preprocess=preprocess)
+    p.set_defaults(g_configs=g_configs, load=load)
     p.add_argument("--test-per-class", type=int, help="test images per class measured (default: all)")
     add_task(p)
 
@@ -109,10 +116,6 @@ def _analysis_config(args):
     )
 
 
-def _load(args, path: Path):
-    from refiner.models.checkpoints import load_checkpoint
-
-    return args.preprocess(args, load_checkpoint(path, trust=args.trust_checkpoint))
 
 
 def _where(args) -> dict:
@@ -127,7 +130,7 @@ def _run_diagnose(args) -> None:
     config = DiagnoseConfig(
         analysis=_analysis_config(args), layer_weak=args.layer_weak, layer_strong=args.layer_strong, images=args.images, channel=args.channel
     )
-    report = diagnose(_load(args, args.weak), _load(args, args.strong), config=config, **_where(args))
+    report = diagnose(args.load(args, args.weak, "weak", "the weak net"), args.load(args, args.strong, "strong", "the strong net"), config=config, **_where(args))
     if _other_rank():
         return
     if args.json:
@@ -144,7 +147,7 @@ def _run_stability(args) -> None:
     from refiner.analyses.stability import StabilityConfig, stability
 
     config = StabilityConfig(analysis=_analysis_config(args), layers=tuple(args.layers) if args.layers else None)
-    report = stability([_load(args, m) for m in args.models], config=config, **_where(args))
+    report = stability([args.load(args, m, "", f"net {i + 1}") for i, m in enumerate(args.models)], config=config, **_where(args))
     if _other_rank():
         return
     if args.json:
@@ -167,7 +170,7 @@ def _run_compression(args) -> None:
         layer=args.layer,
         images=args.images,
     )
-    report = compression(_load(args, args.model), config=config, **_where(args))
+    report = compression(args.load(args, args.model, "", "the net"), config=config, **_where(args))
     if _other_rank():
         return
     if args.json:
@@ -192,7 +195,7 @@ def _run_distillation(args) -> None:
         temperature=args.temperature,
         layer=args.layer,
     )
-    report = distillation(_load(args, args.model), config=config, **_where(args))
+    report = distillation(args.load(args, args.model, "", "generation 0"), config=config, **_where(args))
     if _other_rank():
         return
     if args.json:

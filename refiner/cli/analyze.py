@@ -19,5 +19,5 @@ def register(sub) -> None:
     )
     register_analyses(
         p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS"),
-        options.command, options.add_task, options.add_g, options.g_configs, options.runtime, options.fed_as_asked,
+        options.command, options.add_task, options.add_g, options.g_configs, options.runtime, options.add_net_names, options.load_fed,
     )  # fmt: skip

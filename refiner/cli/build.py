@@ -6,7 +6,7 @@ from pathlib import Path
 
 from refiner.cli import options
 
-__all__ = ["register", "run"]
+__all__ = ["register", "check", "run"]
 
 
 def register(sub) -> None:
@@ -42,23 +42,30 @@ def register(sub) -> None:
     p.add_argument("--name", help="model name in the repository (default: <task>-refined)")
     p.add_argument("--models", type=Path, default=Path("models"), help="model repository folder (default: models/)")
     options.add_export(p, fp16=False)
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, check=check)
+
+
+def check(args) -> None:
+    from refiner.errors import ConfigError
+
+    if args.head_lr is not None and len(args.head_lr) > 2:
+        raise ConfigError(f"--head-lr takes START or START END, got {len(args.head_lr)} values")
 
 
 def run(args) -> None:
     from refiner.refine.config import BuildConfig, default_head
     from refiner.refine.pipeline import build
     from refiner.engine.finetune import HeadConfig
-    from refiner.errors import ConfigError
 
     head = default_head(args.protocol).model_dump()
     if args.head_epochs is not None:
         head["epochs"] = args.head_epochs
     if args.head_lr is not None:
-        if len(args.head_lr) > 2:
-            raise ConfigError(f"--head-lr takes START or START END, got {len(args.head_lr)} values")
         head.update(lr=args.head_lr[0], lr_end=args.head_lr[1] if len(args.head_lr) == 2 else None)
-    a, b = options.load_pair(args, args.task)
+    a, b = options.load_pair(args, args.task, args.g_file)
+    if args.protocol == "paper":  # the base classifiers are kept: target classes are looked up among their outputs
+        for clf, side in ((a, "a"), (b, "b")):
+            options.check_named(args, clf, side, f"net {side.upper()}", options.classes(args))
     config = BuildConfig(
         compare=options.compare_config(args),
         protocol=args.protocol,

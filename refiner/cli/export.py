@@ -6,7 +6,7 @@ from pathlib import Path
 
 from refiner.cli import options
 
-__all__ = ["register", "run"]
+__all__ = ["register", "check", "run"]
 
 
 def register(sub) -> None:
@@ -23,8 +23,8 @@ def register(sub) -> None:
     source.add_argument("--a", type=Path, help="checkpoint of net A, whose trunk feeds g")
     source.add_argument("--b", type=Path, help="checkpoint of net B, whose upper layers and own classifier read g's output")
     source.add_argument("--g", type=Path, dest="g_file", help="a g written by `refiner fit` for A and B (its layers are used; --task must read the dataset g was fitted on)")
-    source.add_argument("--arch-a", help="architecture of A when --a is a bare state_dict")
-    source.add_argument("--arch-b", help="architecture of B when --b is a bare state_dict")
+    options.add_net_names(source, "a", "A")
+    options.add_net_names(source, "b", "B (what the model answers)")
     source.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need arbitrary unpickling (runs code from the file!)")
     p.add_argument("--name", required=True, help="model name in the repository")
     p.add_argument("--models", type=Path, default=Path("models"), help="model repository folder (default: models/)")
@@ -35,7 +35,15 @@ def register(sub) -> None:
     options.add_val_from(p)
     options.add_preprocess(p)
     options.add_export(p, fp16=True)
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, check=check)
+
+
+def check(args) -> None:
+    from refiner.errors import ConfigError
+
+    parts = (args.a, args.b, args.g_file)
+    if (args.refined is None) == all(x is None for x in parts) or (args.refined is None and None in parts):
+        raise ConfigError("give either --refined FILE, or all of --a, --b and --g")
 
 
 def run(args) -> None:
@@ -46,16 +54,14 @@ def run(args) -> None:
     from refiner.data.tasks import SplitOptions
     from refiner.engine.comparison import CompareConfig, load_fitted_g
     from refiner.errors import ConfigError
-    from refiner.models.checkpoints import load_checkpoint
 
-    parts = (args.a, args.b, args.g_file)
-    if (args.refined is None) == all(x is None for x in parts) or (args.refined is None and None in parts):
-        raise ConfigError("give either --refined FILE, or all of --a, --b and --g")
+    export = options.export_options(args)  # checked before anything is loaded or said
     if args.refined is not None:
-        if args.classes:
-            raise ConfigError("--classes applies to --a/--b/--g; a refined checkpoint answers the classes it was built for")
+        if args.classes or args.labels_a or args.labels_b:
+            raise ConfigError("--classes applies to --a/--b/--g (and so do --labels-a/--labels-b); a refined checkpoint answers the classes it was built for")
         model, spec = load_refined(args.refined)
         pre = options.preprocess(args, spec.preprocess)
+        options.say_preprocess(args.refined.name, pre, options.preprocess_from(args, f"the record in {args.refined.name}"))
         if pre.input_size != spec.preprocess.input_size:
             warnings.warn(
                 f"exporting at {pre.input_size[1]}x{pre.input_size[2]}, but the model was built and fine-tuned at "
@@ -64,11 +70,11 @@ def run(args) -> None:
             )
         spec = spec.model_copy(update={"preprocess": pre})
     else:
-        a = options.fed_as_asked(args, load_checkpoint(args.a, arch=args.arch_a, trust=args.trust_checkpoint))
-        b = options.fed_as_asked(args, load_checkpoint(args.b, arch=args.arch_b, trust=args.trust_checkpoint))
-        config, (g, _) = load_fitted_g(args.g_file, a, b, CompareConfig(), task=args.task, data_dir=args.data)
+        a, b = options.fed_from_g(args, options.load_net(args, args.a, "a", "net A"), options.load_net(args, args.b, "b", "net B"), args.g_file)
+        options.check_named(args, b, "b", "net B", options.classes(args))
+        config, (g, _) = load_fitted_g(args.g_file, a, b, CompareConfig(), task=args.task, data_dir=args.data, other_preprocess="warn")
         model, spec = refined_from_parts(a, b, g, config.layer_a, config.layer_b, options.classes(args))
-    out = export_artifact(model, spec, args.models, args.name, options.export_options(args), args.task, args.data, SplitOptions(skip_bad_images=args.skip_bad_images, val_from=args.val_from))
+    out = export_artifact(model, spec, args.models, args.name, export, args.task, args.data, SplitOptions(skip_bad_images=args.skip_bad_images, val_from=args.val_from))
     if args.json:
         print(out.metadata.model_dump_json())
         return

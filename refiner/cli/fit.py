@@ -34,8 +34,9 @@ def run(args) -> None:
     from refiner.engine.isomorphism import save_isomorphism
     from refiner.reporting import format_fit, format_variance_table, save_fit_curve
 
+    classes = options.classes(args)  # checked before the nets are loaded and their preprocessing said
     a, b = options.load_pair(args, args.task)
-    data = load_task(args.task, args.data, target=args.on == "target", classes=options.classes(args), options=options.split(args))
+    data = load_task(args.task, args.data, target=args.on == "target", classes=classes, options=options.split(args))
     g, report, _ = compare(a, b, data, options.compare_config(args), args.cache)
     if not dist.is_main():
         return

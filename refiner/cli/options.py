@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-__all__ = ["command", "add_task", "add_preprocess", "preprocess", "fed_as_asked", "add_val_from", "add_runtime", "add_pair", "add_g", "g_configs", "load_pair", "compare_config", "runtime", "split", "classes", "add_export", "export_options"]
+__all__ = ["command", "add_task", "add_preprocess", "preprocess", "fed_as_asked", "labels", "load_net", "say_preprocess", "preprocess_from", "check_named", "add_net_names", "fed_from_g", "load_fed", "add_val_from", "add_runtime", "add_pair", "add_g", "g_configs", "load_pair", "compare_config", "runtime", "split", "classes", "add_export", "check", "export_options"]
 
 
 def command(sub, name: str, help: str, examples: str) -> argparse.ArgumentParser:
@@ -49,10 +49,130 @@ def preprocess(args, pre):
     )  # fmt: skip
 
 
-def fed_as_asked(args, clf):
-    """The loaded net `clf`, to be fed with its preprocessing plus the command line's overrides."""
-    clf.meta = clf.meta.model_copy(update={"preprocess": preprocess(args, clf.meta.preprocess)})
+def preprocess_from(args, source: str) -> str:
+    """Where the preprocessing comes from: `source`, under the preprocessing options given on the command line."""
+    given = [f"--{f.replace('_', '-')}" for f in ("img_size", "crop_pct", "mean", "std", "interpolation") if getattr(args, f) is not None]
+    return f"{' '.join(given)} on the command line, over {source}" if given else source
+
+
+def fed_as_asked(args, clf, who: str, fitted=None, g_name: str = ""):
+    """The loaded net `clf`, to be fed with its preprocessing plus the command line's overrides; says which and from where.
+
+    `fitted`: the g file's record of this net (NetSide), whose preprocessing replaces the net's own.
+    A bare state_dict fed as its architecture's pretrained weights expect, with nothing
+    on the command line or in g to confirm it, gets a warning naming the options.
+    """
+    import warnings
+
+    base, source = clf.meta.preprocess, clf.preprocess_from
+    if fitted is not None and fitted.preprocess is not None:
+        base, source = fitted.preprocess, f"the record in {g_name} (from `refiner fit`)"
+    told = preprocess_from(args, source)
+    if clf.preprocess_guessed and told == clf.preprocess_from:
+        warnings.warn(
+            f"{who} ({clf.path.name}) is a bare state_dict, fed with {source}; that is right only if it was trained that "
+            "way (e.g. fine-tuned from those pretrained weights). If not, give its preprocessing with --img-size, "
+            "--crop-pct, --mean, --std and --interpolation",
+            stacklevel=2,
+        )
+    clf.meta = clf.meta.model_copy(update={"preprocess": preprocess(args, base)})
+    say_preprocess(f"{who} ({clf.path.name})", clf.meta.preprocess, told)
     return clf
+
+
+def say_preprocess(what: str, pre, source: str) -> None:
+    """One stage line (stderr; not with --quiet): how `what`'s images are preprocessed and where that came from."""
+    from refiner.progress import stage
+
+    _, h, w = pre.input_size
+    size = f"{h}x{w} centre crop of a {pre.resize_size} px shorter-side resize" if pre.resize_size else f"resized to {h}x{w}"
+    numbers = lambda v: ",".join(f"{x:g}" for x in v)  # noqa: E731
+    stage(f"preprocessing of {what}: {size} ({pre.interpolation}), mean {numbers(pre.mean)}, std {numbers(pre.std)}; from {source}")
+
+
+def labels(value: str | None, flag: str) -> list[str] | None:
+    """Class names from --labels-*: a comma-separated list, or a file with one name per line."""
+    from refiner.errors import ConfigError
+
+    if value is None:
+        return None
+    path = Path(value)
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()] if path.is_file() else [c.strip() for c in value.split(",")]
+    if not names or "" in names:
+        raise ConfigError(f"{flag} {value!r} has an empty entry; give comma-separated class names (e.g. cat,dog) or a file with one name per line")
+    if len(set(names)) < len(names):
+        raise ConfigError(f"{flag} names {sorted({c for c in names if names.count(c) > 1})} more than once")
+    return names
+
+
+def _flag(kind: str, suffix: str) -> str:
+    return f"--{kind}-{suffix}" if suffix else f"--{kind}"
+
+
+def add_net_names(p, suffix: str, which: str) -> None:
+    """--arch-SUFFIX and --labels-SUFFIX (--arch, --labels without a suffix) for a net given as a bare state_dict."""
+    p.add_argument(_flag("arch", suffix), help=f"architecture of {which} when it is a bare state_dict whose keys do not say it")
+    p.add_argument(
+        _flag("labels", suffix), metavar="NAMES",
+        help=f"class names of {which}'s outputs in order: comma-separated, or a file with one name per line (a bare state_dict has none: 0, 1, ...)",
+    )  # fmt: skip
+
+
+def load_net(args, path: Path, suffix: str, who: str, default_pre=None, default_from: str = ""):
+    """Load the net at `path` with its --arch-SUFFIX and --labels-SUFFIX (without its preprocessing said or overridden)."""
+    from refiner.models.checkpoints import load_checkpoint
+
+    arch, names = (_flag(kind, suffix) for kind in ("arch", "labels"))
+    return load_checkpoint(
+        path, arch=getattr(args, arch[2:].replace("-", "_")), preprocess=default_pre, preprocess_from=default_from,
+        class_names=labels(getattr(args, names[2:].replace("-", "_")), names), trust=args.trust_checkpoint, who=who, arch_flag=arch,
+    )  # fmt: skip
+
+
+def load_fed(args, path: Path, suffix: str, who: str):
+    """A net loaded as the command line asks (--arch/--labels, the task's default for a bare state_dict, overrides); its preprocessing said."""
+    from refiner.data.tasks import get_task
+
+    clf = load_net(args, path, suffix, who, get_task(args.task).preprocess, f"the default of task {args.task!r}")
+    return fed_as_asked(args, clf, who)
+
+
+def _unnamed(clf) -> bool:
+    return clf.meta.class_names == [str(i) for i in range(clf.meta.num_classes)]
+
+
+def check_named(args, clf, suffix: str, who: str, wanted: list[str] | None) -> None:
+    """Refuse, before any work, a net without class names (0, 1, ...) where the command needs names it lacks.
+
+    `wanted`: the class names the command looks up among the net's outputs (None: an
+    imagefolder's class folders). When the folders are as many as the outputs, the
+    error gives the --labels-* value torchvision's ImageFolder numbering would mean.
+    """
+    from refiner.errors import ConfigError
+
+    folders = _class_folders(args)
+    wanted = wanted or folders
+    if not _unnamed(clf) or not wanted or all(c in clf.meta.class_names for c in wanted):
+        return
+    n, flag = clf.meta.num_classes, f"--labels-{suffix}"
+    if folders and len(folders) == n:
+        raise ConfigError(
+            f"{who} ({clf.path.name}) has no class names (outputs 0..{n - 1}); torchvision's ImageFolder would have numbered the "
+            f"{n} sorted class folders of {args.data} {', '.join(f'{i}={c}' for i, c in enumerate(folders))}: if it was trained "
+            f"that way, pass {flag} {','.join(folders)}"
+        )
+    raise ConfigError(
+        f"{who} ({clf.path.name}) has no class names (outputs 0..{n - 1}), and {wanted} are looked up among them; "
+        f"name its {n} outputs in order with {flag} NAME,NAME,... (or a file with one name per line)"
+    )
+
+
+def _class_folders(args) -> list[str]:
+    """The sorted class folders of an imagefolder task's training data (as torchvision's ImageFolder numbers them); else []."""
+    if getattr(args, "task", None) != "imagefolder" or args.data is None:
+        return []
+    root = args.data / "train" if (args.data / "train").is_dir() else args.data
+    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
 def add_val_from(p: argparse.ArgumentParser) -> None:
@@ -77,8 +197,8 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
 def add_pair(p: argparse.ArgumentParser) -> None:
     p.add_argument("--a", required=True, type=Path, help="checkpoint of net A (its features are the input of g), or torchvision/<model> or timm/<model> from the local cache")
     p.add_argument("--b", required=True, type=Path, help="checkpoint of net B (its features are the target of g), or torchvision/<model> or timm/<model> from the local cache")
-    p.add_argument("--arch-a", help="architecture of A when --a is a bare state_dict")
-    p.add_argument("--arch-b", help="architecture of B when --b is a bare state_dict")
+    add_net_names(p, "a", "A")
+    add_net_names(p, "b", "B")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need arbitrary unpickling (runs code from the file!)")
     p.add_argument("--layer-a", help="layer of A (default: the architecture's default, e.g. VGG-16 conv4-3)")
     p.add_argument("--layer-b", help="layer of B (default: the architecture's default)")
@@ -121,14 +241,28 @@ def g_configs(args):
     )
 
 
-def load_pair(args, data_task: str):
+def load_pair(args, data_task: str, g_file: Path | None = None):
+    """Nets A and B as the command line asks; with `g_file`, fed as recorded there unless the options override it."""
     from refiner.data.tasks import get_task
-    from refiner.models.checkpoints import load_checkpoint
 
-    pre = get_task(data_task).preprocess
-    a = load_checkpoint(args.a, arch=args.arch_a, preprocess=pre, trust=args.trust_checkpoint)
-    b = load_checkpoint(args.b, arch=args.arch_b, preprocess=pre, trust=args.trust_checkpoint)
-    return fed_as_asked(args, a), fed_as_asked(args, b)
+    pre, where = get_task(data_task).preprocess, f"the default of task {data_task!r}"
+    return fed_from_g(args, load_net(args, args.a, "a", "net A", pre, where), load_net(args, args.b, "b", "net B", pre, where), g_file)
+
+
+def fed_from_g(args, a, b, g_file: Path | None):
+    """A and B fed as asked; with `g_file`, as its `refiner fit` recorded (preprocessing, and names for nets without any)."""
+    report = None
+    if g_file is not None:
+        from refiner.engine.comparison import fitted_report
+
+        report = fitted_report(g_file)
+    for clf, side, who in ((a, "a", "net A"), (b, "b", "net B")):
+        fitted = getattr(report, side) if report is not None else None
+        if fitted is not None and fitted.class_names and getattr(args, f"labels_{side}") is None and _unnamed(clf):
+            if len(fitted.class_names) == clf.meta.num_classes:
+                clf.meta = clf.meta.model_copy(update={"class_names": fitted.class_names})
+        fed_as_asked(args, clf, who, fitted, g_file.name if g_file is not None else "")
+    return a, b
 
 
 def compare_config(args):
@@ -177,18 +311,34 @@ def add_export(p: argparse.ArgumentParser, fp16: bool) -> None:
     group.add_argument("--max-int8-drop", type=float, help="test accuracy points INT8 may lose before the artifact is refused (default: 1)")
 
 
-def export_options(args):
-    from refiner.refine.publish import ExportOptions
+def check(args) -> None:
+    """Refuse argument values that are wrong whatever the data and nets, before torch is imported (then the command's own check)."""
+    if getattr(args, "classes", None) is not None:
+        classes(args)
+    if hasattr(args, "opset"):
+        _check_export(args)
+    if hasattr(args, "check"):
+        args.check(args)
+
+
+def _check_export(args) -> None:
     from refiner.errors import ConfigError
 
-    import onnx
+    if args.opset is not None:
+        import onnx  # only when asked: onnx costs most of a second to import
 
-    newest = onnx.defs.onnx_opset_version()
-    if args.opset is not None and not 18 <= args.opset <= newest:
-        raise ConfigError(f"--opset must be between 18 (the lowest torch's ONNX exporter writes) and {newest} (the newest onnx knows), got {args.opset}")
+        newest = onnx.defs.onnx_opset_version()
+        if not 18 <= args.opset <= newest:
+            raise ConfigError(f"--opset must be between 18 (the lowest torch's ONNX exporter writes) and {newest} (the newest onnx knows), got {args.opset}")
     if args.max_int8_drop is not None and not args.quantize:
         raise ConfigError("--max-int8-drop applies to --quantize int8 only")
     if args.max_int8_drop is not None and not args.max_int8_drop >= 0:
         raise ConfigError(f"--max-int8-drop must be a number of accuracy points >= 0, got {args.max_int8_drop}")
+
+
+def export_options(args):
+    """ExportOptions from the options of `add_export` (checked by `check`)."""
+    from refiner.refine.publish import ExportOptions
+
     drop = {} if args.max_int8_drop is None else {"max_int8_drop": args.max_int8_drop}
     return ExportOptions(opset=args.opset, fp16=getattr(args, "fp16", False), quantize=args.quantize, **drop)

@@ -51,7 +51,9 @@ def run(args) -> None:
     from refiner.data.tasks import get_task
 
     split = SplitOptions(subset=args.subset, train_per_class=args.train_per_class, imbalance=args.imbalance, skip_bad_images=args.skip_bad_images, val_from=args.val_from)
-    meta = train_base(args.arch, args.task, args.data, config, args.out, split, options.preprocess(args, get_task(args.task).preprocess))
+    pre = options.preprocess(args, get_task(args.task).preprocess)
+    options.say_preprocess(f"{args.out.name} (recorded in it)", pre, options.preprocess_from(args, f"the default of task {args.task!r}"))
+    meta = train_base(args.arch, args.task, args.data, config, args.out, split, pre)
     if not dist.is_main():
         return
     last, final = meta.info["history"][-1], meta.info["train_eval"]

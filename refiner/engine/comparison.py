@@ -21,7 +21,7 @@ from refiner.models.architectures import get_arch
 from refiner.models.checkpoints import Classifier
 from refiner.models.layers import TokensToMap, feature_shape, split_model
 
-__all__ = ["CompareConfig", "NetSide", "ComparisonReport", "compare", "default_layer", "measure_split", "load_fitted_g"]
+__all__ = ["CompareConfig", "NetSide", "ComparisonReport", "compare", "default_layer", "measure_split", "load_fitted_g", "fitted_report"]
 
 
 class CompareConfig(BaseModel):
@@ -46,6 +46,7 @@ class NetSide(BaseModel):
     layer: str
     feature_shape: list[int]
     preprocess: Preprocess | None = None  # what its images were fed as (None in reports written before it was recorded)
+    class_names: list[str] | None = None  # names of its outputs (None in reports written before they were recorded)
 
 
 class ComparisonReport(BaseModel):
@@ -131,8 +132,8 @@ def compare(
         classes=data.classes,
         data_root=str(data.root) if data.root is not None else None,
         val_from=data.val_from,
-        a=NetSide(path=clf_a.path.name, sha256=clf_a.sha256, arch=clf_a.meta.arch, layer=layer_a, feature_shape=list(shapes[0]), preprocess=clf_a.meta.preprocess),
-        b=NetSide(path=clf_b.path.name, sha256=clf_b.sha256, arch=clf_b.meta.arch, layer=layer_b, feature_shape=list(shapes[1]), preprocess=clf_b.meta.preprocess),
+        a=NetSide(path=clf_a.path.name, sha256=clf_a.sha256, arch=clf_a.meta.arch, layer=layer_a, feature_shape=list(shapes[0]), preprocess=clf_a.meta.preprocess, class_names=clf_a.meta.class_names),
+        b=NetSide(path=clf_b.path.name, sha256=clf_b.sha256, arch=clf_b.meta.arch, layer=layer_b, feature_shape=list(shapes[1]), preprocess=clf_b.meta.preprocess, class_names=clf_b.meta.class_names),
         g=g.config,
         fit=fit,
         tables=tables,
@@ -159,14 +160,20 @@ def _check_token_pairing(layer_a: str, layer_b: str, shapes: list[tuple[int, ...
         )
 
 
+def fitted_report(path: Path) -> ComparisonReport:
+    """The record `refiner fit` wrote into a g file: nets (with their preprocessing and class names), layers, data, fit."""
+    return ComparisonReport.model_validate(load_isomorphism(path)[1]["report"])
+
+
 def load_fitted_g(
     path: Path, clf_a: Classifier, clf_b: Classifier, config: CompareConfig, *,
-    task: str | None = None, classes: list[str] | None = None, data_dir: Path | None = None,
+    task: str | None = None, classes: list[str] | None = None, data_dir: Path | None = None, other_preprocess: Literal["refuse", "warn"] = "refuse",
 ) -> tuple[CompareConfig, tuple[IsomorphismNet, FitResult]]:  # fmt: skip
     """Load a g from `refiner fit`, check that it was fitted between these very nets (sha256), layers and preprocessing.
 
     Given `task` (and its `data_dir`) and `classes`, also that g was fitted on that data (see `_check_data`).
-    Returns the config with the g's layers filled in, and (g, its fit record).
+    A net fed otherwise than g was fitted on is refused, or with `other_preprocess="warn"` (an export
+    asked for another preprocessing) a warning. Returns the config with the g's layers filled in, and (g, its fit record).
     """
     g, info = load_isomorphism(path)
     report = ComparisonReport.model_validate(info["report"])
@@ -181,9 +188,13 @@ def load_fitted_g(
             raise ConfigError(f"{Path(path).name} was fitted at layer {net.layer!r} of {side}, not {layer!r}; drop --layer-{side.lower()} or refit g")
         if net.preprocess is not None and net.preprocess != clf.meta.preprocess:
             diff = {k: v for k, v in net.preprocess.model_dump().items() if v != clf.meta.preprocess.model_dump()[k]}
+            now = {k: clf.meta.preprocess.model_dump()[k] for k in diff}
+            if other_preprocess == "warn":
+                warnings.warn(f"{Path(path).name} was fitted on {side}'s images preprocessed with {diff}, exported with {now}: its accuracy there is not measured", stacklevel=2)
+                continue
             raise ConfigError(
-                f"{Path(path).name} was fitted on {side}'s images preprocessed with {diff}, not as now "
-                f"({ {k: clf.meta.preprocess.model_dump()[k] for k in diff} }); pass the preprocessing options given to `refiner fit`, or refit g"
+                f"{Path(path).name} was fitted on {side}'s images preprocessed with {diff}, not as now ({now}); "
+                "leave out the preprocessing options (g's are used by default), or refit g"
             )
     return config.model_copy(update={"layer_a": report.a.layer, "layer_b": report.b.layer}), (g, report.fit)
 

@@ -67,6 +67,8 @@ class Classifier:
     meta: CheckpointMeta
     sha256: str
     path: Path
+    preprocess_from: str = "the record in the checkpoint"  # where meta.preprocess came from, said to the user
+    preprocess_guessed: bool = False  # a bare state_dict fed as its architecture's pretrained weights expect
 
 
 def file_sha256(path: Path) -> str:
@@ -91,20 +93,27 @@ def load_checkpoint(
     *,
     arch: str | None = None,
     preprocess: Preprocess | None = None,
+    preprocess_from: str = "the default preprocessing",
     class_names: list[str] | None = None,
     trust: bool = False,
+    who: str = "the net",
+    arch_flag: str = "--arch-a/--arch-b",
 ) -> Classifier:
     """Load a refiner checkpoint, or the weights of any file the module docstring lists.
 
     Without refiner's metadata, `arch` (else the one architecture the keys fit)
     says what to build, num_classes is read from the classifier's weight, the
     preprocessing is the architecture's pretrained one (torchvision, timm) or else
-    `preprocess`, and `class_names` fill in what the file does not say.
+    `preprocess` (described by `preprocess_from`), else the architecture's input size.
+    `class_names` name the outputs (their count must match). `who` ("net A") and
+    `arch_flag` ("--arch-a") name the net and the option that says its architecture in errors.
     """
+    class_names_given = class_names
     if is_pretrained_name(path):  # torchvision/<model>, timm/<model>: from a local cache
         model, arch, class_names, pre, file = pretrained_source(str(path))
         meta = CheckpointMeta(arch=arch, num_classes=len(class_names), class_names=class_names, preprocess=pre, info={"pretrained": str(path)})
-        return Classifier(model=model.eval(), meta=meta, sha256=file_sha256(file), path=file)
+        clf = Classifier(model=model.eval(), meta=meta, sha256=file_sha256(file), path=file, preprocess_from=f"the pretrained transform of {path}")
+        return _named(clf, class_names_given, who)
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
@@ -127,14 +136,33 @@ def load_checkpoint(
         if arch is not None and arch != meta.arch:
             raise CheckpointError(f"checkpoint {str(path)!r} holds a {meta.arch!r}, not the requested {arch!r}")
         state = obj["state_dict"]
+        source, guessed = f"the record in {path.name}", False
     else:
-        state = _find_state_dict(obj, path, found)
-        arch = arch or _infer_arch(state, path, found)
-        meta = _bare_meta(state, arch, preprocess, class_names, path, found)
+        hint = f"Say which architecture {who} is with {arch_flag}"
+        state = _find_state_dict(obj, path, found, hint)
+        arch = arch or _infer_arch(state, path, found, hint)
+        meta = _bare_meta(state, arch, preprocess, path, found, hint)
+        spec = get_arch(arch)
+        guessed = spec.preprocess is not None
+        source = (
+            (f"timm's pretrained config of {arch}" if arch.startswith(TIMM_PREFIX) else f"torchvision's pretrained weights transform of {arch}")
+            if guessed else preprocess_from if preprocess is not None else f"the input size of {arch}"
+        )  # fmt: skip
     model = create_model(meta.arch, meta.num_classes)
     load_weights(model, state, meta.arch, path)
     model.eval()
-    return Classifier(model=model, meta=meta, sha256=file_sha256(path), path=path)
+    clf = Classifier(model=model, meta=meta, sha256=file_sha256(path), path=path, preprocess_from=source, preprocess_guessed=guessed)
+    return _named(clf, class_names, who)
+
+
+def _named(clf: Classifier, class_names: list[str] | None, who: str) -> Classifier:
+    """`clf` with its outputs named `class_names` (None: as loaded); a count other than its outputs' is an error."""
+    if class_names is None:
+        return clf
+    if len(class_names) != clf.meta.num_classes:
+        raise CheckpointError(f"{len(class_names)} class names given for {who} ({clf.path.name}), which has {clf.meta.num_classes} outputs")
+    clf.meta = clf.meta.model_copy(update={"class_names": list(class_names)})
+    return clf
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -152,7 +180,7 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def _find_state_dict(obj: Any, path: Path, found: list[str]) -> dict[str, torch.Tensor]:
+def _find_state_dict(obj: Any, path: Path, found: list[str], hint: str) -> dict[str, torch.Tensor]:
     """The weights inside `obj` (a state_dict or a training container), with wrapper prefixes removed."""
     if isinstance(obj, dict) and not _is_state_dict(obj):
         for key in CONTAINER_KEYS:
@@ -168,7 +196,7 @@ def _find_state_dict(obj: Any, path: Path, found: list[str]) -> dict[str, torch.
         raise CheckpointError(
             f"{str(path)!r} holds no weights refiner can find: it is a {type(obj).__name__}{keys}, not a refiner "
             f"checkpoint, a state_dict, or a container with one under {list(CONTAINER_KEYS)}. Save "
-            "model.state_dict() (torch.save or safetensors) and pass it with --arch-a/--arch-b"
+            f"model.state_dict() (torch.save or safetensors); {hint[0].lower() + hint[1:]}"
         )
     stripped = True
     while stripped:
@@ -186,7 +214,7 @@ def _first(obj: Any, n: int = 8) -> str:
     return f"{keys[:n]}{' ...' if len(keys) > n else ''}"
 
 
-def _infer_arch(state: dict[str, torch.Tensor], path: Path, found: list[str]) -> str:
+def _infer_arch(state: dict[str, torch.Tensor], path: Path, found: list[str], hint: str) -> str:
     """The one registered architecture whose parameter names and shapes are exactly the state_dict's."""
     fits = []
     for name in list_archs():
@@ -204,7 +232,7 @@ def _infer_arch(state: dict[str, torch.Tensor], path: Path, found: list[str]) ->
     what = f"fit several architectures {fits}" if fits else "fit no architecture registered so far"
     raise CheckpointError(
         f"{str(path)!r} is a state_dict{how} whose keys {what}; its first parameters: {_first(state, 5)}. "
-        f"Say which it is with --arch-a/--arch-b (`refiner layers`: --arch): one of {', '.join(list_archs())}, "
+        f"{hint} NAME (`refiner layers --arch NAME` lists its layers): one of {', '.join(list_archs())}, "
         "any torchvision model, or timm/<name>"
     )
 
@@ -237,8 +265,7 @@ def read_untrusted(path: Path, trust: bool) -> Any:
 
 
 def _bare_meta(
-    state: dict[str, torch.Tensor], arch: str, preprocess: Preprocess | None, class_names: list[str] | None, path: Path,
-    found: list[str],
+    state: dict[str, torch.Tensor], arch: str, preprocess: Preprocess | None, path: Path, found: list[str], hint: str,
 ) -> CheckpointMeta:  # fmt: skip
     spec = get_arch(arch)
     key = f"{spec.classifier}.weight"
@@ -246,16 +273,14 @@ def _bare_meta(
         how = f" ({'; '.join(found)})" if found else ""
         raise CheckpointError(
             f"state_dict {str(path)!r}{how} has no {key!r}, so it is not a {arch!r}; its first keys: {_first(state, 5)}. "
-            "Check --arch-a/--arch-b"
+            f"{hint}"
         )
     num_classes = int(state[key].shape[0])
-    if class_names is not None and len(class_names) != num_classes:
-        class_names = None
     pre = spec.preprocess or preprocess or Preprocess(input_size=spec.input_size)
     return CheckpointMeta(
         arch=arch,
         num_classes=num_classes,
-        class_names=class_names or [str(i) for i in range(num_classes)],
+        class_names=[str(i) for i in range(num_classes)],
         preprocess=pre,
         info={"loaded_from": found} if found else {},
     )
