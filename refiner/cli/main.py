@@ -31,10 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         options.check(args)  # the arguments alone, before torch is imported: a bad value answers at once
-        if getattr(args, "quiet", False):
+        quiet = getattr(args, "quiet", False)
+        if quiet or "refiner.progress" in sys.modules:  # not quiet is the default, unless an earlier main() in this process set it
             from refiner.progress import set_quiet
 
-            set_quiet(True)
+            set_quiet(quiet)
         if hasattr(args, "device") and "WORLD_SIZE" in os.environ:
             from refiner.engine.distributed import init_from_env
 
