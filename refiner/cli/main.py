@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from refiner.cli import analyze, build, export, fit, layers, options, serve, train
+from refiner.cli import analyze, atlas, build, export, fit, layers, serve, train
 from refiner.errors import RefinerError
 
 __all__ = ["main"]
@@ -20,7 +20,7 @@ def parser() -> argparse.ArgumentParser:
         epilog="Run `refiner COMMAND --help` for each command's options and examples.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (train, fit, build, export, serve, layers, analyze):
+    for command in (train, fit, build, export, serve, layers, analyze, atlas):
         command.register(sub)
     return parser
 
@@ -29,14 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     args = parser().parse_args(argv)
-    try:
-        options.check(args)  # the arguments alone, before torch is imported: a bad value answers at once
-        quiet = getattr(args, "quiet", False)
-        if quiet or "refiner.progress" in sys.modules:  # not quiet is the default, unless an earlier main() in this process set it
-            from refiner.progress import set_quiet
+    from refiner.progress import set_quiet
 
-            set_quiet(quiet)
-        if hasattr(args, "device") and "WORLD_SIZE" in os.environ:
+    set_quiet(getattr(args, "quiet", False))
+    try:
+        if hasattr(args, "device"):
             from refiner.engine.distributed import init_from_env
 
             args.device = init_from_env(args.device)  # under torchrun: join the group, one GPU per process

@@ -194,14 +194,16 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
     group.add_argument("--workers", type=int, help="data-loading worker processes (default: 0 on a CPU with <= 2 cores, else from the core count)")
 
 
-def add_pair(p: argparse.ArgumentParser) -> None:
+def add_pair(p: argparse.ArgumentParser, layers: bool = True) -> None:
+    """--a/--b and how to read them, the task, g's options and (with `layers`) --layer-a/--layer-b."""
     p.add_argument("--a", required=True, type=Path, help="checkpoint of net A (its features are the input of g), or torchvision/<model> or timm/<model> from the local cache")
     p.add_argument("--b", required=True, type=Path, help="checkpoint of net B (its features are the target of g), or torchvision/<model> or timm/<model> from the local cache")
     add_net_names(p, "a", "A")
     add_net_names(p, "b", "B")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need arbitrary unpickling (runs code from the file!)")
-    p.add_argument("--layer-a", help="layer of A (default: the architecture's default, e.g. VGG-16 conv4-3)")
-    p.add_argument("--layer-b", help="layer of B (default: the architecture's default)")
+    if layers:
+        p.add_argument("--layer-a", help="layer of A (default: the architecture's default, e.g. VGG-16 conv4-3)")
+        p.add_argument("--layer-b", help="layer of B (default: the architecture's default)")
     add_g(p)
     add_task(p)
     add_val_from(p)

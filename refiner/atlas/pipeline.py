@@ -1,0 +1,214 @@
+"""`refiner atlas`: a layer x layer CKA map of two nets in one streamed pass, then knowledge consistency on matched pairs."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from refiner.atlas.stream import LayerInfo, batch_sizes, capture_model, choose_layers, probe_layers, stream_cka
+from refiner.data.tasks import TaskData
+from refiner.engine.comparison import CompareConfig, compare, default_layer
+from refiner.engine.device import Runtime, RuntimeConfig
+from refiner.engine.fitting import FitConfig
+from refiner.engine.isomorphism import IsomorphismConfig
+from refiner.errors import RefinerError
+from refiner.models.checkpoints import Classifier
+from refiner.progress import stage
+
+__all__ = ["AtlasConfig", "ConsistencyRow", "AtlasReport", "plan_layers", "estimate", "run_atlas"]
+
+METHOD = "minibatch linear CKA, unbiased HSIC_1 averaged over minibatches (Nguyen, Raghu and Kornblith 2021; Song et al. 2012)"
+
+
+class AtlasConfig(BaseModel):
+    """What the atlas measures and how."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    layers_a: list[str] | None = None  # None: the clean split points, thinned evenly by depth to max_layers
+    layers_b: list[str] | None = None
+    max_layers: int = Field(16, ge=1)  # per net, when the layers are chosen automatically
+    images: int = Field(1000, ge=1)  # images of the split, a seeded random subset when the split has more
+    split: Literal["train", "val", "test"] = "test"
+    batch_size: int = Field(64, ge=1)  # images per minibatch (per process under torchrun)
+    seed: int = 0  # draws the image subset and g's initialisation
+    positions: bool = True  # also refiner's (image, position) CKA for pairs with the same positions
+    consistency: Literal["none", "matched", "diagonal"] = "matched"  # which pairs get a fitted g
+    g: IsomorphismConfig = Field(default_factory=IsomorphismConfig)
+    fit: FitConfig = Field(default_factory=lambda: FitConfig(max_steps=2000))  # a bounded budget per pair
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+
+class ConsistencyRow(BaseModel):
+    """Knowledge consistency of one pair of layers: g fitted on the training split, measured on the test split."""
+
+    layer_a: str
+    layer_b: str
+    cka: float  # the grid's minibatch CKA of the pair
+    cka_positions: float | None = None  # refiner's (image, position) CKA, x_A resized to B's size as g does
+    instability: float | None = None  # Var(x^Delta) / Var(x_B)
+    var_orders: list[float] = []  # Var(x^(k)), k = 0..K
+    var_delta: float | None = None
+    holdout_mse: float | None = None  # g's best held-out MSE on training pairs (units of Var(x_B))
+    steps: int | None = None  # optimiser steps taken, and why fitting stopped
+    stop: str | None = None
+    seconds: float | None = None
+    default: bool = False  # the pair `refiner build` uses without --layer-a/--layer-b
+    flags: str  # the build/fit flags that select this pair
+    skipped: str | None = None  # why no g was fitted (e.g. a token layer against an image map)
+
+
+class AtlasReport(BaseModel):
+    """atlas.json: the CKA grid (rows = A's layers), its provenance, and the consistency rows."""
+
+    a: dict[str, str]  # file, sha256, arch
+    b: dict[str, str]
+    task: str
+    split: str
+    images: int  # images measured (all processes)
+    batches: int
+    seed: int
+    method: str
+    layers_a: list[str]
+    layers_b: list[str]
+    shapes_a: list[list[int]]
+    shapes_b: list[list[int]]
+    cka: list[list[float | None]]  # minibatch unbiased CKA, rows = A's layers (None: a constant layer)
+    cka_positions: list[list[float | None]] | None = None  # refiner's (image, position) CKA; None where positions differ
+    default_pair: list[str]  # the layers `refiner build` uses by default
+    consistency_mode: str
+    consistency: list[ConsistencyRow] = []
+    seconds: dict[str, float]
+    runtime: dict[str, object]
+
+
+def plan_layers(clf: Classifier, asked: list[str] | None, max_layers: int) -> list[LayerInfo]:
+    """The layers of `clf` the atlas captures (asked, or chosen automatically with the default layer kept)."""
+    name = f"{clf.meta.arch} ({clf.path.name})"
+    return choose_layers(probe_layers(clf.model, clf.meta.preprocess.input_size, name), asked, default_layer(clf), max_layers)
+
+
+def estimate(infos_a: list[LayerInfo], infos_b: list[LayerInfo], config: AtlasConfig, images: int, seconds_per_image: float) -> str:
+    """One line: memory the pass holds per batch, and about how long the pass takes."""
+    per_image = sum(4 * int(np.prod(i.shape)) for i in [*infos_a, *infos_b])
+    batch = min(config.batch_size, images)
+    grams = 8 * (len(infos_a) + len(infos_b)) * batch * batch * 3
+    sums = 8 * sum(i.shape[0] * j.shape[0] for i in infos_a for j in infos_b if _same_positions(i, j)) if config.positions else 0
+    mib = (2 * per_image * batch + grams + sums) / 2**20
+    fits = "" if config.consistency == "none" else (
+        f"; then a g per pair ({config.consistency}), up to {config.fit.max_steps} steps each, after its training features are cached"
+    )  # fmt: skip
+    return (
+        f"{images} images in batches of {batch}: about {mib:.0f} MiB held per batch (captured layers twice, Gram "
+        f"matrices, running sums) beside the nets' own activations; the pass takes about {_duration(seconds_per_image * images)}{fits}"
+    )
+
+
+def _same_positions(a: LayerInfo, b: LayerInfo) -> bool:
+    key = lambda s: s[1:] if len(s) == 3 else s[:1] if len(s) == 2 else () if len(s) == 1 else None  # noqa: E731
+    return len(a.shape) == len(b.shape) and key(a.shape) == key(b.shape)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def run_atlas(clf_a: Classifier, clf_b: Classifier, data: TaskData, config: AtlasConfig, cache_dir=None) -> AtlasReport:
+    """Measure the CKA grid between every chosen layer of A and of B, then fit g on the pairs `config.consistency` names."""
+    runtime = Runtime.resolve(config.runtime)
+    t_start = time.perf_counter()
+    samples = data.split(config.split)
+    if len(samples) > config.images:
+        picked = np.sort(np.random.default_rng(config.seed).choice(len(samples), config.images, replace=False))
+        samples = [samples[i] for i in picked]
+    batch_sizes(len(samples), config.batch_size)  # too few images or too small batches: refused before any work
+    infos_a = plan_layers(clf_a, config.layers_a, config.max_layers)
+    infos_b = plan_layers(clf_b, config.layers_b, config.max_layers)
+    names_a, names_b = [i.name for i in infos_a], [i.name for i in infos_b]
+    net_a, net_b = capture_model(clf_a.model, names_a, runtime), capture_model(clf_b.model, names_b, runtime)
+    stage(estimate(infos_a, infos_b, config, len(samples), _seconds_per_image(net_a, net_b, clf_a, clf_b, runtime, config.batch_size)))
+    stage(f"CKA of {len(names_a)} x {len(names_b)} layers on {len(samples)} {config.split} images")
+    result = stream_cka(
+        net_a, net_b, names_a, names_b, samples, clf_a.meta.preprocess, clf_b.meta.preprocess, runtime,
+        batch_size=config.batch_size, positions=config.positions,
+    )  # fmt: skip
+    del net_a, net_b
+    grid = result.cka
+    positions = None
+    if config.positions:
+        positions = [[_num(result.position_cka.get((i, j))) for j in range(len(names_b))] for i in range(len(names_a))]
+    default_pair = [default_layer(clf_a), default_layer(clf_b)]
+    rows = _consistency(clf_a, clf_b, data, config, grid, names_a, names_b, default_pair, cache_dir)
+    seconds = {**result.seconds, "total": time.perf_counter() - t_start}
+    return AtlasReport(
+        a={"file": clf_a.path.name, "sha256": clf_a.sha256, "arch": clf_a.meta.arch},
+        b={"file": clf_b.path.name, "sha256": clf_b.sha256, "arch": clf_b.meta.arch},
+        task=data.task, split=config.split, images=result.images, batches=result.batches, seed=config.seed, method=METHOD,
+        layers_a=names_a, layers_b=names_b, shapes_a=[list(i.shape) for i in infos_a], shapes_b=[list(i.shape) for i in infos_b],
+        cka=[[_num(v) for v in row] for row in grid], cka_positions=positions, default_pair=default_pair,
+        consistency_mode=config.consistency, consistency=rows, seconds=seconds, runtime=runtime.record(),
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def _seconds_per_image(net_a, net_b, clf_a: Classifier, clf_b: Classifier, runtime: Runtime, batch_size: int) -> float:
+    """Time one small batch of blank images through both captured nets (the second of two runs, so warm)."""
+    n = min(batch_size, 8)
+    inputs = [next(runtime.to(torch.zeros(n, *c.meta.preprocess.input_size))) for c in (clf_a, clf_b)]
+    for _ in range(2):
+        t0 = time.perf_counter()
+        with runtime.autocast():
+            net_a(inputs[0])
+            net_b(inputs[1])
+        if runtime.device.type == "cuda":
+            torch.cuda.synchronize(runtime.device)
+        spent = time.perf_counter() - t0
+    return spent / n
+
+
+def _num(v: float | None) -> float | None:
+    return None if v is None or not np.isfinite(v) else float(v)
+
+
+def _pairs(config: AtlasConfig, grid: np.ndarray) -> list[tuple[int, int]]:
+    if config.consistency == "diagonal":
+        return [(i, i) for i in range(min(grid.shape))]
+    if config.consistency == "matched":
+        return [(i, int(np.nanargmax(row))) for i, row in enumerate(grid) if np.isfinite(row).any()]
+    return []
+
+
+def _consistency(
+    clf_a: Classifier, clf_b: Classifier, data: TaskData, config: AtlasConfig, grid: np.ndarray,
+    names_a: list[str], names_b: list[str], default_pair: list[str], cache_dir,
+) -> list[ConsistencyRow]:  # fmt: skip
+    """A g per pair, with a bounded budget; a pair g cannot join (token map against image map, not a clean cut) is kept, with why."""
+    pairs = _pairs(config, grid)
+    la, lb = default_pair
+    if pairs and la in names_a and lb in names_b and (names_a.index(la), names_b.index(lb)) not in pairs:
+        pairs.append((names_a.index(la), names_b.index(lb)))  # the pair `refiner build` uses, for comparison
+    rows = []
+    for n, (i, j) in enumerate(pairs, 1):
+        la, lb = names_a[i], names_b[j]
+        row = {"layer_a": la, "layer_b": lb, "cka": float(grid[i, j]), "default": [la, lb] == default_pair, "flags": f"--layer-a {la} --layer-b {lb}"}
+        stage(f"g {n}/{len(pairs)}: {la} -> {lb}, up to {config.fit.max_steps} steps")
+        compare_config = CompareConfig(layer_a=la, layer_b=lb, g=config.g, fit=config.fit.model_copy(update={"seed": config.seed}), runtime=config.runtime)
+        try:
+            _, report, _ = compare(clf_a, clf_b, data, compare_config, cache_dir, measure=(config.split,))
+        except RefinerError as e:
+            rows.append(ConsistencyRow(**row, skipped=str(e)))
+            continue
+        table, fit = report.tables[config.split], report.fit
+        rows.append(
+            ConsistencyRow(
+                **row, cka_positions=_num(table.cka), instability=_num(table.instability), var_orders=table.var_orders,
+                var_delta=_num(table.var_delta), holdout_mse=_num(min(fit.holdout_mse)) if fit.holdout_mse else None,
+                steps=fit.total_steps, stop=fit.stop, seconds=report.seconds.get("fit"),
+            )  # fmt: skip
+        )
+    return rows
+

@@ -1,0 +1,124 @@
+"""The atlas folder: atlas.json, heatmap PNGs with layer names on the axes, and report.html."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import numpy as np
+
+from refiner.analyses.figures import img, report_folder
+from refiner.atlas.pipeline import AtlasReport, ConsistencyRow
+from refiner.reporting import GLOSSARY, format_rows, html_table, page
+
+__all__ = ["write_atlas", "save_heatmap", "consistency_rows", "format_atlas"]
+
+ATLAS_GLOSSARY = GLOSSARY.replace(
+    "</dl>",
+    "<dt>minibatch CKA (the grid)</dt><dd>linear CKA between two layers with each image's whole feature flattened into "
+    "one vector, estimated without bias: HSIC_1 (Song et al., 2012) on each batch of images, averaged over batches "
+    "(Nguyen, Raghu and Kornblith, 2021). 1: the same representation up to rotation and scale; 0: unrelated. It compares "
+    "layers of any shape, so a ViT block against a CNN stage.</dd>"
+    "<dt>position CKA</dt><dd>refiner's own linear CKA, with every (image, position) a sample and the channels its "
+    "features; defined only for layers with the same positions (equal H x W, or equal token count). It is the CKA "
+    "printed next to the instability by `refiner fit` and `build`.</dd>"
+    "<dt>matched pair</dt><dd>for each layer of A, the layer of B with the highest minibatch CKA.</dd>"
+    "<dt>held-out MSE</dt><dd>g's reconstruction error of x_B on the training pairs held out from fitting, in units of "
+    "Var(x_B); with a small step budget (--g-steps) it is an upper bound of what a converged g reaches.</dd>"
+    "</dl>",
+)
+
+
+def save_heatmap(path: Path, grid: list[list[float | None]], rows: list[str], cols: list[str], title: str, marks: list[tuple[int, int]] = ()) -> None:
+    """A layer x layer heatmap (rows: A's layers, top to bottom by depth), values printed when the grid is small."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = np.array([[np.nan if v is None else v for v in row] for row in grid], dtype=float)
+    fig, ax = plt.subplots(figsize=(2.5 + 0.45 * len(cols), 1.8 + 0.4 * len(rows)))
+    shown = ax.imshow(values, cmap="magma", vmin=0, vmax=1, aspect="auto", origin="lower")
+    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    if len(rows) * len(cols) <= 400:
+        for (i, j), v in np.ndenumerate(values):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5, color="white" if v < 0.6 else "black")
+    for i, j in marks:
+        ax.add_patch(matplotlib.patches.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#2ca02c", linewidth=1.5))
+    ax.set_xlabel("B's layers")
+    ax.set_ylabel("A's layers")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(shown, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def consistency_rows(rows: list[ConsistencyRow]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the consistency table (text and HTML)."""
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    orders = max((len(r.var_orders) for r in rows), default=0)
+    head = ["A's layer", "B's layer", "CKA", "position CKA", "instability", *(f"Var(x^({k}))" for k in range(orders)), "held-out MSE", "g steps", "note"]
+    out = []
+    for r in rows:
+        note = "default of build" if r.default else ""
+        if r.skipped:
+            note = (note + "; " if note else "") + "no g: " + r.skipped.split(";")[0].split(":")[-1].strip()[:60]
+        vo = [fmt(v) for v in r.var_orders] + ["-"] * (orders - len(r.var_orders))
+        steps = "-" if r.steps is None else f"{r.steps} ({r.stop})"
+        out.append([r.layer_a, r.layer_b, fmt(r.cka), fmt(r.cka_positions), fmt(r.instability), *vo, fmt(r.holdout_mse), steps, note])
+    return head, out
+
+
+def format_atlas(report: AtlasReport) -> str:
+    """The plain-text summary: each A layer's best match, the consistency rows, and the flags of the pairs."""
+    lines = [f"minibatch CKA of {len(report.layers_a)} x {len(report.layers_b)} layers on {report.images} {report.split} images ({report.batches} batches)"]
+    lines += [_default_line(report)]
+    if report.consistency:
+        lines += ["", format_rows(*consistency_rows(report.consistency)), "", "flags to build or fit on another pair:"]
+        lines += [f"  {r.flags}" + ("  (default)" if r.default else "") for r in report.consistency]
+    else:
+        head = ["A's layer", "best match in B", "CKA"]
+        rows = []
+        for name, row in zip(report.layers_a, report.cka):
+            vals = [-1.0 if v is None else v for v in row]
+            j = int(np.argmax(vals))
+            rows.append([name, report.layers_b[j], "-" if row[j] is None else f"{row[j]:.4f}"])
+        lines += ["", format_rows(head, rows)]
+    return "\n".join(lines)
+
+
+def _default_line(report: AtlasReport) -> str:
+    la, lb = report.default_pair
+    if la in report.layers_a and lb in report.layers_b:
+        v = report.cka[report.layers_a.index(la)][report.layers_b.index(lb)]
+        return f"default pair of `refiner build`: {la} -> {lb}, CKA {'-' if v is None else f'{v:.4f}'}"
+    return f"default pair of `refiner build`: {la} -> {lb} (not among the layers mapped)"
+
+
+def write_atlas(out: Path, report: AtlasReport) -> Path:
+    """Write atlas.json, cka.png (and cka-positions.png) and report.html into a new folder `out`, atomically."""
+    marks = [(report.layers_a.index(r.layer_a), report.layers_b.index(r.layer_b)) for r in report.consistency]
+    title = f"A = {report.a['file']} ({report.a['arch']}), B = {report.b['file']} ({report.b['arch']})"
+    with report_folder(out) as folder:
+        (folder / "atlas.json").write_text(report.model_dump_json(indent=2))
+        save_heatmap(folder / "cka.png", report.cka, report.layers_a, report.layers_b, f"minibatch CKA, {report.images} images\n{title}", marks)
+        pictures = img("cka.png", "minibatch CKA heatmap")
+        if report.cka_positions is not None and any(v is not None for row in report.cka_positions for v in row):
+            save_heatmap(folder / "cka-positions.png", report.cka_positions, report.layers_a, report.layers_b, f"position CKA (equal positions only)\n{title}")
+            pictures += img("cka-positions.png", "position CKA heatmap")
+        setup = (
+            f"<ul><li>A: {html.escape(report.a['file'])} ({html.escape(report.a['arch'])}); B: {html.escape(report.b['file'])} "
+            f"({html.escape(report.b['arch'])})</li><li>task <b>{html.escape(report.task)}</b>, {report.images} {html.escape(report.split)} "
+            f"images in {report.batches} batches, seed {report.seed}</li><li>{html.escape(report.method)}</li>"
+            f"<li>{html.escape(_default_line(report))}</li></ul>"
+        )
+        sections = [("Setup", setup), ("CKA, layer by layer", pictures)]
+        if report.consistency:
+            flags = "<ul>" + "".join(f"<li><code>{html.escape(r.flags)}</code>{' (default)' if r.default else ''}</li>" for r in report.consistency) + "</ul>"
+            sections.append((f"Knowledge consistency on the {report.consistency_mode} pairs (squares on the heatmap)", html_table(*consistency_rows(report.consistency)) + flags))
+        sections.append(("Glossary", ATLAS_GLOSSARY))
+        (folder / "report.html").write_text(page("refiner atlas", sections))
+    return Path(out)

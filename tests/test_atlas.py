@@ -1,0 +1,229 @@
+"""refiner atlas: layers captured as produced, the unbiased minibatch CKA against independent estimators, the command end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from torchvision.models.feature_extraction import create_feature_extractor
+
+from refiner.atlas.cka import MinibatchCKA, gram, hsic1
+from refiner.atlas.stream import batch_sizes, capture_model, stream_cka
+from refiner.cli.main import main
+from refiner.engine.device import Runtime
+from refiner.errors import ConfigError
+from refiner.models.architectures import create_model
+
+# ---------------------------------------------------------------- independent estimators (numpy, float64)
+
+
+def _hsic_quadruples(k: np.ndarray, l: np.ndarray) -> float:
+    """HSIC_1 as the U-statistic it estimates: the mean over 4-tuples of distinct images of Song et al.'s kernel h."""
+    n = len(k)
+    total = 0.0
+    for quad in itertools.combinations(range(n), 4):
+        h = sum(k[t, u] * (l[t, u] + l[v, w] - 2 * l[t, v]) for t, u, v, w in itertools.permutations(quad))
+        total += h / 24
+    return total / len(list(itertools.combinations(range(n), 4)))
+
+
+def _hsic_u_centred(k: np.ndarray, l: np.ndarray) -> float:
+    """HSIC_1 through U-centred kernel matrices (Szekely and Rizzo's form)."""
+
+    def u_centre(m):
+        n = len(m)
+        m = m.copy()
+        np.fill_diagonal(m, 0)
+        out = m - m.sum(0, keepdims=True) / (n - 2) - m.sum(1, keepdims=True) / (n - 2) + m.sum() / ((n - 1) * (n - 2))
+        np.fill_diagonal(out, 0)
+        return out
+
+    n = len(k)
+    return float((u_centre(k) * u_centre(l)).sum() / (n * (n - 3)))
+
+
+def _cka_numpy(xs: list[np.ndarray], ys: list[np.ndarray], hsic) -> float:
+    """Minibatch CKA from per-batch feature arrays (n, d): mean HSIC over batches, normalised."""
+    kx = [x.reshape(len(x), -1) @ x.reshape(len(x), -1).T for x in xs]
+    ky = [y.reshape(len(y), -1) @ y.reshape(len(y), -1).T for y in ys]
+    xy = np.mean([hsic(a, b) for a, b in zip(kx, ky)])
+    xx = np.mean([hsic(a, a) for a in kx])
+    yy = np.mean([hsic(b, b) for b in ky])
+    return float(xy / np.sqrt(xx * yy))
+
+
+def _cka(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> float:
+    acc = MinibatchCKA()
+    for x, y in zip(xs, ys):
+        acc.add(gram(x)[None], gram(y)[None])
+    return float(acc.value()[0, 0])
+
+
+# ---------------------------------------------------------------- the estimator
+
+
+def test_equals_the_u_statistic_on_a_small_case():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 5))
+    y = x @ rng.normal(size=(5, 3)) + 0.5 * rng.normal(size=(8, 3)) + 4.0  # related, and not centred
+    ours = _cka([torch.from_numpy(x)], [torch.from_numpy(y)])
+    assert abs(ours - _cka_numpy([x], [y], _hsic_quadruples)) <= 1e-4
+    k, l = x @ x.T, y @ y.T
+    assert abs(float(hsic1(torch.from_numpy(k)[None], torch.from_numpy(l)[None])[0, 0]) - _hsic_quadruples(k, l)) <= 1e-9
+
+
+def test_equals_an_independent_numpy_cka_full_batch_and_minibatch():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(60, 4, 3, 3)).astype(np.float32) + 2.0
+    y = np.maximum(x.reshape(60, -1) @ rng.normal(size=(36, 20)), 0).astype(np.float32)
+    full = _cka([torch.from_numpy(x)], [torch.from_numpy(y)])
+    assert abs(full - _cka_numpy([x.astype(np.float64)], [y.astype(np.float64)], _hsic_u_centred)) <= 1e-4
+    halves = _cka([torch.from_numpy(x[:30]), torch.from_numpy(x[30:])], [torch.from_numpy(y[:30]), torch.from_numpy(y[30:])])
+    expected = _cka_numpy([x[:30].astype(np.float64), x[30:].astype(np.float64)], [y[:30].astype(np.float64), y[30:].astype(np.float64)], _hsic_u_centred)
+    assert abs(halves - expected) <= 1e-4 and abs(halves - full) > 1e-6  # the minibatch estimate is its own estimate
+
+
+def test_invariant_to_an_orthogonal_transform_and_isotropic_scaling():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 40, 12, generator=gen, dtype=torch.float64)  # three batches of 40 images, 12 features
+    y = torch.tanh(x @ torch.randn(12, 7, generator=gen, dtype=torch.float64)) + 0.3 * torch.randn(3, 40, 7, generator=gen, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=gen, dtype=torch.float64))
+    base = _cka(list(x), list(y))
+    assert 0.2 < base < 0.99
+    assert abs(_cka(list(x @ q), list(y)) - base) <= 1e-6
+    assert abs(_cka(list(x), list(7.5 * y)) - base) <= 1e-6
+    assert abs(_cka(list(x @ q * 0.01), list(y * 300)) - base) <= 1e-6
+
+
+def test_too_few_images_are_refused_in_one_line_never_nan():
+    for call in (lambda: batch_sizes(3, 64), lambda: batch_sizes(100, 3), lambda: hsic1(torch.eye(3)[None], torch.eye(3)[None])):
+        with pytest.raises(ConfigError, match=r"at least 4") as e:
+            call()
+        assert "\n" not in str(e.value)
+    assert batch_sizes(9, 8) == [5, 4] and batch_sizes(1000, 64) == [63] * 8 + [62] * 8  # no batch below 4
+    assert min(batch_sizes(7, 4)) >= 4
+
+
+# ---------------------------------------------------------------- the streamed pass
+
+
+@pytest.mark.parametrize(
+    ("arch", "layers", "pre_activation"),
+    [("vgg11", ["features.0", "features.3"], "features.0"), ("resnet18", ["layer1.0.bn1", "layer1.0.add", "layer1.0"], "layer1.0.bn1")],
+)
+def test_every_layer_is_captured_as_it_was_produced(arch, layers, pre_activation):
+    """A multi-layer pass returns what each layer produced, not what a later ReLU(inplace=True) left of it."""
+    model = create_model(arch, 4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        together = create_feature_extractor(model, {n: n for n in layers})(x)
+        assert (together[pre_activation] >= 0).all()  # the trap: torchvision's extractor hands back post-ReLU values
+        captured = capture_model(model, layers, Runtime.resolve())(x)
+        for name in layers:
+            alone = create_feature_extractor(model, {name: "f"})(x)["f"]
+            assert torch.allclose(captured[name], alone, atol=1e-4), name
+    assert (captured[pre_activation] < 0).float().mean() > 0.3
+    assert all(p.device.type == "cpu" and p.is_contiguous() for p in model.parameters())  # the caller's net untouched
+
+
+def test_a_net_runs_only_up_to_its_deepest_chosen_layer():
+    captured = capture_model(create_model("vgg11", 4), ["features.3"])
+    targets = [str(n.target) for n in captured.graph.nodes if n.op == "call_module"]
+    assert targets[-1] == "features.3" and not any(t.startswith("classifier") for t in targets)
+
+
+def _digits(n: int):
+    from refiner.data.tasks import load_task
+
+    data = load_task("digits", None, target=False)
+    return data.test[:n], data.preprocess
+
+
+def test_a_against_itself_has_a_unit_diagonal_and_a_symmetric_grid():
+    samples, pre = _digits(40)
+    model = create_model("small_vgg", 10).eval()
+    layers = ["features.2", "features.6", "features.10", "features.16", "classifier.1"]
+    runtime = Runtime.resolve()
+    result = stream_cka(capture_model(model, layers, runtime), capture_model(model, layers, runtime), layers, layers, samples, pre, pre, runtime, batch_size=16)
+    assert result.images == 40 and result.batches == 3
+    assert np.abs(1 - np.diag(result.cka)).max() <= 1e-5
+    assert np.abs(result.cka - result.cka.T).max() <= 1e-6
+    assert all(abs(1 - result.position_cka[i, i]) <= 1e-5 for i in range(len(layers)))
+
+
+# ---------------------------------------------------------------- the command
+
+
+def _bare(tmp_path, name: str, arch: str, seed: int, classes: int = 10) -> str:
+    torch.manual_seed(seed)
+    torch.save(create_model(arch, classes).state_dict(), tmp_path / name)
+    return str(tmp_path / name)
+
+
+def test_help_has_examples_and_says_the_bounded_g_budget(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["atlas", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "examples:" in text and "refiner atlas --a" in text and "2000)" in text and "--layer-a" not in text
+
+
+def test_atlas_of_two_architectures_end_to_end(tmp_path, capsys):
+    a, b = _bare(tmp_path, "a.pt", "small_vgg", 0), _bare(tmp_path, "b.pt", "cifar_resnet20", 1)
+    out = tmp_path / "atlas"
+    argv = ["atlas", "--a", a, "--arch-a", "small_vgg", "--b", b, "--arch-b", "cifar_resnet20", "--task", "digits",
+            "--images", "40", "--batch-size", "20", "--max-layers", "4", "--consistency", "matched", "--g-steps", "20",
+            "--train-per-class", "10", "--test-per-class", "4", "--threads", "1", "--quiet", "--json", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    report = json.loads((out / "atlas.json").read_text())
+    assert printed == report
+    assert {"layers_a", "layers_b", "cka", "images", "method", "seed", "consistency"} <= set(report)
+    assert len(report["cka"]) == len(report["layers_a"]) == 4 and all(len(r) == 4 for r in report["cka"])
+    assert report["images"] == 40 and "HSIC_1" in report["method"]
+    assert all(v is None or -0.2 <= v <= 1.0 + 1e-6 for row in report["cka"] for v in row)
+    rows = report["consistency"]
+    assert [r["layer_a"] for r in rows[:4]] == report["layers_a"]
+    assert any(r["default"] for r in rows) and all(r["flags"].startswith("--layer-a ") for r in rows)
+    fitted = [r for r in rows if r["skipped"] is None]
+    assert fitted and all(0 <= r["instability"] and r["holdout_mse"] > 0 and r["steps"] <= 20 for r in fitted)
+    page = (out / "report.html").read_text()
+    assert "cka.png" in page and "Glossary" in page and "minibatch CKA" in page and (out / "cka.png").stat().st_size > 1000
+
+    assert main([*argv[:-1], str(tmp_path / "few"), "--images", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "at least 4" in err and "\n" not in err and not (tmp_path / "few").exists()
+
+
+def test_atlas_of_a_vit_against_a_cnn(tmp_path, capsys):
+    """Token layers enter flattened, so a ViT maps against a CNN (build refuses that pair)."""
+    from test_cli import _tiny_imagefolder
+
+    data = _tiny_imagefolder(tmp_path / "imgs")
+    a, b = _bare(tmp_path, "a.pt", "timm/test_vit", 0, 2), _bare(tmp_path, "b.pt", "small_vgg", 1, 2)
+    argv = ["atlas", "--a", a, "--arch-a", "timm/test_vit", "--b", b, "--arch-b", "small_vgg", "--task", "imagefolder", "--data", str(data),
+            "--classes", "cat,dog", "--split", "train", "--images", "8", "--batch-size", "4", "--max-layers", "3",
+            "--consistency", "none", "--threads", "1", "--quiet", "--json", "--out", str(tmp_path / "atlas")]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["shapes_a"][1][0] == 101  # tokens (cls + 10 x 10 patches) x channels
+    assert report["images"] == 8 and np.isfinite(np.array(report["cka"], dtype=float)).all()
+
+
+@pytest.mark.needs_cuda
+def test_atlas_on_a_gpu_matches_the_cpu():
+    samples, pre = _digits(32)
+    model = create_model("small_vgg", 10).eval()
+    layers = ["features.2", "features.10", "classifier.1"]
+    grids = []
+    for device, amp in (("cpu", "off"), ("cuda", "off"), ("cuda", "bf16")):
+        from refiner.engine.device import RuntimeConfig
+
+        runtime = Runtime.resolve(RuntimeConfig(device=device, amp=amp, threads=1))
+        net = capture_model(model, layers, runtime)
+        grids.append(stream_cka(net, net, layers, layers, samples, pre, pre, runtime, batch_size=16).cka)
+    assert np.abs(grids[1] - grids[0]).max() <= 1e-4
+    assert np.abs(grids[2] - grids[0]).max() <= 2e-2
