@@ -295,3 +295,30 @@ def test_validation_overlap_warns_and_val_folder_or_half_of_test_replace_it(tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "found no validation folder" in err[0] and not (tmp_path / "g2.pt").exists()
 
+
+def test_help_and_argument_errors_import_no_torch(tmp_path):
+    """Issue 17, 7a: --help and a bad argument value answer without importing torch, timm or onnx (so in well under a second)."""
+    import subprocess
+    import sys
+
+    cases = [
+        ["--help"], ["build", "--help"], ["analyze", "stability", "--help"], ["build", "--bogus"], ["layers"],
+        ["build", "--a", "a.pt", "--b", "b.pt", "--task", "digits", "--head-lr", "1", "2", "3"],
+        ["build", "--a", "a.pt", "--b", "b.pt", "--task", "digits", "--max-int8-drop", "1"],
+        ["fit", "--a", "a.pt", "--b", "b.pt", "--task", "digits", "--out", "g.pt", "--classes", "a,,b"],
+        ["export", "--name", "x"], ["serve", "--models", str(tmp_path / "nowhere")],
+    ]  # fmt: skip
+    script = (
+        "import sys\nfrom refiner.cli import main\n"
+        f"for argv in {cases!r}:\n"
+        "    try:\n        code = main(argv)\n    except SystemExit as e:\n        code = e.code\n"
+        "    heavy = sorted(m for m in ('torch', 'torchvision', 'timm', 'onnx', 'onnxruntime') if m in sys.modules)\n"
+        "    print('RESULT', code, heavy, argv, file=sys.stderr)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    results = [line.split(" ", 2) for line in out.stderr.splitlines() if line.startswith("RESULT ")]
+    assert len(results) == len(cases), out.stderr[-2000:]
+    assert [code for _, code, _ in results] == ["0", "0", "0", "2", "2", "2", "2", "2", "2", "2"], out.stderr[-2000:]
+    assert all(rest.startswith("[] ") for _, _, rest in results), results
+    assert not list(tmp_path.iterdir())  # nothing written
+

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from refiner.cli import analyze, atlas, build, export, fit, layers, serve, train
+from refiner.cli import analyze, atlas, build, export, fit, layers, options, serve, train
 from refiner.errors import RefinerError
 
 __all__ = ["main"]
@@ -29,11 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     args = parser().parse_args(argv)
-    from refiner.progress import set_quiet
-
-    set_quiet(getattr(args, "quiet", False))
     try:
-        if hasattr(args, "device"):
+        options.check(args)  # the arguments alone, before torch is imported: a bad value answers at once
+        quiet = getattr(args, "quiet", False)
+        if quiet or "refiner.progress" in sys.modules:  # not quiet is the default, unless an earlier main() in this process set it
+            from refiner.progress import set_quiet
+
+            set_quiet(quiet)
+        if hasattr(args, "device") and "WORLD_SIZE" in os.environ:
             from refiner.engine.distributed import init_from_env
 
             args.device = init_from_env(args.device)  # under torchrun: join the group, one GPU per process
