@@ -227,3 +227,21 @@ def test_atlas_on_a_gpu_matches_the_cpu():
         grids.append(stream_cka(net, net, layers, layers, samples, pre, pre, runtime, batch_size=16).cka)
     assert np.abs(grids[1] - grids[0]).max() <= 1e-4
     assert np.abs(grids[2] - grids[0]).max() <= 2e-2
+
+
+def test_two_processes_shard_the_images_and_sum_the_same_grid(tmp_path, capsys):
+    """Under torchrun each process takes half the images and the HSIC sums are added: the grid of one process, one folder."""
+    from test_distributed import _torchrun
+
+    a, b = _bare(tmp_path, "a.pt", "small_vgg", 0), _bare(tmp_path, "b.pt", "cifar_resnet20", 1)
+    argv = ["atlas", "--a", a, "--arch-a", "small_vgg", "--b", b, "--arch-b", "cifar_resnet20", "--task", "digits", "--device", "cpu",
+            "--images", "40", "--batch-size", "10", "--max-layers", "3", "--consistency", "none", "--quiet", "--json"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    one = json.loads(capsys.readouterr().out)
+    printed = _torchrun(*argv, "--out", str(tmp_path / "two"), cwd=tmp_path)
+    two = json.loads((tmp_path / "two" / "atlas.json").read_text())
+    assert len(printed.strip().splitlines()) == 1  # rank 0 alone prints
+    assert two["images"] == 40 and two["batches"] == 4 and one["batches"] == 4
+    assert np.abs(np.array(two["cka"], dtype=float) - np.array(one["cka"], dtype=float)).max() <= 1e-6
+    pos_one, pos_two = (np.array(r["cka_positions"], dtype=float) for r in (one, two))
+    assert np.isfinite(pos_two).any() and np.allclose(pos_one, pos_two, atol=1e-6, equal_nan=True)
