@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
-from serving import routes_classify, routes_metrics, routes_v2
+from serving import routes_classify, routes_metrics, routes_repository, routes_v2
 from serving.connection import SETTINGS_KEY, GuardedHttpProtocol
 from serving.errors import PayloadTooLarge, RequestTimeout, ServingError
 from serving.metrics import Metrics
@@ -107,7 +107,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     application.add_exception_handler(ServingError, _serving_error)
     application.add_exception_handler(RequestValidationError, _validation_error)
     application.add_exception_handler(HTTPException, _http_error)
-    for module in (routes_v2, routes_classify, routes_metrics):
+    for module in (routes_v2, routes_repository, routes_classify, routes_metrics):
         application.include_router(module.router)
     return application
 

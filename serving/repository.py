@@ -1,33 +1,33 @@
 """The models being served: one verified version per model (the latest good one unless pinned).
 
-A version that fails verification or loading is refused with one log line and
-the next older version is tried, so a corrupted new build does not take its
-model (or any other) offline.
+Which version is served, and when it changes, is serving/control.py's job; here
+are the served models, the refused versions and the models unloaded on request.
+A request holds its model (`hold`) while it is answered, so a version that is
+replaced or unloaded closes only after the requests that found it are done.
 """
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from serving.artifact import ArtifactMeta, discover, read_artifact
+from serving.artifact import ArtifactMeta
 from serving.batching import DynamicBatcher
-from serving.errors import ArtifactError, NotFound
+from serving.errors import NotFound
 from serving.protocol import decimal
 from serving.runtime import ModelRuntime
 
-__all__ = ["LoadedModel", "ModelRepository", "load_runtimes"]
-
-log = logging.getLogger("serving.repository")
+__all__ = ["LoadedModel", "ModelRepository"]
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: two loads of one version are two models
 class LoadedModel:
     """A model version ready to serve: its metadata, session and batcher."""
 
     runtime: ModelRuntime
     batcher: DynamicBatcher
+    users: int = 0  # requests holding this version (see ModelRepository.hold); it closes once they are done
 
     @property
     def meta(self) -> ArtifactMeta:
@@ -40,6 +40,7 @@ class ModelRepository:
 
     models: dict[str, LoadedModel] = field(default_factory=dict)
     refused: dict[str, dict[int, str]] = field(default_factory=dict)  # name -> version -> reason
+    unloaded: dict[str, int] = field(default_factory=dict)  # name -> version unloaded through the repository API
 
     def index(self, ready_only: bool = False) -> list[dict[str, str]]:
         """Triton's repository index: every model version the server knows, READY or UNAVAILABLE (reasons stay in the log)."""
@@ -50,12 +51,15 @@ class ModelRepository:
                 for n, versions in self.refused.items()
                 for v in versions
             ]
+            rows += [{"name": n, "version": str(v), "state": "UNAVAILABLE", "reason": "unloaded"} for n, v in self.unloaded.items()]
         return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
 
     def get(self, name: str, version: str | None = None) -> LoadedModel:
         """The model `name` (at `version` if given); NotFound (404) saying what is available."""
         model = self.models.get(name)
         if model is None:
+            if name in self.unloaded:
+                raise NotFound(f"model {name!r} is unloaded; POST /v2/repository/models/{name}/load loads it")
             if name in self.refused:  # the reasons name server paths and hashes: they stay in the log
                 versions = ", ".join(map(str, sorted(self.refused[name])))
                 raise NotFound(f"model {name!r} could not be loaded (version {versions} refused; the server log says why)")
@@ -68,38 +72,12 @@ class ModelRepository:
             raise NotFound(f"model {name!r} has no version {version!r} loaded{why}; the served version is {model.meta.version}")
         return model
 
-
-def load_runtimes(
-    models: Path, pinned: dict[str, int], providers: list[str], intra_op_threads: int
-) -> tuple[dict[str, ModelRuntime], dict[str, dict[int, str]]]:
-    """Sessions for every model of the repository, and the refused versions with their reasons (blocking)."""
-    runtimes: dict[str, ModelRuntime] = {}
-    refused: dict[str, dict[int, str]] = {}
-    found = discover(models)
-    for name in sorted(set(pinned) - set(found)):
-        refused[name] = {pinned[name]: f"pinned, but {models / name} does not exist"}
-        log.error("model %s: pinned to version %d but the repository has no such model", name, pinned[name])
-    for name, versions in found.items():
-        candidates = [pinned[name]] if name in pinned else versions
-        if name in pinned and pinned[name] not in versions:
-            refused.setdefault(name, {})[pinned[name]] = f"pinned, but versions present are {versions}"
-            log.error("model %s: pinned to version %d, present versions: %s", name, pinned[name], versions)
-            continue
-        if not versions:
-            log.warning("model %s: no version folder in %s; skipped", name, models / name)
-            continue
-        for version in candidates:
-            try:
-                runtime = ModelRuntime(read_artifact(models, name, version), providers, intra_op_threads)
-            except ArtifactError as e:
-                refused.setdefault(name, {})[version] = str(e)
-                log.error("REFUSED model %s version %d: %s", name, version, e)
-                continue
-            runtimes[name] = runtime
-            log.info(
-                "loaded model %s version %d on %s (input %s %s, %d classes, max batch %d)",
-                name, version, runtime.provider, runtime.meta.input.name,
-                [-1, *runtime.meta.input.shape], len(runtime.meta.class_names), runtime.meta.max_batch_size,
-            )
-            break
-    return runtimes, refused
+    @contextmanager
+    def hold(self, name: str, version: str | None = None) -> Iterator[LoadedModel]:
+        """The model as `get` finds it, kept open while the block runs even if another version replaces it."""
+        model = self.get(name, version)
+        model.users += 1
+        try:
+            yield model
+        finally:
+            model.users -= 1

@@ -65,17 +65,17 @@ async def classify(
     top_k: Annotated[int | None, Query(ge=1, description="classes to return (default: the server's top_k)")] = None,
     version: str | None = None,
 ) -> Classification:
-    model = server.repository.get(name, version)
-    classes = model.meta.class_names
-    if top_k is not None and top_k > len(classes):
-        raise BadRequest(f"top_k is {top_k}; model {name!r} has {len(classes)} classes, so expected 1 to {len(classes)}")
-    k = top_k or min(server.settings.top_k, len(classes))
-    body = await read_body(request, server.settings.max_image_bytes, server.settings.body_timeout_s)
-    if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):  # media types are case-insensitive
-        body = await multipart_file(request, body)
-    with model.batcher.arrival() as arrival:  # announced once its body is in: a slow upload delays no one else
-        x = await server.to_thread(_image_array, body, model.meta.preprocess, server.settings.max_image_pixels)
-        probs = _softmax((await arrival.infer(x))[0])
+    with server.repository.hold(name, version) as model:  # this version answers, even if a new one is swapped in
+        classes = model.meta.class_names
+        if top_k is not None and top_k > len(classes):
+            raise BadRequest(f"top_k is {top_k}; model {name!r} has {len(classes)} classes, so expected 1 to {len(classes)}")
+        k = top_k or min(server.settings.top_k, len(classes))
+        body = await read_body(request, server.settings.max_image_bytes, server.settings.body_timeout_s)
+        if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):  # media types are case-insensitive
+            body = await multipart_file(request, body)
+        with model.batcher.arrival() as arrival:  # announced once its body is in: a slow upload delays no one else
+            x = await server.to_thread(_image_array, body, model.meta.preprocess, server.settings.max_image_pixels)
+            probs = _softmax((await arrival.infer(x))[0])
     order = np.argsort(-probs, kind="stable")[:k]
     return Classification(
         model_name=name,

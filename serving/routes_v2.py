@@ -1,4 +1,4 @@
-"""Open Inference Protocol (KServe v2): health, server and model metadata, readiness, infer."""
+"""Open Inference Protocol (KServe v2): health, server and model metadata, readiness, infer (the repository: routes_repository.py)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,10 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Request, Response
 
 from serving.body import read_body
 from serving.deps import ServerDep
-from serving.errors import BadRequest
 from serving.protocol import BINARY_HEADER, decimal, encode_infer_response, model_config, model_metadata, parse_infer_request
 
 __all__ = ["router"]
@@ -59,18 +57,6 @@ async def server_metadata() -> dict[str, Any]:
     }
 
 
-@router.post("/repository/index", summary="Repository index (Triton's extension, read-only)")
-async def repository_index(request: Request, server: ServerDep) -> list[dict[str, str]]:
-    body = await read_body(request, 4096, server.settings.body_timeout_s)
-    try:
-        ready = orjson.loads(body).get("ready", False) if body.strip() else False
-    except (orjson.JSONDecodeError, AttributeError):
-        raise BadRequest('the repository index takes an empty body or {"ready": true|false}') from None
-    if not isinstance(ready, bool):
-        raise BadRequest(f'"ready" is {ready!r}; expected true or false')
-    return server.repository.index(ready_only=ready)
-
-
 @router.get(_MODEL, summary="Model metadata")
 @router.get(_VERSION, summary="Model metadata of one version")
 async def metadata(name: str, server: ServerDep, version: str | None = None) -> dict[str, Any]:
@@ -111,16 +97,16 @@ _INFER_DOC: dict[str, Any] = {
 @router.post(_MODEL + "/infer", summary="Inference", openapi_extra=_INFER_DOC)
 @router.post(_VERSION + "/infer", summary="Inference on one version", openapi_extra=_INFER_DOC)
 async def infer(name: str, request: Request, server: ServerDep, version: str | None = None) -> Response:
-    model = server.repository.get(name, version)
-    body = await read_body(request, server.body_limit, server.settings.body_timeout_s)
-    with model.batcher.arrival() as arrival:  # announced once its body is in: a slow upload delays no one else
-        header_length = request.headers.get(BINARY_HEADER)
-        json_bytes = decimal(header_length)
-        json_bytes = len(body) if json_bytes is None else json_bytes
-        if json_bytes <= _INLINE_JSON_BYTES:  # a thread hop would cost more than parsing
-            parsed = parse_infer_request(body, header_length, model.meta)
-        else:
-            parsed = await server.to_thread(parse_infer_request, body, header_length, model.meta)
-        y = await arrival.infer(parsed.x)
+    with server.repository.hold(name, version) as model:  # this version answers, even if a new one is swapped in
+        body = await read_body(request, server.body_limit, server.settings.body_timeout_s)
+        with model.batcher.arrival() as arrival:  # announced once its body is in: a slow upload delays no one else
+            header_length = request.headers.get(BINARY_HEADER)
+            json_bytes = decimal(header_length)
+            json_bytes = len(body) if json_bytes is None else json_bytes
+            if json_bytes <= _INLINE_JSON_BYTES:  # a thread hop would cost more than parsing
+                parsed = parse_infer_request(body, header_length, model.meta)
+            else:
+                parsed = await server.to_thread(parse_infer_request, body, header_length, model.meta)
+            y = await arrival.infer(parsed.x)
     content, headers = encode_infer_response(parsed, model.meta, y)
     return Response(content, headers=headers)

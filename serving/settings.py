@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["PILLOW_MAX_IMAGE_PIXELS", "ServeSettings"]
+__all__ = ["PILLOW_MAX_IMAGE_PIXELS", "ServeSettings", "settings_error"]
 
 # Pillow's default Image.MAX_IMAGE_PIXELS; our own limit must stay below it.
 PILLOW_MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
@@ -24,6 +24,8 @@ class ServeSettings(BaseSettings):
     pinned_versions: dict[str, int] = {}  # model name -> version to serve instead of the latest
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA if a CUDA device really exists
     workers: int = Field(1, ge=1)  # server processes sharing the port, each with its own sessions
+    model_control: Literal["none", "poll", "explicit"] = "none"  # Triton's model control mode (see serving/control.py)
+    poll_s: float = Field(15.0, gt=0)  # seconds between repository scans under model_control "poll"
     intra_op_threads: int = Field(0, ge=0)  # onnxruntime threads per session; 0: the available cores split between workers
     decode_threads: int = Field(2, ge=1)  # threads decoding images and request bodies
     max_body_bytes: int | None = Field(None, ge=1)  # larger infer bodies get 413; None: derived from the models served
@@ -43,6 +45,15 @@ class ServeSettings(BaseSettings):
     retry_after_s: int = Field(1, ge=0)  # Retry-After of every 503
     top_k: int = Field(5, ge=1)  # classes returned by /classify when the request does not say
 
+    @model_validator(mode="after")
+    def _explicit_needs_one_worker(self) -> ServeSettings:
+        if self.model_control == "explicit" and self.workers > 1:
+            raise ValueError(
+                f"model control 'explicit' needs 1 worker, not {self.workers}: a load or unload request reaches one "
+                "worker process only; use model control 'poll' with several workers"
+            )
+        return self
+
     def to_env(self) -> dict[str, str]:
         """These settings as REFINER_SERVE_* variables, for worker processes that build their app from the environment."""
         out = {}
@@ -55,3 +66,12 @@ class ServeSettings(BaseSettings):
     def hard_deadline_s(self) -> float:
         """From the first shutdown signal to a forced exit, however the server was started."""
         return self.drain_timeout_s + self.shutdown_grace_s + 2.0
+
+
+def settings_error(e: ValidationError) -> str:
+    """Invalid settings in one line for a command line: each problem after the setting it concerns."""
+    parts = []
+    for err in e.errors():
+        message = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{err['loc'][0]}: {message}" if err["loc"] else message)
+    return "; ".join(parts)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import socket
 import threading
@@ -52,12 +53,20 @@ class Served:
         return ort.InferenceSession(str(self.models / self.name / str(self.version) / "model.onnx"), providers=[CPU])
 
 
-def copy_version(served: Served, repo: Path, name: str, version: int, corrupt: str | None = None) -> Path:
-    """Copy the served version to repo/name/version (metadata renamed); corrupt: "flip" a byte or "garbage" ONNX."""
+def copy_version(
+    served: Served, repo: Path, name: str, version: int, corrupt: str | None = None,
+    class_names: list[str] | None = None, atomic: bool = False,
+) -> Path:  # fmt: skip
+    """Copy the served version to repo/name/version (metadata renamed); corrupt: "flip" a byte or "garbage" ONNX;
+    class_names: new names for the outputs; atomic: written in a hidden folder beside, then renamed into place
+    (as `refiner export` publishes a version), so a server scanning the repository never sees it half written."""
     folder = repo / name / str(version)
-    shutil.copytree(served.models / served.name / str(served.version), folder)
-    meta = json.loads((folder / "metadata.json").read_text())
-    onnx = folder / "model.onnx"
+    staging = repo / name / f".{version}.tmp" if atomic else folder
+    shutil.copytree(served.models / served.name / str(served.version), staging)
+    meta = json.loads((staging / "metadata.json").read_text())
+    if class_names is not None:
+        meta["class_names"] = class_names
+    onnx = staging / "model.onnx"
     if corrupt == "flip":  # metadata's sha256 no longer matches
         data = bytearray(onnx.read_bytes())
         data[len(data) // 2] ^= 0xFF
@@ -65,7 +74,9 @@ def copy_version(served: Served, repo: Path, name: str, version: int, corrupt: s
     elif corrupt == "garbage":  # sha256 matches, but it is not an ONNX model
         onnx.write_bytes(b"not an onnx model" * 10)
         meta["onnx_sha256"] = hashlib.sha256(onnx.read_bytes()).hexdigest()
-    (folder / "metadata.json").write_text(json.dumps({**meta, "name": name, "version": version}))
+    (staging / "metadata.json").write_text(json.dumps({**meta, "name": name, "version": version}))
+    if atomic:
+        os.rename(staging, folder)
     return folder
 
 

@@ -590,6 +590,9 @@ BAD_INPUTS: dict[str, _Case] = {
     "config unknown version": ("GET", "/v2/models/{m}/versions/9/config", lambda s: {}, 404, "has no version '9' loaded"),
     "index ready not a boolean": ("POST", "/v2/repository/index", lambda s: {"json": {"ready": "yes"}}, 400, "\"ready\" is 'yes'; expected true or false"),
     "index body not JSON": ("POST", "/v2/repository/index", lambda s: {"content": b"[1"}, 400, "takes an empty body or"),
+    "load body not JSON": ("POST", "/v2/repository/models/{m}/load", lambda s: {"content": b"[1"}, 400, "a load request takes an empty body or a JSON object"),
+    "load with a config override": ("POST", "/v2/repository/models/{m}/load", lambda s: {"json": {"parameters": {"config": "{}"}}}, 400, r"load parameters \['config'\] are not supported"),
+    "unload body a list": ("POST", "/v2/repository/models/{m}/unload", lambda s: {"json": [1]}, 400, "an unload request takes an empty body or a JSON object"),
     "GET infer": ("GET", I, lambda s: {}, 405, "method GET is not allowed"),
     "unknown endpoint": ("GET", "/v3/models", lambda s: {}, 404, "no such endpoint '/v3/models'"),
 }  # fmt: skip
