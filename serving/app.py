@@ -9,8 +9,10 @@ keep-alive timeouts, a connection limit and a shutdown grace.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -113,7 +115,9 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
 
 
 class _DrainingServer(uvicorn.Server):
-    """uvicorn's server, made not ready at the first shutdown signal (before connections drain)."""
+    """uvicorn's server, made not ready at the first shutdown signal (before connections drain), and returning
+    from run() after a shutdown it completed: uvicorn raises the signal again at the end, so a drained SIGTERM
+    would end the process with 143 (and SIGINT with a KeyboardInterrupt) instead of exit status 0."""
 
     def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
         super().__init__(config)
@@ -122,6 +126,12 @@ class _DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: object) -> None:
         self._state.begin_drain()
         super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()  # the shutdown they asked for is done (past the hard deadline: exit 1)
 
 
 def make_server(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, **options: object) -> uvicorn.Server:

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import re
+import signal
 import shutil
 import socket
 import struct
@@ -778,3 +779,43 @@ def test_repository_index_lists_ready_and_refused_versions(mixed_repo):
     with Live(ServeSettings(models=mixed_repo)) as live:  # the stock client reads it too
         index = triton.InferenceServerClient(url=f"127.0.0.1:{live.port}").get_model_repository_index()
         assert {r["name"] for r in index} == {"fallback", "good", "nometa", "twice", "unreadable"}
+
+
+# --- model control and exit status through the CLI (issue 17, points 6 and 7) ----------------------
+
+
+@pytest.mark.parametrize("command", [["refiner", "serve"], ["serving"]], ids=["refiner serve", "python -m serving"])
+def test_serve_polls_new_versions_and_exits_0_after_a_sigterm_drain(served, tmp_path, command):
+    import httpx
+
+    repo = tmp_path / "models"
+    copy_version(served, repo, "m", 1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", *command, "--models", str(repo), "--port", str(port), "--model-control", "poll", "--poll-s", "0.2"]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}/v2/models/m"
+
+    def versions() -> list[str] | None:
+        try:
+            return httpx.get(url).json().get("versions")
+        except httpx.TransportError:
+            return None
+
+    try:
+        deadline = time.monotonic() + 90
+        while versions() != ["1"]:
+            assert time.monotonic() < deadline and process.poll() is None, "server did not start"
+            time.sleep(0.1)
+        copy_version(served, repo, "m", 2, atomic=True)
+        while versions() != ["2"]:
+            assert time.monotonic() < deadline and process.poll() is None, "version 2 was not picked up"
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, process.stdout.read().decode()
+        out = process.stdout.read().decode()
+        assert "model m: version 2 replaces version 1" in out and "shutdown complete" in out, out
+    finally:
+        if process.poll() is None:
+            process.kill()
