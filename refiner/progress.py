@@ -3,23 +3,30 @@
 Written to a file or a CI log, a bar's carriage returns and escape sequences
 pile up; there each long loop prints at most one plain line per `LOG_INTERVAL_S`
 ("fit g: 4200/20000 steps, 2m10s elapsed, ETA 8m"), and none for loops
-shorter than that.
+shorter than that. Each long stage has one bar over all its work (images,
+steps, fine-tuning epochs); a bar given `advice` says, once its first
+`ESTIMATE_AFTER_S` seconds measure that it will take over `LONG_S`, how long
+and what shortens it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from refiner.engine import distributed as dist
 
-__all__ = ["bar", "set_quiet", "stage"]
+__all__ = ["bar", "note", "paused", "set_quiet", "stage"]
 
-LOG_INTERVAL_S = 30.0
+LOG_INTERVAL_S = float(os.environ.get("REFINER_LOG_INTERVAL_S", 30.0))  # seconds between plain progress lines in a log
+LONG_S = 600.0  # a stage measured to take longer than this gets its estimate and advice printed
+ESTIMATE_AFTER_S = 10.0  # seconds of a stage measured before its length is estimated
 _quiet = False
 
 
@@ -29,7 +36,38 @@ def set_quiet(quiet: bool) -> None:
     _quiet = quiet
 
 
-class _PlainLines(tqdm):
+class _Estimated(tqdm):
+    """A tqdm that, given `advice`, prints once how long its whole loop will take when that is over LONG_S.
+
+    The estimate is the rate of the first ESTIMATE_AFTER_S seconds (or more) of
+    work, counted from `initial` and without time spent in `paused`, times the
+    total; `advice` says what shortens it ("--g-steps N, --device cuda").
+    """
+
+    def __init__(self, *args: Any, advice: str | None = None, **kwargs: Any) -> None:
+        self.advice = advice
+        super().__init__(*args, **kwargs)
+
+    def update(self, n: float | None = 1) -> bool | None:
+        shown = super().update(n)
+        if self.advice and not self.disable and self.total and self.n > self.initial:
+            elapsed = self._time() - self.start_t
+            if elapsed >= ESTIMATE_AFTER_S:
+                done = self.n - self.initial
+                whole = elapsed * (self.total - self.initial) / done
+                advice, self.advice = self.advice, None
+                if whole > LONG_S:
+                    self.note(
+                        f"{self.desc}: {self.total} {self.unit}s will take about {self.format_interval(whole)} at the rate of "
+                        f"the first {done} ({self.format_interval(elapsed)}); {advice}"
+                    )
+        return shown
+
+    def note(self, message: str) -> None:
+        self.write(message, file=self.fp)
+
+
+class _PlainLines(_Estimated):
     """A tqdm that writes a plain line at most every LOG_INTERVAL_S seconds, never at its start."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -37,16 +75,20 @@ class _PlainLines(tqdm):
         self._last_line = 0.0  # elapsed seconds at the last line written
         super().__init__(*args, **kwargs)
 
+    def note(self, message: str) -> None:
+        self.fp.write(message + "\n")
+        self.fp.flush()
+
     def display(self, msg: str | None = None, pos: int | None = None) -> None:
         # tqdm also refreshes from set_postfix and from its monitor thread: the rate limit has to live here
         d = self.format_dict
-        if self.n == 0 or d["elapsed"] - self._last_line < LOG_INTERVAL_S:
+        if self.n == self.initial or d["elapsed"] - self._last_line < LOG_INTERVAL_S:
             return
         self._last_line = d["elapsed"]
         total = f"/{d['total']}" if d["total"] else ""
         eta = ""
-        if d["total"] and self.n:
-            eta = f", ETA {self.format_interval(d['elapsed'] * (d['total'] - self.n) / self.n)}"
+        if d["total"]:
+            eta = f", ETA {self.format_interval(d['elapsed'] * (d['total'] - self.n) / (self.n - self.initial))}"
         self.fp.write(f"{self.desc}: {self.n}{total} {self.unit}s, {self.format_interval(d['elapsed'])} elapsed{eta}\n")
         self.fp.flush()
 
@@ -55,14 +97,37 @@ def _terminal() -> bool:
     return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
 
 
-def bar(iterable: Iterable[Any] | None = None, **kwargs: Any) -> tqdm:
-    """tqdm(iterable, **kwargs) on a terminal; plain lines in a log; silent with --quiet or on ranks other than 0."""
+def bar(iterable: Iterable[Any] | None = None, *, advice: str | None = None, **kwargs: Any) -> tqdm:
+    """tqdm(iterable, **kwargs) on a terminal; plain lines in a log; silent with --quiet or on ranks other than 0.
+
+    `advice`: what shortens the loop, printed with its measured length when that is over LONG_S.
+    """
     if _quiet or not dist.is_main():
         kwargs["disable"] = True
-    return (tqdm if _terminal() else _PlainLines)(iterable, **kwargs)
+    return (_Estimated if _terminal() else _PlainLines)(iterable, advice=advice, **kwargs)
+
+
+@contextlib.contextmanager
+def paused(shown: tqdm) -> Iterator[None]:
+    """Leave the time spent inside out of `shown`'s elapsed time, rate and ETA (e.g. compiling)."""
+    t0 = time.time()  # tqdm's clock
+    try:
+        yield
+    finally:
+        if not shown.disable:
+            dt = time.time() - t0
+            shown.start_t += dt
+            shown.last_print_t += dt
 
 
 def stage(message: str) -> None:
     """One line saying which stage of a long command starts (stderr; not with --quiet)."""
     if not _quiet and dist.is_main():
         print(f"== {message}", file=sys.stderr, flush=True)
+
+
+def note(message: str) -> None:
+    """One line about what a stage is doing (stderr, above any bar; not with --quiet, rank 0 only)."""
+    if not _quiet and dist.is_main():
+        tqdm.write(message, file=sys.stderr)
+        sys.stderr.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -107,22 +108,77 @@ def test_divergence_is_reported_not_hidden():
         fit_isomorphism(x_a, x_b, config=FitConfig(max_steps=30, eval_every=10))
 
 
-def test_compiled_fit_matches_eager_and_auto_compiles_large_fits_only():
-    """torch.compile'd steps reach the same fit as eager ones; "auto" compiles only fits large enough to repay it."""
-    from refiner.engine import fitting
+def test_compiled_fit_matches_eager_and_says_it_compiles(tmp_path, monkeypatch, capfd):
+    """torch.compile'd steps reach the same fit as eager ones; the compile is announced, and on the CPU the
+    "No CUDA runtime is found, using CUDA_HOME" that loading inductor logs where a CUDA toolkit exists is not shown."""
+    import sys
 
+    monkeypatch.setenv("CUDA_HOME", "/usr/local")  # a "toolkit" folder: torch logs the message when it loads
+    fresh = "torch.utils.cpp_extension" not in sys.modules  # it is logged once, at import
     x_a, x_b = _toy(200)
     config = FitConfig(max_steps=30, eval_every=10)
-    g_eager, eager = fit_isomorphism(x_a, x_b, config=config)
+    g_eager, eager = fit_isomorphism(x_a, x_b, config=config.model_copy(update={"compile": "off"}))
     g_comp, comp = fit_isomorphism(x_a, x_b, config=config.model_copy(update={"compile": "on"}))
-    assert comp.compiled and not eager.compiled
+    assert comp.compiled and not eager.compiled and 0 < comp.compile_seconds < comp.seconds
     np.testing.assert_allclose(comp.holdout_mse, eager.holdout_mse, rtol=1e-4)
     for a, b in zip(g_eager.state_dict().values(), g_comp.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    module = torch.nn.Identity()
-    assert fitting._step_fn(module, FitConfig(), 20_000, 2 * 12 * 6 * 6) is module  # the toy: eager
-    assert isinstance(fitting._step_fn(module, FitConfig(), 20_000, 2 * 64 * 16 * 16), fitting._Compiled)  # a CIFAR layer
-    assert fitting._step_fn(module, FitConfig(compile="off"), 20_000, 2 * 64 * 16 * 16) is module
+    err = capfd.readouterr().err
+    assert "compiling g's step (about 90 s)" in err  # 180 training pairs: the last batch of an epoch (52) compiles again
+    assert "compiling g's step again for an epoch's smaller last batch" in err
+    if fresh:
+        assert "No CUDA runtime" not in err and "CUDA_HOME" not in err
+
+
+class _Clock:
+    """A stand-in for time.perf_counter that advances `step_s` per call, so every timed step takes step_s."""
+
+    def __init__(self, step_s: float) -> None:
+        self.now, self.step_s = 0.0, step_s
+
+    def __call__(self) -> float:
+        self.now += self.step_s
+        return self.now
+
+
+@pytest.mark.parametrize("step_s, compiles", [(1.0, False), (100.0, True)])
+def test_auto_compiles_only_when_the_measured_steps_repay_it(monkeypatch, capsys, digit_nets, tmp_path, step_s, compiles):
+    """`refiner fit --g-compile auto` times its first eager steps: with 20 steps left after the probe, 1 s steps
+    cannot repay compiling (20 x 1 s x 10 % saved < 90 s), 100 s steps can; the choice is in the fit record."""
+    from refiner.cli import main
+    from refiner.engine import fitting
+
+    class Recorded:  # stands in for torch.compile'd steps: the same loss, eagerly
+        def __init__(self, module, device):
+            self.fn, self.compiled = module, True
+
+        def __call__(self, *args):
+            return self.fn(*args)
+
+    monkeypatch.setattr(fitting._Steps, "clock", staticmethod(_Clock(step_s)))
+    monkeypatch.setattr(fitting, "_Compiled", Recorded)
+    a, b = digit_nets
+    out = tmp_path / "g.pt"
+    code = main(["fit", "--a", str(a.path), "--b", str(b.path), "--task", "digits", "--g-steps", "41", "--g-compile", "auto",
+                 "--out", str(out), "--json"])  # fmt: skip
+    assert code == 0
+    captured = capsys.readouterr()
+    fit = json.loads(captured.out)["fit"]
+    assert fit["compiled"] is compiles and fit["total_steps"] == 41
+    assert ("compiling g's step" in captured.err) is compiles
+
+
+def test_auto_weighs_compile_time_against_the_steps_left():
+    """The rule itself: remaining x t_eager x COMPILE_SAVES against COMPILE_S per graph (2 when epochs end ragged)."""
+    from refiner.engine import fitting
+    from refiner.engine.device import Runtime
+
+    def steps(ragged: bool):
+        return fitting._Steps(torch.nn.Identity(), FitConfig(), Runtime.resolve(), 20_000, ragged, shown=None)
+
+    seconds = fitting.COMPILE_S["cpu"] / fitting.COMPILE_SAVES  # eager seconds that one graph's compile repays
+    assert not steps(False).pays(0.9 * seconds / 1000, 1000) and steps(False).pays(1.1 * seconds / 1000, 1000)
+    assert not steps(True).pays(1.9 * seconds / 1000, 1000) and steps(True).pays(2.1 * seconds / 1000, 1000)
 
 
 def test_a_failing_compilation_falls_back_to_eager(monkeypatch):

@@ -224,7 +224,7 @@ def add_g(p: argparse.ArgumentParser) -> None:
     group.add_argument("--g-seed", type=int, default=0, help="seed of g's initialisation, held-out split and batch order (default: 0)")
     group.add_argument(
         "--g-compile", choices=["auto", "on", "off"], default="auto",
-        help="torch.compile g's training step; auto: for large fits (budget x batch x feature size >= 1e10), eager when compiling fails (default: auto)",
+        help="torch.compile g's training step; auto: when the first eager steps, timed, show that compiling repays its time over the budget; eager when compiling fails (default: auto)",
     )  # fmt: skip
     group.add_argument("--cache-fp16", action="store_true", help="store cached features as float16 (half the disk; values rounded to fp16)")
 

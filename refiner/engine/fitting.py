@@ -8,12 +8,15 @@ stops after `patience` such checks (the best held-out weights are kept).
 Under torchrun the batches are split across ranks and gradients all-reduced (DDP);
 the batch normaliser's running variance and the held-out MSE are averaged over
 ranks too, so every rank takes the same decisions and keeps the same g.
-Large fits run g's loss under torch.compile (eager when compiling fails).
+Fits whose measured steps repay compiling run g's loss under torch.compile
+(eager when compiling fails); the compile is left out of the ETA.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import math
 import time
 import warnings
@@ -30,13 +33,15 @@ from refiner.engine.device import Runtime
 from refiner.engine.features import iter_batches
 from refiner.engine.isomorphism import IsomorphismConfig, IsomorphismNet
 from refiner.errors import DataError
-from refiner.progress import bar
+from refiner.progress import bar, note, paused
 
 __all__ = ["FitConfig", "FitResult", "fit_isomorphism", "channel_stats"]
 
-# compile="auto" compiles when budget steps x batch x feature elements reach this: about 15 minutes of eager
-# fitting on one CPU core, so that compiling (about 30 s there) is repaid by its ~1.1-1.3x faster steps.
-COMPILE_MIN_WORK = 1e10
+# compile="auto" (see _Steps): seconds torch.compile takes per graph of g's training step, by device type. Measured
+# on 2 shared CPU cores (torch 2.14, docs/benchmarks.md): 69-70 s per graph at 256x4x4 and 64x16x16; CUDA not measured.
+COMPILE_S = {"cpu": 90.0, "cuda": 60.0}
+COMPILE_SAVES = 0.1  # share of an eager step's time a compiled step saves (measured on CPU: 6 % at 256x4x4, 21 % at 64x16x16)
+PROBE_STEPS = 20  # eager steps timed (after one warm-up step) before "auto" decides
 
 
 class FitConfig(BaseModel):
@@ -58,7 +63,7 @@ class FitConfig(BaseModel):
     holdout: float = Field(0.1, ge=0.0, lt=0.5)  # share of pairs held out; 0: the training MSE is watched
     seed: int = 0
     preload_gib: float = Field(2.0, ge=0)  # features up to this size are held on the device, larger ones stream
-    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile g's loss; auto: for fits of at least COMPILE_MIN_WORK
+    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile g's loss; auto: when its measured steps repay compiling
 
 
 class FitResult(BaseModel):
@@ -76,6 +81,7 @@ class FitResult(BaseModel):
     seconds: float = 0.0
     samples_per_s: float = 0.0  # training pairs per second, all processes together (compiling included)
     compiled: bool = False  # whether the steps ran under torch.compile
+    compile_seconds: float = 0.0  # time of the steps that compiled (left out of the ETA, included in `seconds`)
 
 
 def channel_stats(x: np.ndarray, indices: np.ndarray, transform=None, batch_size: int = 256) -> tuple[Tensor, Tensor]:
@@ -159,7 +165,9 @@ def _local_order(order: np.ndarray, batch_size: int, rank: int, world: int) -> n
 class _Compiled:
     """A module under torch.compile that falls back to eager, with a warning, when compiling fails."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, device: torch.device) -> None:
+        if device.type == "cpu":
+            _hide_cuda_home_warning()
         self.eager, self.fn, self.compiled = module, torch.compile(module), True
 
     def __call__(self, *args: Tensor):
@@ -172,12 +180,87 @@ class _Compiled:
         return self.fn(*args)
 
 
-def _step_fn(model: nn.Module, config: FitConfig, budget: int, sample_elements: int):
-    """The loss module to call each step: compiled when asked, or under "auto" when the fit is large."""
-    work = budget * config.batch_size * sample_elements
-    if config.compile == "on" or (config.compile == "auto" and work >= COMPILE_MIN_WORK):
-        return _Compiled(model)
-    return model
+class _NoCudaHome(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+def _hide_cuda_home_warning() -> None:
+    """Drop "No CUDA runtime is found, using CUDA_HOME=..." that torch's C++ extension module logs when inductor
+    loads it on a machine with a CUDA toolkit but no GPU: irrelevant to a fit on the CPU."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _NoCudaHome) for f in logger.filters):
+        logger.addFilter(_NoCudaHome())
+
+
+class _Steps:
+    """g's loss for each training step: eager, or under torch.compile as FitConfig.compile says.
+
+    "auto" runs the first steps eagerly and times steps 2..PROBE_STEPS+1 (the
+    first warms up; held-out checks are not timed): t_eager seconds per step,
+    averaged over ranks so all decide alike. It then compiles when the time
+    compiled steps would save over the steps left, `remaining x t_eager x
+    COMPILE_SAVES`, exceeds the estimated compile time, `COMPILE_S[device] x
+    graphs` (graphs: 2 when an epoch ends with a smaller batch, which
+    torch.compile compiles again, else 1). The steps left are the rest of the
+    budget: an upper bound when fitting stops at convergence, so the margin
+    is in the constants, both measured on the CPU (docs/benchmarks.md). Every
+    step that compiles a graph prints "compiling g's step (about N s)" and is
+    left out of the bar's elapsed time and ETA.
+    """
+
+    clock = staticmethod(time.perf_counter)  # what steps are timed with
+
+    def __init__(self, model: nn.Module, config: FitConfig, runtime: Runtime, budget: int, ragged: bool, shown) -> None:
+        self.model, self.runtime, self.budget, self.ragged, self.shown = model, runtime, budget, ragged, shown
+        self.fn = _Compiled(model, runtime.device) if config.compile == "on" else model
+        self.probing = config.compile == "auto"
+        self.probe_s, self.probed = 0.0, 0  # eager seconds and steps timed so far
+        self.sizes: set[int] = set()  # batch sizes compiled for
+        self.compile_seconds = 0.0
+
+    @property
+    def compiled(self) -> bool:
+        return getattr(self.fn, "compiled", False)
+
+    def __call__(self, x_a: Tensor, x_b: Tensor) -> tuple[Tensor, Tensor]:
+        return self.fn(x_a, x_b)
+
+    @contextlib.contextmanager
+    def step(self, step: int, batch: int) -> Iterator[None]:
+        """Wraps one whole training step (forward, backward, optimiser): `step` of the budget, `batch` pairs."""
+        if self.compiled and batch not in self.sizes:
+            self.sizes.add(batch)
+            estimate = COMPILE_S.get(self.runtime.device.type, COMPILE_S["cpu"])
+            again = " again for an epoch's smaller last batch" if len(self.sizes) > 1 else ""
+            note(f"compiling g's step{again} (about {estimate:.0f} s)")
+            t0 = self.clock()
+            with paused(self.shown):
+                yield
+            self.compile_seconds += self.clock() - t0
+            return
+        timed = self.probing and step >= 1
+        if timed:
+            self._sync()
+            t0 = self.clock()
+        yield
+        if timed:
+            self._sync()
+            self.probe_s += self.clock() - t0
+            self.probed += 1
+            if self.probed == PROBE_STEPS or step + 1 == self.budget:
+                self.probing = False
+                if self.pays(dist.mean(self.probe_s, self.probed), self.budget - step - 1):
+                    self.fn = _Compiled(self.model, self.runtime.device)
+
+    def pays(self, eager_step_s: float, remaining: int) -> bool:
+        """Whether compiling is repaid over `remaining` steps of `eager_step_s` seconds (see the class docstring)."""
+        graphs = 2 if self.ragged else 1
+        return remaining * eager_step_s * COMPILE_SAVES > COMPILE_S.get(self.runtime.device.type, COMPILE_S["cpu"]) * graphs
+
+    def _sync(self) -> None:
+        if self.runtime.device.type == "cuda":
+            torch.cuda.synchronize(self.runtime.device)
 
 
 class _Loss(nn.Module):
@@ -231,13 +314,16 @@ def fit_isomorphism(
     else:
         budget, eval_every, lrs = config.max_steps, config.eval_every, None
 
-    step_fn = _step_fn(model, config, budget, int(np.prod(x_a.shape[1:])) + int(np.prod(x_b.shape[1:])))
     result = FitResult()
     plateau = _Plateau(config) if lrs is None else None
     lr = config.lr_start
     step, mse_sum, mse_count, epoch = 0, torch.zeros((), dtype=torch.float64, device=runtime.device), 0, 0
     start = time.perf_counter()
-    shown = bar(total=budget, desc=desc, unit="step")
+    shorter = "--g-steps N" + (", --device cuda" if runtime.device.type == "cpu" else "")
+    bound = f" ({budget} is the budget: fitting stops earlier once converged)" if lrs is None else ""
+    shown = bar(total=budget, desc=desc, unit="step", advice=f"to shorten it: {shorter}{bound}")
+    local = len(_local_order(train_idx, config.batch_size, rank, world))
+    step_fn = _Steps(model, config, runtime, budget, ragged=local % config.batch_size != 0 and local > config.batch_size, shown=shown)
     g.train()
     while step < budget and result.stop == "":
         epoch_order = _local_order(rng.permutation(train_idx), config.batch_size, rank, world)
@@ -247,12 +333,13 @@ def fit_isomorphism(
         for xa, xb in pairs.batches(epoch_order, config.batch_size):
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with runtime.autocast():
-                loss, mse = step_fn(xa, xb)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            with step_fn.step(step, len(xa)):
+                with runtime.autocast():
+                    loss, mse = step_fn(xa, xb)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
             if g.normalizer == "batch":  # each rank updated it from its own batch
                 dist.average_(g.running_var)
             mse_sum += mse.detach().double() * len(xa)
@@ -293,7 +380,8 @@ def fit_isomorphism(
     result.seconds = time.perf_counter() - start
     result.samples_per_s = step * config.batch_size * world / max(result.seconds, 1e-9)
     result.p = g.p.tolist()
-    result.compiled = getattr(step_fn, "compiled", False)
+    result.compiled = step_fn.compiled
+    result.compile_seconds = step_fn.compile_seconds
     g.eval()
     return g, result
 
