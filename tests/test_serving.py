@@ -13,8 +13,8 @@ import io
 import json
 import logging
 import re
-import signal
 import shutil
+import signal
 import socket
 import struct
 import subprocess
