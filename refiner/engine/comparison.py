@@ -11,8 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from refiner.data.datasets import Preprocess
 from refiner.data.tasks import TaskData, get_task, same_dataset
+from refiner.engine import distributed as dist
 from refiner.engine.device import Runtime, RuntimeConfig
-from refiner.engine.features import FeatureSet, classifier_features, iter_batches
+from refiner.engine.features import FeatureSet, classifier_features, features_cached, iter_batches
 from refiner.engine.fitting import FitConfig, FitResult, fit_isomorphism
 from refiner.engine.isomorphism import IsomorphismConfig, IsomorphismNet, load_isomorphism
 from refiner.engine.metrics import VarianceTable, measure_isomorphism
@@ -20,6 +21,7 @@ from refiner.errors import CheckpointError, ConfigError
 from refiner.models.architectures import get_arch
 from refiner.models.checkpoints import Classifier
 from refiner.models.layers import TokensToMap, feature_shape, split_model
+from refiner.progress import bar
 
 __all__ = ["CompareConfig", "NetSide", "ComparisonReport", "compare", "default_layer", "measure_split", "load_fitted_g", "fitted_report"]
 
@@ -106,13 +108,20 @@ def compare(
         )
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
+    splits = list(dict.fromkeys(("train", *measure, *extra)))
+    sides = ((clf_a, layer_a), (clf_b, layer_b))
+    missing = sum(
+        len(dist.shard(len(data.split(s)))) for s in splits for clf, layer in sides
+        if not features_cached(clf, layer, data, s, cache_dir, runtime, config.cache_dtype)
+    )  # fmt: skip
+    cpu = ", --device cuda" if runtime.device.type == "cpu" else ""
+    shown = bar(total=missing, desc="features", unit="image", advice=f"they are cached; to shorten it: fewer images (--train-per-class N){cpu}") if missing else None
     pairs = {
-        split: (
-            classifier_features(clf_a, layer_a, data, split, cache_dir, runtime=runtime, dtype=config.cache_dtype),
-            classifier_features(clf_b, layer_b, data, split, cache_dir, runtime=runtime, dtype=config.cache_dtype),
-        )
-        for split in dict.fromkeys(("train", *measure, *extra))
+        split: tuple(classifier_features(clf, layer, data, split, cache_dir, runtime=runtime, dtype=config.cache_dtype, progress=shown) for clf, layer in sides)
+        for split in splits
     }
+    if shown is not None:
+        shown.close()
     seconds["features"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     fa, fb = pairs["train"]

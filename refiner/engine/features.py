@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
 
 from refiner.atomic import atomic_dir
 from refiner.data.datasets import ImageDataset, fingerprint
@@ -31,7 +32,7 @@ from refiner.models.checkpoints import Classifier
 from refiner.models.layers import split_model
 from refiner.progress import bar
 
-__all__ = ["FeatureSet", "default_cache_dir", "cached_features", "classifier_features", "inference_trunk", "iter_batches"]
+__all__ = ["FeatureSet", "default_cache_dir", "cached_features", "classifier_features", "features_cached", "inference_trunk", "iter_batches"]
 
 
 @dataclass
@@ -55,6 +56,11 @@ def _key(parts: dict[str, object]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
+def _entry(key_parts: dict[str, object], cache_dir: Path | None, runtime: Runtime, dtype: str) -> Path:
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    return root / _key({**key_parts, "amp": runtime.config.amp, "dtype": dtype})
+
+
 @torch.no_grad()
 def cached_features(
     trunk: nn.Module,
@@ -66,23 +72,24 @@ def cached_features(
     batch_size: int = 128,
     dtype: str = "float32",
     desc: str = "features",
+    progress: tqdm | None = None,
 ) -> FeatureSet:
     """Return trunk features of `dataset`, computing and caching them on first use.
 
     `key_parts` must identify the trunk and the data (checkpoint hash, layer,
     task, split fingerprint, preprocessing). Under torchrun every rank extracts
     its own block of images into the same entry, which rank 0 then publishes.
+    `progress`: a bar over a whole stage, advanced by the images extracted (else this extraction has its own).
     """
     runtime = runtime or Runtime.resolve()
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
-    entry = root / _key({**key_parts, "amp": runtime.config.amp, "dtype": dtype})
+    entry = _entry(key_parts, cache_dir, runtime, dtype)
     if not (entry / "features.npy").is_file():
         if dist.is_distributed():
-            _extract_sharded(trunk, dataset, entry, runtime, batch_size, dtype, desc, key_parts)
+            _extract_sharded(trunk, dataset, entry, runtime, batch_size, dtype, desc, key_parts, progress)
         else:
             try:
                 with atomic_dir(entry) as tmp:
-                    _extract(trunk, dataset, tmp, runtime, batch_size, dtype, desc, range(len(dataset)), create=True)
+                    _extract(trunk, dataset, tmp, runtime, batch_size, dtype, desc, range(len(dataset)), create=True, progress=progress)
                     (tmp / "key.json").write_text(json.dumps(key_parts, indent=2, default=str))
             except FileExistsError:
                 pass  # another process completed the same entry first
@@ -91,24 +98,33 @@ def cached_features(
 
 def classifier_features(
     clf: Classifier, layer: str, data: TaskData, split: str, cache_dir: Path | None = None, *,
-    runtime: Runtime | None = None, dtype: str = "float32",
+    runtime: Runtime | None = None, dtype: str = "float32", progress: tqdm | None = None,
 ) -> FeatureSet:  # fmt: skip
-    """Features of `clf` at `layer` on one split of a task, fed with clf's own preprocessing."""
+    """Features of `clf` at `layer` on one split of a task, fed with clf's own preprocessing (`progress`: see cached_features)."""
     runtime = runtime or Runtime.resolve()
     samples = data.split(split)
-    key = {
+    dataset = ImageDataset(samples, data.classes, clf.meta.preprocess)
+    desc = f"{clf.path.name}:{layer} {split}"
+    trunk = _Lazy(lambda: inference_trunk(split_model(clf.model, layer, clf.meta.preprocess.input_size)[0], runtime))
+    key = _classifier_key(clf, layer, data, split)
+    return cached_features(trunk, dataset, key, cache_dir, runtime=runtime, dtype=dtype, desc=desc, progress=progress)
+
+
+def features_cached(clf: Classifier, layer: str, data: TaskData, split: str, cache_dir: Path | None, runtime: Runtime, dtype: str = "float32") -> bool:
+    """Whether classifier_features would read these features from the cache rather than extract them."""
+    return (_entry(_classifier_key(clf, layer, data, split), cache_dir, runtime, dtype) / "features.npy").is_file()
+
+
+def _classifier_key(clf: Classifier, layer: str, data: TaskData, split: str) -> dict[str, object]:
+    return {
         "checkpoint": clf.sha256,
         "layer": layer,
         "task": data.task,
         "split": split,
         "classes": data.classes,
-        "samples": fingerprint(samples),
+        "samples": fingerprint(data.split(split)),
         "preprocess": clf.meta.preprocess.model_dump(),
     }
-    dataset = ImageDataset(samples, data.classes, clf.meta.preprocess)
-    desc = f"{clf.path.name}:{layer} {split}"
-    trunk = _Lazy(lambda: inference_trunk(split_model(clf.model, layer, clf.meta.preprocess.input_size)[0], runtime))
-    return cached_features(trunk, dataset, key, cache_dir, runtime=runtime, dtype=dtype, desc=desc)
 
 
 class _Lazy(nn.Module):
@@ -145,7 +161,7 @@ def inference_trunk(trunk: nn.Module, runtime: Runtime) -> nn.Module:
 
 def _extract(
     trunk: nn.Module, dataset: Dataset, out: Path, runtime: Runtime, batch_size: int, dtype: str, desc: str,
-    rows: range, create: bool,
+    rows: range, create: bool, progress: tqdm | None = None,
 ) -> None:  # fmt: skip
     """Run the trunk over dataset[rows] and write features and labels into out/ (memory maps)."""
     was_training = trunk.training
@@ -157,7 +173,7 @@ def _extract(
     feats = labels = None
     start = rows.start
     try:
-        for x, y in bar(loader, desc=desc, unit="batch", leave=False):
+        for x, y in loader if progress is not None else bar(loader, desc=desc, unit="batch", leave=False):
             (x,) = runtime.to(x)
             if x.dim() == 4 and runtime.device.type != "mps":
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -169,6 +185,8 @@ def _extract(
             feats[start : start + len(f)] = f
             labels[start : start + len(f)] = y.numpy()
             start += len(f)
+            if progress is not None:
+                progress.update(len(f))
     finally:
         trunk.train(was_training)
     if feats is None and create:  # an empty shard still needs the files (only when this rank creates them)
@@ -188,7 +206,7 @@ def _open(out: Path, n: int, shape: tuple[int, ...], dtype: str, create: bool) -
 
 def _extract_sharded(
     trunk: nn.Module, dataset: Dataset, entry: Path, runtime: Runtime, batch_size: int, dtype: str, desc: str,
-    key_parts: dict[str, object],
+    key_parts: dict[str, object], progress: tqdm | None = None,
 ) -> None:  # fmt: skip
     """Every rank extracts its block of images into one temporary entry; rank 0 renames it into place."""
     with contextlib.ExitStack() as stack:
@@ -205,7 +223,7 @@ def _extract_sharded(
         tmp = Path(dist.broadcast(str(tmp) if tmp else None))
         rows = dist.shard(len(dataset))
         if len(rows):
-            _extract(trunk, dataset, tmp, runtime, batch_size, dtype, desc, rows, create=False)
+            _extract(trunk, dataset, tmp, runtime, batch_size, dtype, desc, rows, create=False, progress=progress)
         dist.barrier()  # every block is written before rank 0 publishes the entry
     dist.barrier()  # the entry exists before any rank reads it
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from refiner.engine.device import Runtime
 from refiner.engine.training import train_one_epoch
@@ -127,6 +128,7 @@ def score_head(
 def finetune_head(
     head: nn.Module, train: Batches, val: Batches, test: Batches, config: HeadConfig, seed: int, *,
     target: Sequence[int], track_test: bool = False, desc: str = "head", runtime: Runtime | None = None,
+    progress: tqdm | None = None,
 ) -> tuple[nn.Module, HeadResult]:  # fmt: skip
     """Train `head` for config.epochs; return the best-validation epoch's weights, its figures and predictions.
 
@@ -134,6 +136,7 @@ def finetune_head(
     them). `track_test` also scores the test split after every epoch, for the
     best-on-test figure the paper reports; it never chooses the weights. A
     non-finite training loss or validation CE stops the run and marks it diverged.
+    `progress`: a bar over a whole stage, advanced one per epoch (else the run has its own bar).
     """
     runtime = runtime or Runtime.resolve()
     torch.manual_seed(seed)
@@ -143,13 +146,16 @@ def finetune_head(
     best_state, best_val, best_epoch, best_val_preds = None, None, 0, None
     best_test, best_test_preds = None, None
     history, diverged = [], False
-    for epoch in bar(range(config.epochs), desc=desc, unit="epoch", leave=False):
+    epochs = range(config.epochs) if progress is not None else bar(range(config.epochs), desc=desc, unit="epoch", leave=False)
+    for epoch in epochs:
         for group in optimizer.param_groups:
             group["lr"] = config.lr_at(epoch)
         stats = train_one_epoch(head, train(), optimizer, runtime=runtime, scaler=scaler)
         val_scores, val_preds = score_head(head, val(), target, runtime)
         row = {"epoch": epoch + 1, "lr": config.lr_at(epoch), "train_acc": stats["acc"], "train_loss": stats["loss"], "val_acc": val_scores.acc}
         history.append(row)
+        if progress is not None:
+            progress.update(1)
         if not (math.isfinite(stats["loss"]) and math.isfinite(val_scores.ce)):
             diverged = True
             break
@@ -160,6 +166,8 @@ def finetune_head(
                 best_test, best_test_preds = test_scores, test_preds
         if best_val is None or val_scores.correct > best_val.correct:
             best_state, best_val, best_epoch, best_val_preds = copy.deepcopy(head.state_dict()), val_scores, epoch + 1, val_preds
+    if progress is not None:
+        progress.update(config.epochs - len(history))  # a diverged run's epochs left
     last, last_preds = score_head(head, test(), target, runtime)
     if best_state is None:  # diverged in the first epoch: nothing finite to go back to
         best_state, best_val, best_val_preds = copy.deepcopy(head.state_dict()), val_scores, val_preds

@@ -40,7 +40,7 @@ from refiner.engine.metrics import VarianceAccumulator, VarianceTable
 from refiner.errors import CheckpointError, ConfigError, DivergedError
 from refiner.models.checkpoints import Classifier
 from refiner.models.layers import split_model
-from refiner.progress import stage
+from refiner.progress import bar, stage
 
 __all__ = ["BuildResult", "build", "derangement"]
 
@@ -340,6 +340,12 @@ def _finetune_all(
     jobs = [(v, j, seed) for v in variants for j in range(len(v.sets)) for seed in range(config.seeds)]
     mine: dict[int, dict[str, torch.Tensor]] = {}  # this rank's refined heads (state dicts)
     track_test = config.protocol == "paper"
+    runs_here = len(range(dist.rank(), len(jobs), dist.world_size()))  # run_split's share of this rank
+    cpu = ", --device cuda" if runtime.device.type == "cpu" else ""
+    shown = bar(
+        total=runs_here * config.head.epochs, desc=f"fine-tuning (0/{runs_here} runs done)", unit="epoch",
+        advice=f"to shorten it: --seeds N, --head-epochs N, --no-ablations{cpu}",
+    )  # fmt: skip
 
     def run(index: int) -> HeadResult:
         variant, j, seed = jobs[index]
@@ -358,13 +364,15 @@ def _finetune_all(
         fits = f" g{j}" if len(variant.sets) > 1 else ""
         head, res = finetune_head(
             head, loader("train", True), loader("val"), loader("test"), config.head, seed,
-            target=side.target, track_test=track_test, desc=f"{variant.features}{fits} seed {seed}", runtime=runtime,
+            target=side.target, track_test=track_test, desc=f"{variant.features}{fits} seed {seed}", runtime=runtime, progress=shown,
         )  # fmt: skip
         if variant.features == REFINED:
             mine[index] = {k: v.detach().cpu() for k, v in head.state_dict().items()}
+        shown.set_description_str(f"fine-tuning ({index // dist.world_size() + 1}/{runs_here} runs done)")
         return res
 
     runs = dist.run_split(list(range(len(jobs))), run)
+    shown.close()
     results, predictions = [], {}
     for v in variants:
         mine_v = [(j, seed, runs[i]) for i, (w, j, seed) in enumerate(jobs) if w is v]
