@@ -23,9 +23,9 @@ def bars_on(monkeypatch):
     monkeypatch.setattr(progress, "_terminal", lambda: False)
 
 
-def test_a_build_log_has_one_overall_progress_per_stage(tmp_path, digit_nets):
+def test_a_build_log_has_one_overall_progress_per_stage_and_ends_with_the_report(tmp_path, digit_nets):
     """Written to a file, a build reports features (images), g (steps) and fine-tuning (runs and epochs) with
-    done/total and an ETA."""
+    done/total and an ETA, and its last line says where report.html is."""
     a, b = digit_nets
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"} | {"REFINER_LOG_INTERVAL_S": "0"}
     cmd = [sys.executable, "-m", "refiner", "build", "--a", str(a.path), "--b", str(b.path), "--task", "digits", "--g-steps", "30",
@@ -40,6 +40,9 @@ def test_a_build_log_has_one_overall_progress_per_stage(tmp_path, digit_nets):
     # 4 variants (x_A, x_B, refined, control) x 2 seeds, 2 epochs each: one line per epoch, done/total and an ETA
     assert len(runs) >= 16 and all(re.match(r"fine-tuning \(\d/8 runs done\): \d+/16 epochs, .* ETA ", line) for line in runs)
     assert runs[-1].startswith("fine-tuning (8/8 runs done): 16/16 epochs")
+    report = lines[-1].removeprefix("report: ")
+    assert lines[-1].startswith("report: ") and report.endswith("report.html") and os.path.isfile(report)
+    assert lines[-2].startswith("artifact: ")
 
 
 def test_a_long_fit_says_how_long_and_what_shortens_it(bars_on, monkeypatch, capsys):

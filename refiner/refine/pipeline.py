@@ -62,7 +62,7 @@ class BuildResult:
             + f"instability Var(x^Δ)/Var(x_B) on test: {r.comparison.tables['test'].instability:.4f}\n"
             f"ONNX ({r.export.precision}) max |logit diff| {r.export.max_abs_diff:.2e} at batch {r.export.batch_size}\n"
             + (f"{format_quantization(r.quantization)}\n" if r.quantization else "")
-            + f"artifact: {self.path}"
+            + f"artifact: {self.path}\nreport: {self.path / 'report.html'}"
         )
 
 
