@@ -129,6 +129,19 @@ def test_every_layer_is_captured_as_it_was_produced(arch, layers, pre_activation
     assert all(p.device.type == "cpu" and p.is_contiguous() for p in model.parameters())  # the caller's net untouched
 
 
+def test_layers_are_checked_and_a_module_name_stands_for_its_last_node():
+    from refiner.atlas.stream import choose_layers, probe_layers
+    from refiner.errors import LayerError
+
+    infos = probe_layers(create_model("resnet18", 4), (3, 64, 64))
+    chosen = choose_layers(infos, ["layer1.0", "layer3.1.add"], None)
+    assert [c.name for c in chosen] == ["layer1.0", "layer3.1.add"] and chosen[0].shape == (64, 16, 16) and chosen[0].clean_cut
+    auto = choose_layers(infos, None, "layer3.1.add", max_layers=5)
+    assert len(auto) == 5 and "layer3.1.add" in [c.name for c in auto] and all(c.clean_cut for c in auto)
+    with pytest.raises(LayerError, match=r"'layer9' are not split points .* valid names: conv1"):
+        choose_layers(infos, ["layer9"], None)
+
+
 def test_a_net_runs_only_up_to_its_deepest_chosen_layer():
     captured = capture_model(create_model("vgg11", 4), ["features.3"])
     targets = [str(n.target) for n in captured.graph.nodes if n.op == "call_module"]

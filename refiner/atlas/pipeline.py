@@ -157,7 +157,7 @@ def run_atlas(clf_a: Classifier, clf_b: Classifier, data: TaskData, config: Atla
 @torch.no_grad()
 def _seconds_per_image(net_a, net_b, clf_a: Classifier, clf_b: Classifier, runtime: Runtime, batch_size: int) -> float:
     """Time one small batch of blank images through both captured nets (the second of two runs, so warm)."""
-    n = min(batch_size, 8)
+    n = min(batch_size, 2)
     inputs = [next(runtime.to(torch.zeros(n, *c.meta.preprocess.input_size))) for c in (clf_a, clf_b)]
     for _ in range(2):
         t0 = time.perf_counter()

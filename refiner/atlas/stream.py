@@ -126,6 +126,10 @@ def probe_layers(model: nn.Module, input_size: tuple[int, int, int], name: str =
 def choose_layers(layers: list[LayerInfo], asked: list[str] | None, default: str | None, max_layers: int = 16) -> list[LayerInfo]:
     """The asked layers (checked), or the clean cut points thinned evenly by depth to `max_layers`, `default` kept."""
     by_name = {info.name: info for info in layers}
+    for name in asked or []:  # a module name ("layer1.0") stands for the last node inside it, as in torchvision
+        inside = [info for info in layers if info.name.startswith(name + ".")]
+        if name not in by_name and inside:
+            by_name[name] = LayerInfo(name, inside[-1].shape, inside[-1].clean_cut)
     if asked:
         missing = [n for n in asked if n not in by_name]
         if missing:
