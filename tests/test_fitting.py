@@ -168,6 +168,26 @@ def test_auto_compiles_only_when_the_measured_steps_repay_it(monkeypatch, capsys
     assert ("compiling g's step" in captured.err) is compiles
 
 
+@pytest.mark.parametrize("step_s, compiles", [(0.2, False), (1.0, True)])
+def test_auto_expects_a_converging_fit_to_stop_early(monkeypatch, step_s, compiles):
+    """With the default 20,000-step budget, "auto" counts CONVERGED_STEPS (5,000) steps, not the budget: 0.2 s
+    steps would repay two 90 s graphs over 20,000 steps (400 s saved) but not over 5,000 (100 s); 1 s steps would."""
+    from refiner.engine import fitting
+
+    class Recorded:
+        def __init__(self, module, device):
+            self.fn, self.compiled = module, True
+
+        def __call__(self, *args):
+            return self.fn(*args)
+
+    monkeypatch.setattr(fitting._Steps, "clock", staticmethod(_Clock(step_s)))
+    monkeypatch.setattr(fitting, "_Compiled", Recorded)
+    x_a, x_b = _toy(200)
+    _, fit = fit_isomorphism(x_a, x_b, config=FitConfig(eval_every=30, patience=1, plateau=1))
+    assert fit.stop == "converged" and fit.compiled is compiles
+
+
 def test_auto_weighs_compile_time_against_the_steps_left():
     """The rule itself: remaining x t_eager x COMPILE_SAVES against COMPILE_S per graph (2 when epochs end ragged)."""
     from refiner.engine import fitting

@@ -42,6 +42,7 @@ __all__ = ["FitConfig", "FitResult", "fit_isomorphism", "channel_stats"]
 COMPILE_S = {"cpu": 90.0, "cuda": 60.0}
 COMPILE_SAVES = 0.1  # share of an eager step's time a compiled step saves (measured on CPU: 6 % at 256x4x4, 21 % at 64x16x16)
 PROBE_STEPS = 20  # eager steps timed (after one warm-up step) before "auto" decides
+CONVERGED_STEPS = 5_000  # steps "auto" expects of a fit that stops at convergence (CIFAR layers: 3,800-7,000)
 
 
 class FitConfig(BaseModel):
@@ -202,17 +203,17 @@ class _Steps:
     compiled steps would save over the steps left, `remaining x t_eager x
     COMPILE_SAVES`, exceeds the estimated compile time, `COMPILE_S[device] x
     graphs` (graphs: 2 when an epoch ends with a smaller batch, which
-    torch.compile compiles again, else 1). The steps left are the rest of the
-    budget: an upper bound when fitting stops at convergence, so the margin
-    is in the constants, both measured on the CPU (docs/benchmarks.md). Every
+    torch.compile compiles again, else 1). The steps expected, `expected`,
+    are the budget, or at most CONVERGED_STEPS when fitting stops at
+    convergence; the constants are measured on the CPU (docs/benchmarks.md). Every
     step that compiles a graph prints "compiling g's step (about N s)" and is
     left out of the bar's elapsed time and ETA.
     """
 
     clock = staticmethod(time.perf_counter)  # what steps are timed with
 
-    def __init__(self, model: nn.Module, config: FitConfig, runtime: Runtime, budget: int, ragged: bool, shown) -> None:
-        self.model, self.runtime, self.budget, self.ragged, self.shown = model, runtime, budget, ragged, shown
+    def __init__(self, model: nn.Module, config: FitConfig, runtime: Runtime, expected: int, ragged: bool, shown) -> None:
+        self.model, self.runtime, self.expected, self.ragged, self.shown = model, runtime, expected, ragged, shown
         self.fn = _Compiled(model, runtime.device) if config.compile == "on" else model
         self.probing = config.compile == "auto"
         self.probe_s, self.probed = 0.0, 0  # eager seconds and steps timed so far
@@ -248,9 +249,9 @@ class _Steps:
             self._sync()
             self.probe_s += self.clock() - t0
             self.probed += 1
-            if self.probed == PROBE_STEPS or step + 1 == self.budget:
+            if self.probed == PROBE_STEPS or step + 1 >= self.expected:
                 self.probing = False
-                if self.pays(dist.mean(self.probe_s, self.probed), self.budget - step - 1):
+                if self.pays(dist.mean(self.probe_s, self.probed), self.expected - step - 1):
                     self.fn = _Compiled(self.model, self.runtime.device)
 
     def pays(self, eager_step_s: float, remaining: int) -> bool:
@@ -323,7 +324,8 @@ def fit_isomorphism(
     bound = f" ({budget} is the budget: fitting stops earlier once converged)" if lrs is None else ""
     shown = bar(total=budget, desc=desc, unit="step", advice=f"to shorten it: {shorter}{bound}")
     local = len(_local_order(train_idx, config.batch_size, rank, world))
-    step_fn = _Steps(model, config, runtime, budget, ragged=local % config.batch_size != 0 and local > config.batch_size, shown=shown)
+    expected = budget if lrs is not None else min(budget, CONVERGED_STEPS)
+    step_fn = _Steps(model, config, runtime, expected, ragged=local % config.batch_size != 0 and local > config.batch_size, shown=shown)
     g.train()
     while step < budget and result.stop == "":
         epoch_order = _local_order(rng.permutation(train_idx), config.batch_size, rank, world)
