@@ -141,6 +141,16 @@ class _Clock:
         return self.now
 
 
+class _EagerCompiled:
+    """Stands in for torch.compile'd steps: the same loss, eagerly, reported as compiled."""
+
+    def __init__(self, module, device):
+        self.fn, self.compiled = module, True
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
 @pytest.mark.parametrize("step_s, compiles", [(1.0, False), (100.0, True)])
 def test_auto_compiles_only_when_the_measured_steps_repay_it(monkeypatch, capsys, digit_nets, tmp_path, step_s, compiles):
     """`refiner fit --g-compile auto` times its first eager steps: with 20 steps left after the probe, 1 s steps
@@ -148,15 +158,8 @@ def test_auto_compiles_only_when_the_measured_steps_repay_it(monkeypatch, capsys
     from refiner.cli import main
     from refiner.engine import fitting
 
-    class Recorded:  # stands in for torch.compile'd steps: the same loss, eagerly
-        def __init__(self, module, device):
-            self.fn, self.compiled = module, True
-
-        def __call__(self, *args):
-            return self.fn(*args)
-
     monkeypatch.setattr(fitting._Steps, "clock", staticmethod(_Clock(step_s)))
-    monkeypatch.setattr(fitting, "_Compiled", Recorded)
+    monkeypatch.setattr(fitting, "_Compiled", _EagerCompiled)
     a, b = digit_nets
     out = tmp_path / "g.pt"
     code = main(["fit", "--a", str(a.path), "--b", str(b.path), "--task", "digits", "--g-steps", "41", "--g-compile", "auto",
@@ -174,15 +177,8 @@ def test_auto_expects_a_converging_fit_to_stop_early(monkeypatch, step_s, compil
     steps would repay two 90 s graphs over 20,000 steps (400 s saved) but not over 5,000 (100 s); 1 s steps would."""
     from refiner.engine import fitting
 
-    class Recorded:
-        def __init__(self, module, device):
-            self.fn, self.compiled = module, True
-
-        def __call__(self, *args):
-            return self.fn(*args)
-
     monkeypatch.setattr(fitting._Steps, "clock", staticmethod(_Clock(step_s)))
-    monkeypatch.setattr(fitting, "_Compiled", Recorded)
+    monkeypatch.setattr(fitting, "_Compiled", _EagerCompiled)
     x_a, x_b = _toy(200)
     _, fit = fit_isomorphism(x_a, x_b, config=FitConfig(eval_every=30, patience=1, plateau=1))
     assert fit.stop == "converged" and fit.compiled is compiles

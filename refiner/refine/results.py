@@ -30,6 +30,11 @@ PREDICTION_KEY = {"acc_target": "test", "acc": "test:all"}  # where each tested 
 Verdict = Literal["helps", "hurts", "is within noise"]
 
 
+def _shares(counts: list[int], images: int) -> list[float]:
+    """Accuracies from counts of correctly classified images."""
+    return [c / images for c in counts]
+
+
 class VariantResult(BaseModel):
     """One feature source fine-tuned once per run (g fit x seed); every list holds one figure per run, in run order."""
 
@@ -72,27 +77,27 @@ class VariantResult(BaseModel):
     @computed_field
     @property
     def val_acc(self) -> list[float]:
-        return [c / self.val_images for c in self.val_correct]
+        return _shares(self.val_correct, self.val_images)
 
     @computed_field
     @property
     def test_acc(self) -> list[float]:
-        return [c / self.test_images for c in self.test_correct]
+        return _shares(self.test_correct, self.test_images)
 
     @computed_field
     @property
     def test_acc_target(self) -> list[float]:
-        return [c / self.test_images for c in self.test_correct_target]
+        return _shares(self.test_correct_target, self.test_images)
 
     @computed_field
     @property
     def last_acc(self) -> list[float]:
-        return [c / self.test_images for c in self.last_correct]
+        return _shares(self.last_correct, self.test_images)
 
     @computed_field
     @property
     def best_test_acc(self) -> list[float] | None:
-        return None if self.best_test_correct is None else [c / self.test_images for c in self.best_test_correct]
+        return None if self.best_test_correct is None else _shares(self.best_test_correct, self.test_images)
 
     def figure(self, metric: str) -> list[float]:
         return {"acc": self.test_acc, "acc_target": self.test_acc_target, "ce": self.test_ce, "ce_target": self.test_ce_target}[metric]
