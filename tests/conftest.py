@@ -40,6 +40,16 @@ def _seeded_rng():
 
 
 @pytest.fixture(autouse=True)
+def _not_quiet():
+    """Each test starts with progress on: a `--quiet` run in an earlier test leaves the module-level switch set."""
+    from refiner.progress import set_quiet
+
+    set_quiet(False)
+    yield
+    set_quiet(False)
+
+
+@pytest.fixture(autouse=True)
 def _cache_dir(tmp_path, monkeypatch):
     """Keep each test's feature cache in its own temporary folder."""
     monkeypatch.setenv("REFINER_CACHE", str(tmp_path / "cache"))
