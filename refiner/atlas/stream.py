@@ -29,7 +29,7 @@ from refiner.data.datasets import ImageDataset, Preprocess, Sample
 from refiner.engine import distributed as dist
 from refiner.engine.device import Runtime
 from refiner.errors import ConfigError, LayerError
-from refiner.models.layers import _tracer_kwargs, list_layers
+from refiner.models.layers import list_layers, trace_eval, tracer_kwargs
 from refiner.progress import bar
 
 __all__ = ["LayerInfo", "capture_model", "probe_layers", "choose_layers", "batch_sizes", "StreamResult", "stream_cka"]
@@ -54,7 +54,7 @@ def capture_model(model: nn.Module, layers: list[str], runtime: Runtime | None =
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="NOTE: The nodes obtained by tracing")
         try:
-            extractor = create_feature_extractor(model, {name: name for name in layers}, tracer_kwargs=_tracer_kwargs(model))
+            extractor = create_feature_extractor(model, {name: name for name in layers}, tracer_kwargs=tracer_kwargs(model))
         except ValueError as e:
             raise LayerError(f"{e}; `refiner layers --arch ...` lists the names") from e
     graph = extractor.graph
@@ -86,14 +86,7 @@ def _kept(value):
 def _clean_cuts(model: nn.Module) -> tuple[list[str], set[str]]:
     """`list_layers(model)` and those of them that are clean cut points (no later node reads an earlier activation)."""
     names = list_layers(model)
-    from torchvision.models.feature_extraction import NodePathTracer, _set_default_tracer_kwargs
-
-    was_training = model.training
-    tracer = NodePathTracer(**_set_default_tracer_kwargs(_tracer_kwargs(model)))
-    try:
-        graph = tracer.trace(model.eval())
-    finally:
-        model.train(was_training)
+    tracer, graph = trace_eval(model)
     nodes = [n for n in graph.nodes if n.op not in ("get_attr", "output")]
     index = {n: i for i, n in enumerate(nodes)}
     earliest_read = [min((index[a] for a in n.all_input_nodes if a in index), default=i) for i, n in enumerate(nodes)]

@@ -19,10 +19,10 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from refiner.errors import ConfigError, LayerError
 
-__all__ = ["list_layers", "layer_shapes", "split_model", "feature_shape", "TokensToMap", "MapToTokens"]
+__all__ = ["list_layers", "layer_shapes", "split_model", "feature_shape", "trace_eval", "tracer_kwargs", "TokensToMap", "MapToTokens"]
 
 
-def _tracer_kwargs(model: nn.Module) -> dict | None:
+def tracer_kwargs(model: nn.Module) -> dict | None:
     """timm's modules and functions that symbolic tracing must not enter (None for other models)."""
     if not type(model).__module__.startswith("timm."):
         return None
@@ -72,16 +72,22 @@ def layer_shapes(model: nn.Module, input_size: tuple[int, int, int], name: str =
     return shapes
 
 
-def _split_points(model: nn.Module) -> tuple[GraphModule, dict]:
-    """`model`'s eval-mode graph (sharing its parameters) and its split-point nodes -> their names, input first, output last."""
+def trace_eval(model: nn.Module):
+    """`model`'s eval-mode fx tracer and graph, traced with the node names torchvision's feature extractor uses."""
     from torchvision.models.feature_extraction import NodePathTracer, _set_default_tracer_kwargs
 
     was_training = model.training
-    tracer = NodePathTracer(**_set_default_tracer_kwargs(_tracer_kwargs(model)))
+    tracer = NodePathTracer(**_set_default_tracer_kwargs(tracer_kwargs(model)))
     try:
         graph = tracer.trace(model.eval())
     finally:
         model.train(was_training)
+    return tracer, graph
+
+
+def _split_points(model: nn.Module) -> tuple[GraphModule, dict]:
+    """`model`'s eval-mode graph (sharing its parameters) and its split-point nodes -> their names, input first, output last."""
+    tracer, graph = trace_eval(model)
     first = next(n for n in graph.nodes if n.op == "placeholder")
     shape_only = set()  # nodes computed from shapes alone (x.shape, its items, sizes, checks)
     for node in graph.nodes:
@@ -137,7 +143,7 @@ def split_model(model: nn.Module, layer: str, input_size: tuple[int, int, int] |
     layer, last = _resolve(model, layer)
     was_training = model.training
     model.eval()
-    tracer = _tracer_kwargs(model)
+    tracer = tracer_kwargs(model)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="NOTE: The nodes obtained by tracing")
