@@ -211,19 +211,24 @@ def test_atlas_of_two_architectures_end_to_end(tmp_path, capsys):
     assert "at least 4" in err and "\n" not in err and not (tmp_path / "few").exists()
 
 
-def test_atlas_of_a_vit_against_a_cnn(tmp_path, capsys):
-    """Token layers enter flattened, so a ViT maps against a CNN (build refuses that pair)."""
+@pytest.mark.parametrize("arch_a, arch_b", [("timm/test_vit", "small_vgg"), ("resnet18", "timm/convnext_atto")])
+def test_atlas_across_families(tmp_path, capsys, arch_a, arch_b):
+    """A ViT against a CNN (token layers enter flattened; build refuses that pair), and a torchvision net against a timm one."""
     from test_cli import _tiny_imagefolder
 
     data = _tiny_imagefolder(tmp_path / "imgs")
-    a, b = _bare(tmp_path, "a.pt", "timm/test_vit", 0, 2), _bare(tmp_path, "b.pt", "small_vgg", 1, 2)
-    argv = ["atlas", "--a", a, "--arch-a", "timm/test_vit", "--b", b, "--arch-b", "small_vgg", "--task", "imagefolder", "--data", str(data),
-            "--classes", "cat,dog", "--split", "train", "--images", "8", "--batch-size", "4", "--max-layers", "3",
+    a, b = _bare(tmp_path, "a.pt", arch_a, 0, 2), _bare(tmp_path, "b.pt", arch_b, 1, 2)
+    size = [] if arch_a.endswith("vit") else ["--img-size", "64"]
+    argv = ["atlas", "--a", a, "--arch-a", arch_a, "--b", b, "--arch-b", arch_b, "--task", "imagefolder", "--data", str(data),
+            "--classes", "cat,dog", "--split", "train", "--images", "8", "--batch-size", "4", "--max-layers", "3", *size,
             "--consistency", "none", "--threads", "1", "--quiet", "--json", "--out", str(tmp_path / "atlas")]  # fmt: skip
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["shapes_a"][1][0] == 101  # tokens (cls + 10 x 10 patches) x channels
-    assert report["images"] == 8 and np.isfinite(np.array(report["cka"], dtype=float)).all()
+    if arch_a.endswith("vit"):
+        assert report["shapes_a"][1][0] == 101  # tokens (cls + 10 x 10 patches) x channels
+    cka = np.array(report["cka"], dtype=float)
+    assert report["images"] == 8 and cka.shape == (len(report["layers_a"]), len(report["layers_b"])) and np.isfinite(cka).all()
+    assert ((cka > -0.2) & (cka < 1 + 1e-5)).all()
 
 
 @pytest.mark.needs_cuda
