@@ -307,6 +307,9 @@ def test_help_and_argument_errors_import_no_torch(tmp_path):
         ["build", "--a", "a.pt", "--b", "b.pt", "--task", "digits", "--max-int8-drop", "1"],
         ["fit", "--a", "a.pt", "--b", "b.pt", "--task", "digits", "--out", "g.pt", "--classes", "a,,b"],
         ["export", "--name", "x"], ["serve", "--models", str(tmp_path / "nowhere")],
+        ["build", "--a", "a.pt", "--b", "b.pt", "--task", "digits", "--g-seeds", "0"],
+        ["build", "--a", "a.pt", "--b", "b.pt", "--task", "digits", "--resamples", "100"],
+        ["build", "--a", "a.pt", "--b", "b.pt", "--task", "digits", "--g", "g.pt", "--g-seeds", "2"],
     ]  # fmt: skip
     script = (
         "import sys\nfrom refiner.cli import main\n"
@@ -318,7 +321,9 @@ def test_help_and_argument_errors_import_no_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     results = [line.split(" ", 2) for line in out.stderr.splitlines() if line.startswith("RESULT ")]
     assert len(results) == len(cases), out.stderr[-2000:]
-    assert [code for _, code, _ in results] == ["0", "0", "0", "2", "2", "2", "2", "2", "2", "2"], out.stderr[-2000:]
+    assert [code for _, code, _ in results] == ["0", "0", "0", *["2"] * 10], out.stderr[-2000:]
+    for needle in ("--g-seeds must be at least 1, got 0", "--resamples must be at least 10,000, got 100", "--g-seeds 2 cannot refit"):
+        assert any(line.endswith(needle) or needle in line for line in out.stderr.splitlines() if line.startswith("refiner build: error:")), needle
     assert all(rest.startswith("[] ") for _, _, rest in results), results
     assert not list(tmp_path.iterdir())  # nothing written
 

@@ -50,6 +50,11 @@ def check(args) -> None:
 
     if args.head_lr is not None and len(args.head_lr) > 2:
         raise ConfigError(f"--head-lr takes START or START END, got {len(args.head_lr)} values")
+    for flag, value, least in (("--seeds", args.seeds, 1), ("--g-seeds", args.g_seeds, 1), ("--resamples", args.resamples, 10_000)):
+        if value < least:
+            raise ConfigError(f"{flag} must be at least {least:,}, got {value}")
+    if args.g_seeds > 1 and args.g_file is not None:
+        raise ConfigError(f"--g reuses one fit of g, so --g-seeds {args.g_seeds} cannot refit it; drop one of them")
 
 
 def run(args) -> None:
