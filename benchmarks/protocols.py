@@ -102,8 +102,10 @@ def _keep(built: Path, kept: Path) -> None:
     tmp = kept.with_name(kept.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name in ("predictions.npz", "report.json"):
-        shutil.copy2(built / name, tmp / name)
+    shutil.copy2(built / "predictions.npz", tmp / "predictions.npz")
+    report = json.loads((built / "report.json").read_text())
+    report["comparison"]["data_root"] = "CIFAR_ROOT"  # where the data lay on the machine that ran it: not kept
+    (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     tmp.rename(kept)
     print(f"[{time.perf_counter() - start:7.0f} s] {step.log.stem}", flush=True)
 
