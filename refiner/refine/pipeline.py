@@ -142,14 +142,14 @@ def build(
         t0 = time.perf_counter()
         jobs = sum(len(v.sets) for v in variants) * config.seeds
         stage(f"fine-tuning {len(variants)} variants x {config.seeds} seeds{f' x {len(gs)} g fits' if len(gs) > 1 else ''} = {jobs} runs ({config.protocol} protocol, {config.head.epochs} epochs each)")
-        results, predictions, (exported_g, refined_head), exported = _finetune_all(variants, labels, heads, config, runtime)
+        results, predictions, refined_head, exported = _finetune_all(variants, labels, heads, config, runtime)
         seconds["finetune"] = time.perf_counter() - t0
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if not dist.is_main():
         dist.barrier()  # wait for rank 0's export so every process leaves together
         return None
-    model = RefinedModel(trunk_a, gs[exported_g].cpu(), refined_head.cpu()).eval()
+    model = RefinedModel(trunk_a, gs[exported["g_fit"]].cpu(), refined_head.cpu()).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     t0 = time.perf_counter()
@@ -330,11 +330,11 @@ def _shuffled_delta(xb: np.ndarray, gxa: np.ndarray, path: Path, seed: int, batc
 
 def _finetune_all(
     variants: list[_Variant], labels: dict[str, np.ndarray], heads: dict[str, _Head], config: BuildConfig, runtime: Runtime
-) -> tuple[list[VariantResult], dict[str, dict[str, np.ndarray]], tuple[int, nn.Module], dict[str, int]]:
+) -> tuple[list[VariantResult], dict[str, dict[str, np.ndarray]], nn.Module, dict[str, int]]:
     """Fine-tune every variant for every g fit and seed (jobs split across ranks).
 
     Returns the results, the per-image predictions per variant, the exported
-    run's g fit and head (best refined run on validation data), and that run.
+    head (best refined run on validation data), and that run's g fit and seed.
     Labels are target indices; the paper protocol maps them to each side's base indices.
     """
     jobs = [(v, j, seed) for v in variants for j in range(len(v.sets)) for seed in range(config.seeds)]
@@ -389,7 +389,7 @@ def _finetune_all(
     if config.protocol == "paper":  # the artifact answers in the target classes, sliced from the base outputs
         head = nn.Sequential(head, OutputSlice(side.target))
     _, g_fit, seed = jobs[best]
-    return results, predictions, (g_fit, head.eval()), {"g_fit": g_fit, "seed": seed}
+    return results, predictions, head.eval(), {"g_fit": g_fit, "seed": seed}
 
 
 def _spec(

@@ -179,7 +179,7 @@ def paired_tests(
         p = boot.p if p_holm is None else p_holm
         mean = float(d.mean())
         verdict: Verdict = "is within noise" if p >= 0.05 else ("helps" if mean > 0 else "hurts")
-        budget = noise_budget(d, resamples, seed) if p_holm is None else None
+        budget = noise_budget(d, boot, seed) if p_holm is None else None
         tests.append(PairedTest(
             baseline=baseline, metric=metric, primary=p_holm is None, images=d.shape[2], diffs=per_run, mean=mean,
             bootstrap=boot, p_holm=p_holm, mcnemar=mcnemar(d), t_test=seed_t_test(per_run, d.shape[2]), verdict=verdict,
@@ -188,18 +188,17 @@ def paired_tests(
     return tests
 
 
-def noise_budget(diff: np.ndarray, resamples: int = 10_000, seed: int = 0) -> list[NoiseSource]:
-    """Spread of a (g fits, seeds, images) difference from each source alone, and from all together."""
-    sources = [("g fits", ["g"]), ("fine-tuning seeds", ["seed"]), ("test images", ["image"]), ("all together", list(LEVELS))]
+def noise_budget(diff: np.ndarray, overall: BootstrapResult, seed: int = 0) -> list[NoiseSource]:
+    """Spread of a (g fits, seeds, images) difference from each source alone, and from all together (`overall`, its bootstrap)."""
     draws = dict(zip(LEVELS, diff.shape))
     out = []
-    for source, levels in sources:
-        if all(draws[level] < 2 for level in levels):
-            out.append(NoiseSource(source=source, levels=levels, std=None))
+    for source, level in (("g fits", "g"), ("fine-tuning seeds", "seed"), ("test images", "image")):
+        if draws[level] < 2:  # one draw of this source: its spread is not measured, not zero
+            out.append(NoiseSource(source=source, levels=[level], std=None))
             continue
-        boot = bootstrap({"d": diff}, resamples=resamples, seed=seed, levels=levels)["d"]
-        out.append(NoiseSource(source=source, levels=levels, std=boot.std))
-    return out
+        alone = bootstrap({"d": diff}, resamples=overall.resamples, seed=seed, levels=[level])["d"]
+        out.append(NoiseSource(source=source, levels=[level], std=alone.std))
+    return [*out, NoiseSource(source="all together", levels=overall.levels, std=overall.std)]
 
 
 def _significance(test: PairedTest) -> str:
