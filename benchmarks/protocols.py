@@ -95,6 +95,7 @@ def _run(step: Step, threads: int, makers: dict[Path, Path]) -> None:
         raise SystemExit(f"failed ({code}): {' '.join(step.cmd)}\nsee {step.log}")
     if step.keep:
         _keep(*step.keep)
+    print(f"{step.log.stem}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
 def _keep(built: Path, kept: Path) -> None:
@@ -107,7 +108,6 @@ def _keep(built: Path, kept: Path) -> None:
     report["comparison"]["data_root"] = "CIFAR_ROOT"  # where the data lay on the machine that ran it: not kept
     (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     tmp.rename(kept)
-    print(f"[{time.perf_counter() - start:7.0f} s] {step.log.stem}", flush=True)
 
 
 def _run_all(steps: list[Step], jobs: int, threads: int) -> None:
