@@ -181,6 +181,17 @@ def test_a_diverging_head_is_marked_and_does_not_crash():
     assert not finetune_head(torch.nn.Linear(8, 3), finite, finite, finite, HeadConfig(epochs=2), 0, target=[0, 1, 2])[1].diverged
 
 
+def test_tracking_test_reuses_the_last_epochs_score_unchanged():
+    """Under track_test the last epoch's test pass is the `last` score: the same counts and predictions as a run without it."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, 8, generator=g), torch.randint(0, 3, (48,), generator=g)
+    batches = lambda: [(x[:24], y[:24]), (x[24:], y[24:])]  # noqa: E731
+    runs = [finetune_head(torch.nn.Linear(8, 3), batches, batches, batches, HeadConfig(epochs=3), 0, target=[0, 1, 2], track_test=t)[1] for t in (True, False)]
+    tracked, plain = runs
+    assert tracked.last == plain.last and tracked.history[-1]["test_acc"] == tracked.last.acc
+    assert (tracked.predictions["test@last"].target == plain.predictions["test@last"].target).all()
+
+
 def _run(correct: int, diverged: bool = False) -> HeadResult:
     s = Scores(images=10, correct=correct, correct_target=correct, ce=1.0, ce_target=1.0)
     p = Predictions(target=np.zeros(10, dtype=np.int64), full=np.zeros(10, dtype=np.int64))

@@ -168,7 +168,10 @@ def finetune_head(
             best_state, best_val, best_epoch, best_val_preds = copy.deepcopy(head.state_dict()), val_scores, epoch + 1, val_preds
     if progress is not None:
         progress.update(config.epochs - len(history))  # a diverged run's epochs left
-    last, last_preds = score_head(head, test(), target, runtime)
+    if track_test and not diverged:  # the last epoch's test score is already there
+        last, last_preds = test_scores, test_preds
+    else:
+        last, last_preds = score_head(head, test(), target, runtime)
     if best_state is None:  # diverged in the first epoch: nothing finite to go back to
         best_state, best_val, best_val_preds = copy.deepcopy(head.state_dict()), val_scores, val_preds
     head.load_state_dict(best_state)
