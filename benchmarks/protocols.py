@@ -212,11 +212,22 @@ def _cell(t: dict | None) -> str:
     return f"{_pp(t['mean'])} [{_pp(b['ci95'][0])}, {_pp(b['ci95'][1])}] p {p:.2g} {t['verdict']}"
 
 
+def _across(means: list[float]) -> str:
+    """Mean ± sample sd of the pairs' differences, and the t-interval over pairs: a claim about the method, not about one pair."""
+    if len(means) < 2:
+        return "—"
+    from scipy.stats import t
+
+    m, sd = statistics.fmean(means), statistics.stdev(means)
+    half = t.ppf(0.975, len(means) - 1) * sd / len(means) ** 0.5
+    return f"{_pp(m)} ± {100 * sd:.1f} [{_pp(m - half)}, {_pp(m + half)}]"
+
+
 def _table(results: Path, grid: list[tuple[str, ...]], pairs: int) -> str:
     """Per row: refined − x_B (and − the control) on each pair with its bootstrap interval, then the spread between pairs."""
     lines = [
         "| base data | layer | g | protocol | score | " + " | ".join(f"pair {k}: refined − x_B" for k in range(pairs))
-        + " | mean over pairs ± between-pair sd | within-pair 95% half-width (mean) | refined − control, per pair |",
+        + " | mean over pairs ± between-pair sd [95% t-interval over pairs, same test images] | within-pair 95% half-width (mean) | refined − control, per pair |",
         "|---|---|---|---|---|" + "---|" * pairs + "---:|---:|---|",
     ]  # fmt: skip
     for row in grid:
@@ -228,7 +239,7 @@ def _table(results: Path, grid: list[tuple[str, ...]], pairs: int) -> str:
             main = [t.get(("x_B", metric)) for t in tests]
             control = [t.get(("x_B - shuffled x^Δ", metric)) for t in tests]
             means = [t["mean"] for t in main if t]
-            spread = f"{_pp(statistics.fmean(means))} ± {100 * statistics.stdev(means):.1f}" if len(means) > 1 else "—"
+            spread = _across(means)
             halves = [(t["bootstrap"]["ci95"][1] - t["bootstrap"]["ci95"][0]) / 2 for t in main if t]
             half = f"{100 * statistics.fmean(halves):.1f}" if halves else "—"
             lines.append(
