@@ -212,6 +212,28 @@ def _cell(t: dict | None) -> str:
     return f"{_pp(t['mean'])} [{_pp(b['ci95'][0])}, {_pp(b['ci95'][1])}] p {p:.2g} {t['verdict']}"
 
 
+SHIFT = "share of images whose argmax is a non-target class"
+
+
+def _shift(predictions: Path) -> dict:
+    """Refined − x_B in the share of test images whose argmax over all outputs is a non-target class (the label-set shift).
+
+    Paired bootstrap over seeds and test images, as the build's own tests; one
+    secondary figure per build, so its p is not adjusted.
+    """
+    import numpy as np
+
+    from refiner.refine.predictions import load_predictions
+    from refiner.refine.statistics import bootstrap
+
+    _, runs = load_predictions(predictions)
+    outside = {f: (runs[f]["test:all"] == -1).astype(np.int64) for f in ("g(x_A)", "x_B")}
+    d = (outside["g(x_A)"] - outside["x_B"])[None]  # (1 g fit, seeds, images)
+    b = bootstrap({"shift": d}, levels=("seed", "image"))["shift"]
+    verdict = "is within noise" if b.ci95[0] <= 0 <= b.ci95[1] else "lower" if b.ci95[1] < 0 else "higher"
+    return {"mean": float(d.mean()), "bootstrap": b.model_dump(), "verdict": verdict}
+
+
 def _across(means: list[float]) -> str:
     """Mean ± sample sd of the pairs' differences, and the t-interval over pairs: a claim about the method, not about one pair."""
     if len(means) < 2:
@@ -233,9 +255,11 @@ def _table(results: Path, grid: list[tuple[str, ...]], pairs: int) -> str:
     for row in grid:
         reports = [results / f"{'-'.join(row)}-p{k}" / "report.json" for k in range(pairs)]
         found = [json.loads(r.read_text()) if r.exists() else None for r in reports]
-        metrics = [("acc_target", "target classes")] + ([("acc", "all outputs (paper's score)")] if row[3] == "paper" else [])
+        metrics = [("acc_target", "target classes")] + ([("acc", "all outputs (paper's score)"), (SHIFT, SHIFT)] if row[3] == "paper" else [])
         for metric, label in metrics:
             tests = [{(t["baseline"], t["metric"]): t for t in r["paired"]} if r else {} for r in found]
+            if metric == SHIFT:
+                tests = [{("x_B", SHIFT): _shift(r.parent / "predictions.npz")} if r.exists() else {} for r in reports]
             main = [t.get(("x_B", metric)) for t in tests]
             control = [t.get(("x_B - shuffled x^Δ", metric)) for t in tests]
             means = [t["mean"] for t in main if t]
