@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -30,6 +29,8 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
+
+import protocols_table
 
 TASK = "cifar-animal"
 LAYERS = {"pre-BN": "features.10", "post-ReLU": "features.12"}  # small_vgg block 2's last conv, and its ReLU
@@ -159,7 +160,7 @@ def main() -> None:
         if args.data is None:
             raise SystemExit(f"{len(missing)} builds are missing: give --data to run them, or --table-only")
         _run_all(_steps(args, out, results, refiner, [(row, k, names[row, k]) for row, k in missing]), args.jobs, args.threads)
-    table = _table(results, grid, args.pairs)
+    table = protocols_table.table(results, grid, args.pairs)
     results.mkdir(parents=True, exist_ok=True)
     (results / "table.md").write_text(table)
     print(table)
@@ -197,80 +198,6 @@ def _steps(args, out: Path, results: Path, refiner: list[str], builds: list[tupl
                "--name", name, "--models", str(out / "models")]  # fmt: skip
         steps[results / name] = Step(cmd, out / "logs" / f"build-{name}.log", results / name / "report.json", [g], keep=(report.parent, results / name))
     return list(steps.values())
-
-
-def _pp(x: float) -> str:
-    return f"{100 * x:+.1f}"
-
-
-def _cell(t: dict | None) -> str:
-    """A paired test as 'difference [95% CI] p verdict' in points."""
-    if t is None:
-        return "—"
-    b = t["bootstrap"]
-    p = b["p"] if t.get("p_holm") is None else t["p_holm"]
-    return f"{_pp(t['mean'])} [{_pp(b['ci95'][0])}, {_pp(b['ci95'][1])}] p {p:.2g} {t['verdict']}"
-
-
-SHIFT = "share of images whose argmax is a non-target class"
-
-
-def _shift(predictions: Path) -> dict:
-    """Refined − x_B in the share of test images whose argmax over all outputs is a non-target class (the label-set shift).
-
-    Paired bootstrap over seeds and test images, as the build's own tests; one
-    secondary figure per build, so its p is not adjusted.
-    """
-    import numpy as np
-
-    from refiner.refine.predictions import load_predictions
-    from refiner.refine.statistics import bootstrap
-
-    _, runs = load_predictions(predictions)
-    outside = {f: (runs[f]["test:all"] == -1).astype(np.int64) for f in ("g(x_A)", "x_B")}
-    d = (outside["g(x_A)"] - outside["x_B"])[None]  # (1 g fit, seeds, images)
-    b = bootstrap({"shift": d}, levels=("seed", "image"))["shift"]
-    verdict = "is within noise" if b.ci95[0] <= 0 <= b.ci95[1] else "lower" if b.ci95[1] < 0 else "higher"
-    return {"mean": float(d.mean()), "bootstrap": b.model_dump(), "verdict": verdict}
-
-
-def _across(means: list[float]) -> str:
-    """Mean ± sample sd of the pairs' differences, and the t-interval over pairs: a claim about the method, not about one pair."""
-    if len(means) < 2:
-        return "—"
-    from scipy.stats import t
-
-    m, sd = statistics.fmean(means), statistics.stdev(means)
-    half = t.ppf(0.975, len(means) - 1) * sd / len(means) ** 0.5
-    return f"{_pp(m)} ± {100 * sd:.1f} [{_pp(m - half)}, {_pp(m + half)}]"
-
-
-def _table(results: Path, grid: list[tuple[str, ...]], pairs: int) -> str:
-    """Per row: refined − x_B (and − the control) on each pair with its bootstrap interval, then the spread between pairs."""
-    lines = [
-        "| base data | layer | g | protocol | score | " + " | ".join(f"pair {k}: refined − x_B" for k in range(pairs))
-        + " | mean over pairs ± between-pair sd [95% t-interval over pairs, same test images] | within-pair 95% half-width (mean) | refined − control, per pair |",
-        "|---|---|---|---|---|" + "---|" * pairs + "---:|---:|---|",
-    ]  # fmt: skip
-    for row in grid:
-        reports = [results / f"{'-'.join(row)}-p{k}" / "report.json" for k in range(pairs)]
-        found = [json.loads(r.read_text()) if r.exists() else None for r in reports]
-        metrics = [("acc_target", "target classes")] + ([("acc", "all outputs (paper's score)"), (SHIFT, SHIFT)] if row[3] == "paper" else [])
-        for metric, label in metrics:
-            tests = [{(t["baseline"], t["metric"]): t for t in r["paired"]} if r else {} for r in found]
-            if metric == SHIFT:
-                tests = [{("x_B", SHIFT): _shift(r.parent / "predictions.npz")} if r.exists() else {} for r in reports]
-            main = [t.get(("x_B", metric)) for t in tests]
-            control = [t.get(("x_B - shuffled x^Δ", metric)) for t in tests]
-            means = [t["mean"] for t in main if t]
-            spread = _across(means)
-            halves = [(t["bootstrap"]["ci95"][1] - t["bootstrap"]["ci95"][0]) / 2 for t in main if t]
-            half = f"{100 * statistics.fmean(halves):.1f}" if halves else "—"
-            lines.append(
-                f"| {' | '.join(row[:3])} | {row[3]} | {label} | " + " | ".join(_cell(t) for t in main)
-                + f" | {spread} | {half} | " + "; ".join(_pp(t["mean"]) if t else "—" for t in control) + " |"
-            )  # fmt: skip
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
