@@ -84,24 +84,28 @@ def table(results: Path, grid: list[tuple[str, ...]], pairs: int) -> str:
             cells = [_pair_cell(b, found[b], score) if b in found else (None, "—") for b in builds]
             means = [m for m, _ in cells if m is not None]
             control = [_pp(float(_diff(b, score, CONTROL).mean())) if b in found and score != "shift" else "—" for b in builds]
-            result = bootstrap({"d": np.stack([_diff(b, score) for b in found])})["d"] if len(found) > 1 else None
-            pooled.append(result)
+            tested = {"x_B": BASELINE, "control": CONTROL} if score != "shift" else {"x_B": BASELINE}
+            result = bootstrap({k: np.stack([_diff(b, score, v) for b in found]) for k, v in tested.items()}) if len(found) > 1 else {}
+            pooled += result.values()
             rows.append((row, score, [c for _, c in cells], _between(means), result, control))
-    adjusted = iter(holm([r.p for r in pooled if r is not None]))
+    adjusted = dict(zip(map(id, pooled), holm([r.p for r in pooled])))
     lines = [
         "| base data | layer | g | protocol | score | " + " | ".join(f"pair {k}: refined − x_B" for k in range(pairs))
-        + " | mean ± sd over pairs [95% t-interval over pairs] | pooled over pairs, seeds, images: 95% CI, p, Holm p | refined − control, per pair |",
+        + " | mean ± sd over pairs [95% t-interval over pairs] | pooled over pairs, seeds, images: 95% CI, p, Holm p"
+        + " | refined − control: per pair; pooled |",
         "|---|---|---|---|---|" + "---|" * pairs + "---:|---|---|",
     ]  # fmt: skip
-    for row, score, cells, between, result, control in rows:
+
+    def pooled_cell(result) -> str:
         if result is None:
-            pooled_cell = "—"
-        else:
-            lo, hi = result.ci95
-            p_holm = next(adjusted)
-            pooled_cell = f"[{_pp(lo)}, {_pp(hi)}] p {result.p:.2g}, Holm {p_holm:.2g}: {_words(score, lo, hi) if p_holm < 0.05 else 'is within noise'}"
+            return "—"
+        (lo, hi), p_holm = result.ci95, adjusted[id(result)]
+        return f"{_pp(lo)} to {_pp(hi)}, p {result.p:.2g}, Holm {p_holm:.2g}: {_words(score, lo, hi) if p_holm < 0.05 else 'is within noise'}"
+
+    for row, score, cells, between, result, control in rows:
         lines.append(
             f"| {' | '.join(row[:3])} | {row[3]} | {SCORES[score][0]} | " + " | ".join(cells)
-            + f" | {between} | {pooled_cell} | " + "; ".join(control) + " |"
+            + f" | {between} | {pooled_cell(result.get('x_B'))} | " + "; ".join(control)
+            + ("" if score == "shift" else f"; pooled {pooled_cell(result.get('control'))}") + " |"
         )  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -38,7 +38,7 @@ def _build(results: Path, k: int, gain: int, rng: np.random.Generator) -> None:
 
 def _pooled_cell(results: Path) -> str:
     line = protocols_table.table(results, [ROW], 3).splitlines()[2]
-    return line.split(" | ")[-2]
+    return line.split(" | ")[-2]  # the pooled refined − x_B
 
 
 def test_a_gain_on_every_pair_is_found_and_a_sign_flip_between_pairs_is_not(tmp_path):
