@@ -132,7 +132,7 @@ def main() -> None:
     p.add_argument("--grid", choices=["full", "reduced"], default="full",
                    help="full: every base x layer x protocol; reduced: post-ReLU and the 10-epoch g on balanced data only (default: full)")
     p.add_argument("--pairs", type=int, default=3, help="independent base-net pairs per row (default: 3)")
-    p.add_argument("--only", nargs="*", default=[], help="run only builds whose name contains one of these (e.g. p1 balanced-pre-BN-converged)")
+    p.add_argument("--only", nargs="*", default=[], help="run only builds whose name contains one of these as whole '-' separated words (e.g. p1 balanced-pre-BN-converged)")
     p.add_argument("--per-class", type=int, default=200, help="training images per class, base nets and heads (default: 200)")
     p.add_argument("--test-per-class", type=int, default=200, help="test images per class scored (default: 200)")
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per variant (default: 3)")
@@ -154,7 +154,7 @@ def main() -> None:
     ]
     names = {(row, k): f"{'-'.join(row)}-p{k}" for row in grid for k in range(args.pairs)}
     missing = [key for key, name in names.items() if not (results / name / "report.json").exists()]
-    missing = [key for key in missing if not args.only or any(o in names[key] for o in args.only)]
+    missing = [key for key in missing if not args.only or any(f"-{o}-" in f"-{names[key]}-" for o in args.only)]  # whole words: not 'imbalanced' for 'balanced'
     missing.sort(key=lambda key: key[1])  # pair by pair: a pair's builds start before the next pair's nets are trained
     if missing and not args.table_only:
         if args.data is None:
