@@ -52,11 +52,12 @@ def _pair_cell(build: Path, report: dict, score: str) -> tuple[float, str]:
         d = _diff(build, score)
         b = bootstrap({"d": d[None]}, levels=("seed", "image"))["d"]
         mean, (lo, hi), p = float(d.mean()), b.ci95, b.p
-    else:
+        verdict = _words(score, lo, hi)
+    else:  # the build's own verdict: Holm-adjusted for its secondary comparisons
         test = next(x for x in report["paired"] if (x["baseline"], x["metric"]) == (BASELINE, score))
-        mean, (lo, hi) = test["mean"], test["bootstrap"]["ci95"]
+        mean, (lo, hi), verdict = test["mean"], test["bootstrap"]["ci95"], test["verdict"]
         p = test["bootstrap"]["p"] if test.get("p_holm") is None else test["p_holm"]
-    return mean, f"{_pp(mean)} [{_pp(lo)}, {_pp(hi)}] p {p:.2g} {_words(score, lo, hi)}"
+    return mean, f"{_pp(mean)} [{_pp(lo)}, {_pp(hi)}] p {p:.2g} {verdict}"
 
 
 def _between(means: list[float]) -> str:

@@ -32,7 +32,7 @@ def _build(results: Path, k: int, gain: int, rng: np.random.Generator) -> None:
     folder.mkdir(parents=True)
     save_predictions(folder / "predictions.npz", {"test": y}, {"g(x_A)": runs(refined), "x_B": runs(base), "x_B - shuffled x^Δ": runs(base)})
     mean = gain / N
-    paired = [{"baseline": "x_B", "metric": "acc_target", "mean": mean, "p_holm": None, "bootstrap": {"ci95": [mean - 0.01, mean + 0.01], "p": 0.5}}]
+    paired = [{"baseline": "x_B", "metric": "acc_target", "mean": mean, "p_holm": None, "verdict": "-", "bootstrap": {"ci95": [mean - 0.01, mean + 0.01], "p": 0.5}}]
     (folder / "report.json").write_text(json.dumps({"paired": paired}))
 
 
