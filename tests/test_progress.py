@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
@@ -17,8 +18,11 @@ from refiner import progress
 
 @pytest.fixture
 def bars_on(monkeypatch):
-    """Undo conftest's silencing of tqdm, with progress written as plain log lines without delay."""
-    monkeypatch.setattr(tqdm, "__init__", tqdm.__dict__["__init__"].func)
+    """Undo conftest's silencing of tqdm, with progress written as plain log lines without delay.
+
+    disable=False explicitly: tqdm reads TQDM_DISABLE when imported, which under pytest-xdist is after conftest set it.
+    """
+    monkeypatch.setattr(tqdm, "__init__", functools.partialmethod(tqdm.__dict__["__init__"].func, disable=False))
     monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)
     monkeypatch.setattr(progress, "_terminal", lambda: False)
 
