@@ -31,9 +31,12 @@ def _pp(x: float) -> str:
     return f"{100 * x:+.1f}"
 
 
-def _diff(build: Path, score: str, baseline: str = BASELINE) -> np.ndarray:
+Predictions = tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]  # load_predictions: labels, runs per variant
+
+
+def _diff(predictions: Predictions, score: str, baseline: str = BASELINE) -> np.ndarray:
     """Refined − baseline per run and image, (seeds, images) in {-1, 0, 1}."""
-    labels, runs = load_predictions(build / "predictions.npz")
+    labels, runs = predictions
     count = SCORES[score][1]
     return count(runs[REFINED], labels["test"]).astype(np.int64) - count(runs[baseline], labels["test"]).astype(np.int64)
 
@@ -46,10 +49,10 @@ def _words(score: str, lo: float, hi: float) -> str:
     return "helps" if lo > 0 else "hurts"
 
 
-def _pair_cell(build: Path, report: dict, score: str) -> tuple[float, str]:
+def _pair_cell(predictions: Predictions, report: dict, score: str) -> tuple[float, str]:
     """One pair: the build's own test (Holm p for its secondary comparisons); the shift, which builds do not test, tested here."""
     if score == "shift":
-        d = _diff(build, score)
+        d = _diff(predictions, score)
         b = bootstrap({"d": d[None]}, levels=("seed", "image"))["d"]
         mean, (lo, hi), p = float(d.mean()), b.ci95, b.p
         verdict = _words(score, lo, hi)
@@ -69,6 +72,14 @@ def _between(means: list[float]) -> str:
     return f"{_pp(m)} ± {100 * sd:.1f} [{_pp(m - half)}, {_pp(m + half)}]"
 
 
+def _pooled_cell(result, score: str, p_holm: dict[int, float]) -> str:
+    """A pooled test as 'CI, p, Holm p: verdict' in points; `p_holm` by id() of each pooled result."""
+    if result is None:
+        return "—"
+    (lo, hi), adjusted = result.ci95, p_holm[id(result)]
+    return f"{_pp(lo)} to {_pp(hi)}, p {result.p:.2g}, Holm {adjusted:.2g}: {_words(score, lo, hi) if adjusted < 0.05 else 'is within noise'}"
+
+
 def table(results: Path, grid: list[tuple[str, ...]], pairs: int) -> str:
     """Per row and score: refined − x_B on each pair, between pairs, and pooled; Holm over every pooled test of the table.
 
@@ -81,12 +92,13 @@ def table(results: Path, grid: list[tuple[str, ...]], pairs: int) -> str:
     for row in grid:
         builds = [results / f"{'-'.join(row)}-p{k}" for k in range(pairs)]
         found = {b: json.loads((b / "report.json").read_text()) for b in builds if (b / "report.json").exists()}
+        preds = {b: load_predictions(b / "predictions.npz") for b in found}
         for score in ["acc_target", *(["acc", "shift"] if row[3] == "paper" else [])]:
-            cells = [_pair_cell(b, found[b], score) if b in found else (None, "—") for b in builds]
+            cells = [_pair_cell(preds[b], found[b], score) if b in found else (None, "—") for b in builds]
             means = [m for m, _ in cells if m is not None]
-            control = [_pp(float(_diff(b, score, CONTROL).mean())) if b in found and score != "shift" else "—" for b in builds]
+            control = [_pp(float(_diff(preds[b], score, CONTROL).mean())) if b in found and score != "shift" else "—" for b in builds]
             tested = {"x_B": BASELINE, "control": CONTROL} if score != "shift" else {"x_B": BASELINE}
-            result = bootstrap({k: np.stack([_diff(b, score, v) for b in found]) for k, v in tested.items()}) if len(found) > 1 else {}
+            result = bootstrap({k: np.stack([_diff(p, score, v) for p in preds.values()]) for k, v in tested.items()}) if len(found) > 1 else {}
             pooled += result.values()
             rows.append((row, score, [c for _, c in cells], _between(means), result, control))
     adjusted = dict(zip(map(id, pooled), holm([r.p for r in pooled])))
@@ -97,16 +109,10 @@ def table(results: Path, grid: list[tuple[str, ...]], pairs: int) -> str:
         "|---|---|---|---|---|" + "---|" * pairs + "---:|---|---|",
     ]  # fmt: skip
 
-    def pooled_cell(result) -> str:
-        if result is None:
-            return "—"
-        (lo, hi), p_holm = result.ci95, adjusted[id(result)]
-        return f"{_pp(lo)} to {_pp(hi)}, p {result.p:.2g}, Holm {p_holm:.2g}: {_words(score, lo, hi) if p_holm < 0.05 else 'is within noise'}"
-
     for row, score, cells, between, result, control in rows:
         lines.append(
             f"| {' | '.join(row[:3])} | {row[3]} | {SCORES[score][0]} | " + " | ".join(cells)
-            + f" | {between} | {pooled_cell(result.get('x_B'))} | " + "; ".join(control)
-            + ("" if score == "shift" else f"; pooled {pooled_cell(result.get('control'))}") + " |"
+            + f" | {between} | {_pooled_cell(result.get('x_B'), score, adjusted)} | " + "; ".join(control)
+            + ("" if score == "shift" else f"; pooled {_pooled_cell(result.get('control'), score, adjusted)}") + " |"
         )  # fmt: skip
     return "\n".join(lines) + "\n"
