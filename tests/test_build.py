@@ -124,6 +124,8 @@ def test_artifact_layout_and_metadata(tiny_build, digit_nets):
     assert set(report["comparison"]["tables"]) == {"val", "test"}
     assert report["runtime"]["device"] == "cpu" and report["runtime"]["amp"] == "off" and report["runtime"]["name"]
     assert report["comparison"]["fit"]["stop"] == "epochs" and len(report["comparison"]["fit"]["steps"]) == 3
+    assert report["comparison"]["fit"]["seed"] == report["g_fits"][0]["seed"] == 0
+    assert report["seed_varies"].startswith("the new target classifier's initialisation")  # sound protocol: a new classifier
     assert "<table>" in (folder / "report.html").read_text() and "fit.png" in (folder / "report.html").read_text()
     assert (model_dir / "labels.txt").read_text().split() == list("012345")
 

@@ -117,15 +117,23 @@ def test_folders_with_the_same_names_do_not_share_cached_features(tmp_path, digi
         _, report, pairs = compare(*digit_nets, data, config, cache, measure=("test",))
         return np.array(pairs["train"][0].x), report.tables["test"]
 
+    def entries():
+        return sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file())
+
     x_features, x_table = run(tmp_path / "x")
+    x_entries = entries()
     y_features, y_table = run(tmp_path / "y")
     assert not np.allclose(x_features, y_features) and x_table != y_table
-    assert np.array_equal(run(tmp_path / "x")[0], x_features)  # the same folder still hits its entry
+    assert len(entries()) == 2 * len(x_entries) > 0  # y got entries of its own
+    before_rerun = entries()
+    assert np.array_equal(run(tmp_path / "x")[0], x_features)
+    assert entries() == before_rerun  # the same folder hits its entries: nothing extracted or written again
     edited = load_task("imagefolder", tmp_path / "x", target=False).train[0].path
     before = edited.stat()
     Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(edited)
     os.utime(edited, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))  # a later mtime even where timestamps are coarse
     assert not np.allclose(run(tmp_path / "x")[0], x_features)
+    assert len(entries()) > len(before_rerun)  # the edited folder is a new entry
 
 
 def test_in_memory_images_with_the_same_bytes_but_another_shape_are_other_samples():

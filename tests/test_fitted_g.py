@@ -40,6 +40,11 @@ def test_build_refuses_a_g_fitted_on_other_classes(digits_g, digit_nets, tmp_pat
     assert not (tmp_path / "m").exists()
 
 
+def test_a_fitted_g_records_its_seed(digits_g, digit_nets):
+    _, (_, fit) = load_fitted_g(digits_g, *digit_nets, CompareConfig(), task="digits")
+    assert fit.seed == 0  # `refiner fit`'s default --g-seed; a build with --g reports it in g_fits
+
+
 def test_export_refuses_a_g_fitted_on_another_dataset(digits_g, digit_nets, tmp_path, capsys):
     a, b = digit_nets
     argv = ["export", "--a", str(a.path), "--b", str(b.path), "--g", str(digits_g), "--name", "t", "--models", str(tmp_path / "m"),
@@ -67,6 +72,11 @@ def test_another_folder_of_the_same_dataset_warns_and_old_files_still_load(digit
         load_fitted_g(path, a, b, CompareConfig(), task="imagefolder", classes=["dog", "cat"], data_dir=tmp_path / "x")
     with pytest.warns(UserWarning, match=r"was fitted on the data in '.*x', this run reads '.*copy': fine for a copy"):
         load_fitted_g(path, a, b, CompareConfig(), task="imagefolder", data_dir=tmp_path / "copy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an export of classes g was fitted on (a subset too): silent
+        load_fitted_g(path, a, b, CompareConfig(), task="imagefolder", classes=["dog"], data_dir=tmp_path / "x", other_classes="warn")
+    with pytest.warns(UserWarning, match="fitted on the classes cat,dog of 'imagefolder', without bird: the export answers them"):
+        load_fitted_g(path, a, b, CompareConfig(), task="imagefolder", classes=["dog", "bird"], data_dir=tmp_path / "x", other_classes="warn")
     _, info = load_isomorphism(path)
     del info["report"]["data_root"]  # as written before the folder was recorded
     old = save_isomorphism(tmp_path / "old.pt", g, info)

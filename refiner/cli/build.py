@@ -26,7 +26,7 @@ def register(sub) -> None:
     )  # fmt: skip
     p.add_argument(
         "--seeds", type=int, default=3,
-        help="fine-tuning seeds per variant; a seed sets the new classifier's initialisation, batch order and dropout (default: 3)",
+        help="fine-tuning seeds per variant; a seed sets batch order, dropout and (sound protocol) the new classifier's initialisation (default: 3)",
     )  # fmt: skip
     p.add_argument("--g-seeds", type=int, default=1, help="fit g this many times (seeds --g-seed, +1, ...) so g's own noise enters the paired tests (default: 1)")
     p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples of the paired tests, at least 10000 (default: 10000)")

@@ -72,7 +72,9 @@ def run(args) -> None:
     else:
         a, b = options.fed_from_g(args, options.load_net(args, args.a, "a", "net A"), options.load_net(args, args.b, "b", "net B"), args.g_file)
         options.check_named(args, b, "b", "net B", options.classes(args))
-        config, (g, _) = load_fitted_g(args.g_file, a, b, CompareConfig(), task=args.task, data_dir=args.data, other_preprocess="warn")
+        config, (g, _) = load_fitted_g(
+            args.g_file, a, b, CompareConfig(), task=args.task, classes=options.classes(args), data_dir=args.data, other_preprocess="warn", other_classes="warn"
+        )  # fmt: skip
         model, spec = refined_from_parts(a, b, g, config.layer_a, config.layer_b, options.classes(args))
     out = export_artifact(model, spec, args.models, args.name, export, args.task, args.data, SplitOptions(skip_bad_images=args.skip_bad_images, val_from=args.val_from))
     if args.json:

@@ -177,16 +177,18 @@ def fitted_report(path: Path) -> ComparisonReport:
 def load_fitted_g(
     path: Path, clf_a: Classifier, clf_b: Classifier, config: CompareConfig, *,
     task: str | None = None, classes: list[str] | None = None, data_dir: Path | None = None, other_preprocess: Literal["refuse", "warn"] = "refuse",
+    other_classes: Literal["refuse", "warn"] = "refuse",
 ) -> tuple[CompareConfig, tuple[IsomorphismNet, FitResult]]:  # fmt: skip
     """Load a g from `refiner fit`, check that it was fitted between these very nets (sha256), layers and preprocessing.
 
-    Given `task` (and its `data_dir`) and `classes`, also that g was fitted on that data (see `_check_data`).
-    A net fed otherwise than g was fitted on is refused, or with `other_preprocess="warn"` (an export
-    asked for another preprocessing) a warning. Returns the config with the g's layers filled in, and (g, its fit record).
+    Given `task` (and its `data_dir`) and `classes`, also that g was fitted on that data (see `_check_data`;
+    `other_classes="warn"`: an export, which answers `classes` but fits nothing on them, is warned when g's fit
+    did not include them all). A net fed otherwise than g was fitted on is refused, or with `other_preprocess="warn"`
+    (an export asked for another preprocessing) a warning. Returns the config with the g's layers filled in, and (g, its fit record).
     """
     g, info = load_isomorphism(path)
     report = ComparisonReport.model_validate(info["report"])
-    _check_data(Path(path).name, report, task, classes, data_dir)
+    _check_data(Path(path).name, report, task, classes, data_dir, other_classes)
     for side, clf, net, layer in (("A", clf_a, report.a, config.layer_a), ("B", clf_b, report.b, config.layer_b)):
         if net.sha256 != clf.sha256:
             raise CheckpointError(
@@ -208,14 +210,23 @@ def load_fitted_g(
     return config.model_copy(update={"layer_a": report.a.layer, "layer_b": report.b.layer}), (g, report.fit)
 
 
-def _check_data(name: str, report: ComparisonReport, task: str | None, classes: list[str] | None, data_dir: Path | None) -> None:
+def _check_data(
+    name: str, report: ComparisonReport, task: str | None, classes: list[str] | None, data_dir: Path | None, other_classes: Literal["refuse", "warn"]
+) -> None:  # fmt: skip
     """Refuse a g fitted on another dataset or other classes; warn when only the folder differs (a moved copy is legitimate)."""
     if task is not None and not same_dataset(task, report.task):
         raise ConfigError(
             f"{name} was fitted on task {report.task!r}, another dataset than task {task!r}; "
             f"pass --task {report.task} and its --data, or refit g with `refiner fit --task {task}`"
         )
-    if classes is not None and set(classes) != set(report.classes):
+    if classes is not None and other_classes == "warn":
+        if unseen := [c for c in classes if c not in report.classes]:
+            warnings.warn(
+                f"{name} was fitted on the classes {','.join(report.classes)} of {report.task!r}, without {','.join(unseen)}: "
+                "the export answers them through a g that never saw their images (its accuracy there is measured on export)",
+                stacklevel=3,
+            )
+    elif classes is not None and set(classes) != set(report.classes):
         raise ConfigError(
             f"{name} was fitted on the classes {','.join(report.classes)} of {report.task!r}, not on {','.join(classes)}; "
             f"refit g with `refiner fit --task {task or report.task} --on target` (and the same --classes), or leave --g out"

@@ -83,6 +83,7 @@ class FitResult(BaseModel):
     samples_per_s: float = 0.0  # training pairs per second, all processes together (compiling included)
     compiled: bool = False  # whether the steps ran under torch.compile
     compile_seconds: float = 0.0  # time of the steps that compiled (left out of the ETA, included in `seconds`)
+    seed: int | None = None  # the fit's seed (None in records written before it was kept)
 
 
 def channel_stats(x: np.ndarray, indices: np.ndarray, transform=None, batch_size: int = 256) -> tuple[Tensor, Tensor]:
@@ -315,7 +316,7 @@ def fit_isomorphism(
     else:
         budget, eval_every, lrs = config.max_steps, config.eval_every, None
 
-    result = FitResult()
+    result = FitResult(seed=config.seed)
     plateau = _Plateau(config) if lrs is None else None
     lr = config.lr_start
     step, mse_sum, mse_count, epoch = 0, torch.zeros((), dtype=torch.float64, device=runtime.device), 0, 0

@@ -26,7 +26,7 @@ from refiner.refine.publish import export_images, publish
 from refiner.refine.quantize import format_quantization
 from refiner.refine.refined import NetCut, OutputSlice, RefinedModel, RefinedSpec, replace_classifier
 from refiner.refine.predictions import FILE as PREDICTIONS, save_predictions, stack_runs
-from refiner.refine.report import BuildReport, GFit, format_accuracy_table, format_noise_budget, write_build_report
+from refiner.refine.report import BuildReport, GFit, format_accuracy_table, format_noise_budget, seed_varies, write_build_report
 from refiner.refine.results import CONTROL, REFINED, VariantResult, headline, paired_tests, worse_than_baselines
 from refiner.data.tasks import SplitOptions, get_task, load_task
 from refiner.engine import distributed as dist
@@ -125,7 +125,7 @@ def build(
             raise ConfigError(f"--g reuses one fit of g, so --g-seeds {config.g_seeds} cannot refit it; drop one of them")
         compare_config, fitted = load_fitted_g(g_file, clf_a, clf_b, config.compare, task=task, classes=data.classes, data_dir=data_dir)
     g, comparison, pairs = compare(clf_a, clf_b, data, compare_config, cache_dir, measure=(), extra=("val", "test"), fitted=fitted)
-    fits = [(g, comparison.fit, compare_config.fit.seed), *_refit(pairs["train"], compare_config, config.g_seeds, runtime)]
+    fits = [(g, comparison.fit), *_refit(pairs["train"], compare_config, config.g_seeds, runtime)]
     gs = [f[0] for f in fits]
     seconds["features_and_g"] = time.perf_counter() - start
     layer_a, layer_b = comparison.a.layer, comparison.b.layer
@@ -136,7 +136,6 @@ def build(
     try:
         t0 = time.perf_counter()
         variants, tables = _variants(gs, pairs, config, work)
-        comparison.tables = tables[0]
         labels = {s: pairs[s][0].y for s in ("train", "val", "test")}
         seconds["refined_features_and_var"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -149,7 +148,9 @@ def build(
     if not dist.is_main():
         dist.barrier()  # wait for rank 0's export so every process leaves together
         return None
-    model = RefinedModel(trunk_a, gs[exported["g_fit"]].cpu(), refined_head.cpu()).eval()
+    g, comparison.fit = fits[exported["g_fit"]]  # the report's Var table, fit and spec describe the g the model exports
+    comparison.tables = tables[exported["g_fit"]]
+    model = RefinedModel(trunk_a, g.cpu(), refined_head.cpu()).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     t0 = time.perf_counter()
@@ -157,7 +158,7 @@ def build(
     val_images, test = export_images(data, clf_a.meta.preprocess, config.export)
     paired = paired_tests(results, predictions, labels["test"], METRICS[config.protocol], config.seeds, config.resamples, config.bootstrap_seed)
     spec = _spec(config, data.classes, clf_a, clf_b, comparison, g, heads["B"].target)
-    g_fits = [GFit.of(seed, fit, t["test"]) for (_, fit, seed), t in zip(fits, tables)]
+    g_fits = [GFit.of(fit, t["test"]) for (_, fit), t in zip(fits, tables)]
     try:
         with publish(models, config.name, model, spec, config.export, val_images, test) as out:
             seconds["export"] = time.perf_counter() - t0
@@ -165,7 +166,7 @@ def build(
             report = BuildReport(
                 name=config.name, version=out.version, task=task, classes=data.classes, config=config,
                 variants=results, paired=paired, verdict=headline(results, paired, config.seeds, len(gs)), comparison=comparison,
-                g_fits=g_fits, exported_run=exported, g_file=Path(g_file).name if g_file else None, export=out.check,
+                seed_varies=seed_varies(config.protocol), g_fits=g_fits, exported_run=exported, g_file=Path(g_file).name if g_file else None, export=out.check,
                 quantization=out.quantization, seconds=seconds, runtime={**runtime.record(), "processes": dist.world_size()},
             )  # fmt: skip
             save_predictions(out.folder / PREDICTIONS, {s: labels[s] for s in ("val", "test")}, predictions)
@@ -226,7 +227,7 @@ def _head(upper: nn.Module, clf: Classifier, target: list[str], config: BuildCon
     return _Head(upper, list(range(len(target))), clf.meta.arch)
 
 
-def _refit(train: tuple[FeatureSet, FeatureSet], config: CompareConfig, g_seeds: int, runtime: Runtime) -> list[tuple[IsomorphismNet, FitResult, int]]:
+def _refit(train: tuple[FeatureSet, FeatureSet], config: CompareConfig, g_seeds: int, runtime: Runtime) -> list[tuple[IsomorphismNet, FitResult]]:
     """g fitted again g_seeds - 1 times, from the next seeds: its own fitting noise enters the bootstrap."""
     if g_seeds < 2:
         return []
@@ -234,8 +235,7 @@ def _refit(train: tuple[FeatureSet, FeatureSet], config: CompareConfig, g_seeds:
     out = []
     for j in range(1, g_seeds):
         seed = config.fit.seed + j
-        g, fit = fit_isomorphism(train[0].x, train[1].x, config.g, config.fit.model_copy(update={"seed": seed}), runtime=runtime, desc=f"fit g (seed {seed})")
-        out.append((g, fit, seed))
+        out.append(fit_isomorphism(train[0].x, train[1].x, config.g, config.fit.model_copy(update={"seed": seed}), runtime=runtime, desc=f"fit g (seed {seed})"))
     return out
 
 
@@ -378,10 +378,7 @@ def _finetune_all(
         mine_v = [(j, seed, runs[i]) for i, (w, j, seed) in enumerate(jobs) if w is v]
         results.append(VariantResult.from_runs(v.name, v.features, v.head_from, mine_v))
         predictions[v.features] = stack_runs(mine_v)
-    refined = [i for i, (v, _, _) in enumerate(jobs) if v.features == REFINED and not runs[i].diverged]
-    if not refined:
-        raise DivergedError("every fine-tuning run of the refined model diverged (non-finite loss): nothing to export; lower --head-lr")
-    best = max(refined, key=lambda i: (runs[i].val.correct, -i))  # best validation accuracy, first run on ties
+    best = _exported(jobs, runs)
     state = dist.broadcast(mine.get(best), src=best % dist.world_size())  # run_split gives job i to rank i % world
     side = heads["B"]
     head = side.fresh()
@@ -390,6 +387,14 @@ def _finetune_all(
         head = nn.Sequential(head, OutputSlice(side.target))
     _, g_fit, seed = jobs[best]
     return results, predictions, head.eval(), {"g_fit": g_fit, "seed": seed}
+
+
+def _exported(jobs: list[tuple[_Variant, int, int]], runs: list[HeadResult]) -> int:
+    """The refined run the artifact keeps: the best on validation data, the first on ties; diverged runs never."""
+    refined = [i for i, (v, _, _) in enumerate(jobs) if v.features == REFINED and not runs[i].diverged]
+    if not refined:
+        raise DivergedError("every fine-tuning run of the refined model diverged (non-finite loss): nothing to export; lower --head-lr")
+    return max(refined, key=lambda i: (runs[i].val.correct, -i))
 
 
 def _spec(

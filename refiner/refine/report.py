@@ -18,19 +18,19 @@ from refiner.engine.fitting import FitResult
 from refiner.engine.metrics import VarianceTable
 from refiner.reporting import GLOSSARY, describe_fit, format_fit, format_rows, html_table, page, save_bar_plot, save_fit_curve, variance_rows
 
-__all__ = ["GFit", "BuildReport", "format_accuracy_table", "format_noise_budget", "write_build_report"]
+__all__ = ["GFit", "BuildReport", "format_accuracy_table", "format_noise_budget", "seed_varies", "write_build_report"]
 
 
 class GFit(BaseModel):
     """One fit of g in a build (--g-seeds): how well it fitted and what it leaves in x^Δ."""
 
-    seed: int
+    seed: int | None  # None: a g from an older `refiner fit` file, which did not record its seed
     holdout_mse: float  # lowest held-out MSE of the fit
     instability_test: float  # Var(x^Δ)/Var(x_B) on the test split
 
     @classmethod
-    def of(cls, seed: int, fit: FitResult, test: VarianceTable) -> GFit:
-        return cls(seed=seed, holdout_mse=min(fit.holdout_mse, default=float("nan")), instability_test=test.instability)
+    def of(cls, fit: FitResult, test: VarianceTable) -> GFit:
+        return cls(seed=fit.seed, holdout_mse=min(fit.holdout_mse, default=float("nan")), instability_test=test.instability)
 
 
 class BuildReport(BaseModel):
@@ -44,7 +44,8 @@ class BuildReport(BaseModel):
     variants: list[VariantResult]
     paired: list[PairedTest]  # refined vs every other variant, per accuracy metric (the primary first declared in results.PRIMARY)
     verdict: str  # one line: does Delta removal help, hurt, or sit within noise here (seeds, test images, g fits)?
-    comparison: ComparisonReport  # g fit 0's record and Var tables
+    comparison: ComparisonReport  # the exported model's g: its fit record and Var tables
+    seed_varies: str = ""  # what a fine-tuning seed sets (it depends on the protocol)
     g_fits: list[GFit] = []  # every fit of g (one unless --g-seeds)
     exported_run: dict[str, int] = {}  # the refined run exported (best on validation): its g fit and seed
     g_file: str | None = None  # the `refiner fit` file g came from; None: fitted by this build
@@ -99,8 +100,8 @@ def _noise_rows(test: PairedTest) -> tuple[list[str], list[list[str]]]:
 
 
 def format_accuracy_table(variants: Sequence[VariantResult], protocol: str) -> str:
-    """Plain-text accuracy table, one row per variant (paper Tables 3/4 layout; accuracy in %)."""
-    return format_rows(*_accuracy_rows(variants, protocol))
+    """Plain-text accuracy table, one row per variant (paper Tables 3/4 layout; accuracy in %), and how to read ±."""
+    return format_rows(*_accuracy_rows(variants, protocol)) + "\n(mean ± sample std, n − 1, over the runs counted in `runs`)"
 
 
 def format_noise_budget(tests: Sequence[PairedTest]) -> str:
@@ -119,14 +120,16 @@ _ACCURACY_NOTE = (
 )
 
 
+def seed_varies(protocol: str) -> str:
+    """What one fine-tuning seed sets under `protocol`, as report.json and report.html say it."""
+    if protocol == "sound":
+        return "the new target classifier's initialisation, the order of training batches and dropout"
+    return "the order of training batches and dropout (the kept classifier starts from B's weights)"
+
+
 def _paired_note(protocol: str) -> str:
-    seed = (
-        "the new target classifier's initialisation, the order of training batches and dropout"
-        if protocol == "sound"
-        else "the order of training batches and dropout (the kept classifier starts from B's weights)"
-    )
     return (
-        "<p>refined − baseline on the same test images, run by run. A seed sets " + seed + "; the refined model and "
+        "<p>refined − baseline on the same test images, run by run. A seed sets " + seed_varies(protocol) + "; the refined model and "
         "each baseline share it. <b>Primary</b> (declared before the build): refined vs x_B on target-class accuracy; it "
         "alone decides the verdict. The p and interval are a paired bootstrap (10,000+ resamples): fits of g, then seeds, "
         "then test images are resampled, with the same images for both variants, so the interval covers fine-tuning "
@@ -142,7 +145,7 @@ def _noise_html(report: BuildReport) -> str:
         return "<p>Not tested: a variant diverged.</p>"
     fits = ""
     if len(report.g_fits) > 1:
-        rows = [[str(f.seed), f"{f.holdout_mse:.4f}", f"{f.instability_test:.4f}"] for f in report.g_fits]
+        rows = [["?" if f.seed is None else str(f.seed), f"{f.holdout_mse:.4f}", f"{f.instability_test:.4f}"] for f in report.g_fits]
         fits = html_table(["g seed", "held-out MSE", "instability on test"], rows)
     return html_table(*_noise_rows(primary)) + fits
 
