@@ -232,6 +232,22 @@ def test_atlas_across_families(tmp_path, capsys, arch_a, arch_b):
 
 
 @pytest.mark.needs_cuda
+def test_atlas_command_on_a_gpu_matches_the_cpu(tmp_path, capsys):
+    """`refiner atlas --device cuda` end to end, g fits included (features from the host, g on the device)."""
+    a, b = _bare(tmp_path, "a.pt", "small_vgg", 0), _bare(tmp_path, "b.pt", "cifar_resnet20", 1)
+    reports = []
+    for device in ("cpu", "cuda"):
+        argv = ["atlas", "--a", a, "--arch-a", "small_vgg", "--b", b, "--arch-b", "cifar_resnet20", "--task", "digits", "--device", device,
+                "--images", "40", "--batch-size", "20", "--max-layers", "3", "--consistency", "matched", "--g-steps", "20",
+                "--train-per-class", "10", "--test-per-class", "4", "--quiet", "--json", "--out", str(tmp_path / device)]  # fmt: skip
+        assert main(argv) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    assert np.abs(np.array(reports[1]["cka"], dtype=float) - np.array(reports[0]["cka"], dtype=float)).max() <= 1e-4
+    assert [r["skipped"] for r in reports[1]["consistency"]] == [r["skipped"] for r in reports[0]["consistency"]]
+    assert all(r["instability"] >= 0 for r in reports[1]["consistency"] if r["skipped"] is None)
+
+
+@pytest.mark.needs_cuda
 def test_atlas_on_a_gpu_matches_the_cpu():
     samples, pre = _digits(32)
     model = create_model("small_vgg", 10).eval()
