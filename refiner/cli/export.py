@@ -71,11 +71,12 @@ def run(args) -> None:
         spec = spec.model_copy(update={"preprocess": pre})
     else:
         a, b = options.fed_from_g(args, options.load_net(args, args.a, "a", "net A"), options.load_net(args, args.b, "b", "net B"), args.g_file)
-        options.check_named(args, b, "b", "net B", options.classes(args))
+        classes = options.classes(args)
+        options.check_named(args, b, "b", "net B", classes)
         config, (g, _) = load_fitted_g(
-            args.g_file, a, b, CompareConfig(), task=args.task, classes=options.classes(args), data_dir=args.data, other_preprocess="warn", other_classes="warn"
+            args.g_file, a, b, CompareConfig(), task=args.task, classes=classes, data_dir=args.data, other_preprocess="warn", other_classes="warn"
         )  # fmt: skip
-        model, spec = refined_from_parts(a, b, g, config.layer_a, config.layer_b, options.classes(args))
+        model, spec = refined_from_parts(a, b, g, config.layer_a, config.layer_b, classes)
     out = export_artifact(model, spec, args.models, args.name, export, args.task, args.data, SplitOptions(skip_bad_images=args.skip_bad_images, val_from=args.val_from))
     if args.json:
         print(out.metadata.model_dump_json())
