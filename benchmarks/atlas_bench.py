@@ -32,7 +32,7 @@ _CHILD = r"""
 import json, sys, time
 import numpy as np, torch
 from torch.utils.data import DataLoader, Dataset
-from refiner.atlas.stream import batch_sizes
+from refiner.layermap.stream import batch_sizes
 from refiner.data.datasets import ImageDataset
 from refiner.data.tasks import load_task
 from refiner.models.checkpoints import load_checkpoint

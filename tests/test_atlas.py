@@ -10,8 +10,8 @@ import pytest
 import torch
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from refiner.atlas.cka import MinibatchCKA, gram, hsic1
-from refiner.atlas.stream import batch_sizes, capture_model, stream_cka
+from refiner.layermap.cka import MinibatchCKA, gram, hsic1
+from refiner.layermap.stream import batch_sizes, capture_model, stream_cka
 from refiner.cli.main import main
 from refiner.engine.device import Runtime
 from refiner.errors import ConfigError
@@ -130,7 +130,7 @@ def test_every_layer_is_captured_as_it_was_produced(arch, layers, pre_activation
 
 
 def test_layers_are_checked_and_a_module_name_stands_for_its_last_node():
-    from refiner.atlas.stream import choose_layers, probe_layers
+    from refiner.layermap.stream import choose_layers, probe_layers
     from refiner.errors import LayerError
 
     infos = probe_layers(create_model("resnet18", 4), (3, 64, 64))

@@ -45,8 +45,8 @@ def register(sub) -> None:
 
 
 def run(args) -> None:
-    from refiner.atlas.pipeline import AtlasConfig, run_atlas
-    from refiner.atlas.report import format_atlas, write_atlas
+    from refiner.layermap.pipeline import AtlasConfig, run_atlas
+    from refiner.layermap.report import format_atlas, write_atlas
     from refiner.data.tasks import load_task
     from refiner.engine import distributed as dist
 

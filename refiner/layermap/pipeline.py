@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from refiner.atlas.stream import LayerInfo, batch_sizes, capture_model, choose_layers, probe_layers, stream_cka
+from refiner.layermap.stream import LayerInfo, batch_sizes, capture_model, choose_layers, probe_layers, stream_cka
 from refiner.data.tasks import TaskData
 from refiner.engine.comparison import CompareConfig, compare, default_layer
 from refiner.engine.device import Runtime, RuntimeConfig

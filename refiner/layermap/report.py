@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from refiner.analyses.figures import img, report_folder
-from refiner.atlas.pipeline import AtlasReport, ConsistencyRow
+from refiner.layermap.pipeline import AtlasReport, ConsistencyRow
 from refiner.reporting import GLOSSARY, format_rows, html_table, page
 
 __all__ = ["write_atlas", "save_heatmap", "consistency_rows", "format_atlas"]

@@ -6,7 +6,7 @@ node: a later in-place op (ReLU(inplace=True), ResNet's `out += identity`) would
 otherwise overwrite it, and a pre-activation layer would be measured after the ReLU.
 BatchNorm is folded into the convolution before it where that conv's output is not
 itself captured, and maps run channels_last. Per batch only Gram matrices and
-running sums are kept (see `refiner.atlas.cka`).
+running sums are kept (see `refiner.layermap.cka`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch.fx import GraphModule
 from torch.utils.data import DataLoader, Dataset
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from refiner.atlas.cka import MIN_BATCH, MinibatchCKA, PositionCKA, gram, position_key
+from refiner.layermap.cka import MIN_BATCH, MinibatchCKA, PositionCKA, gram, position_key
 from refiner.data.datasets import ImageDataset, Preprocess, Sample
 from refiner.engine import distributed as dist
 from refiner.engine.device import Runtime
