@@ -1,4 +1,8 @@
-"""Progress for people and for logs: tqdm bars on a terminal, plain bounded-rate lines elsewhere, nothing with --quiet.
+"""Progress for people and for logs: tqdm bars on a terminal or in Jupyter, plain bounded-rate lines elsewhere.
+
+Stage lines and notes are records of the `refiner` logger (INFO), which the
+command line prints on stderr and a library user sees once logging is set up;
+`set_progress(False)` turns the bars off.
 
 Written to a file or a CI log, a bar's carriage returns and escape sequences
 pile up; there each long loop prints at most one plain line per `LOG_INTERVAL_S`
@@ -12,6 +16,7 @@ and what shortens it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -20,9 +25,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from refiner.engine import distributed as dist
+__all__ = ["LOGGER", "CommandLineHandler", "bar", "note", "paused", "set_progress", "set_quiet", "stage"]
 
-__all__ = ["bar", "note", "paused", "set_quiet", "stage"]
+LOGGER = logging.getLogger("refiner")
+LOGGER.addHandler(logging.NullHandler())  # a library logs; the application decides what is shown
 
 LOG_INTERVAL_S = float(os.environ.get("REFINER_LOG_INTERVAL_S", 30.0))  # seconds between plain progress lines in a log
 LONG_S = 600.0  # a stage measured to take longer than this gets its estimate and advice printed
@@ -31,9 +37,25 @@ _quiet = False
 
 
 def set_quiet(quiet: bool) -> None:
-    """--quiet: no bars, no lines, no stage messages (errors and results still print)."""
+    """--quiet: no progress bars or lines (the command line also hides the logger's INFO records)."""
     global _quiet
     _quiet = quiet
+
+
+def set_progress(enabled: bool) -> None:
+    """Show (True, the default) or hide refiner's progress bars, in a terminal, a log or a notebook.
+
+    Example:
+        >>> import refiner
+        >>> refiner.set_progress(False)  # no bars from here on
+        >>> refiner.set_progress(True)
+    """
+    set_quiet(not enabled)
+
+
+def _is_main() -> bool:
+    """Rank 0 of a torchrun job, or the only process (RANK is set by torchrun before the group is joined)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 class _Estimated(tqdm):
@@ -94,7 +116,8 @@ class _PlainLines(_Estimated):
 
 
 def _terminal() -> bool:
-    return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+    """A terminal, or a Jupyter kernel (where tqdm.auto draws a widget): anywhere a bar redraws in place."""
+    return (sys.stderr.isatty() and os.environ.get("TERM") != "dumb") or tqdm.__module__ == "tqdm.notebook"
 
 
 def bar(iterable: Iterable[Any] | None = None, *, advice: str | None = None, **kwargs: Any) -> tqdm:
@@ -102,7 +125,7 @@ def bar(iterable: Iterable[Any] | None = None, *, advice: str | None = None, **k
 
     `advice`: what shortens the loop, printed with its measured length when that is over LONG_S.
     """
-    if _quiet or not dist.is_main():
+    if _quiet or not _is_main():
         kwargs["disable"] = True
     return (_Estimated if _terminal() else _PlainLines)(iterable, advice=advice, **kwargs)
 
@@ -121,13 +144,24 @@ def paused(shown: tqdm) -> Iterator[None]:
 
 
 def stage(message: str) -> None:
-    """One line saying which stage of a long command starts (stderr; not with --quiet)."""
-    if not _quiet and dist.is_main():
-        print(f"== {message}", file=sys.stderr, flush=True)
+    """Which stage of a long run starts: an INFO record of the `refiner` logger (rank 0 only)."""
+    if _is_main():
+        LOGGER.info(message, extra={"stage": True})
 
 
 def note(message: str) -> None:
-    """One line about what a stage is doing (stderr, above any bar; not with --quiet, rank 0 only)."""
-    if not _quiet and dist.is_main():
-        tqdm.write(message, file=sys.stderr)
-        sys.stderr.flush()
+    """What a stage is doing: an INFO record of the `refiner` logger (rank 0 only)."""
+    if _is_main():
+        LOGGER.info(message)
+
+
+class CommandLineHandler(logging.Handler):
+    """How the command line shows the logger: stage records as "== message", others plain, on stderr above any bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+            tqdm.write(f"== {message}" if getattr(record, "stage", False) else message, file=sys.stderr)
+            sys.stderr.flush()
+        except Exception:  # a handler never raises into the code that logged
+            self.handleError(record)

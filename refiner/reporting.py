@@ -17,6 +17,7 @@ __all__ = [
     "html_table",
     "save_bar_plot",
     "save_fit_curve",
+    "fit_curve_figure",
     "describe_fit",
     "describe_runtime",
     "format_fit",
@@ -124,11 +125,8 @@ def format_fit(fit: FitResult) -> str:
     )
 
 
-def save_fit_curve(path: Path, fit: FitResult) -> None:
-    """PNG of the fitting curve: train and held-out MSE, p^(k) and the learning rate against steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def fit_curve_figure(fit: FitResult):
+    """The fitting curve as a matplotlib Figure: train and held-out MSE, p^(k) and the learning rate against steps."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
@@ -150,5 +148,13 @@ def save_fit_curve(path: Path, fit: FitResult) -> None:
         ax.set_xlabel("optimiser steps")
     fig.suptitle(f"fitting g: {fit.stop} after {fit.total_steps} steps")
     fig.tight_layout()
+    return fig
+
+
+def save_fit_curve(path: Path, fit: FitResult) -> None:
+    """`fit_curve_figure` written as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = fit_curve_figure(fit)
     fig.savefig(path, dpi=100, format="png")
     plt.close(fig)

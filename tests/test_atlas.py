@@ -11,7 +11,7 @@ import torch
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from refiner.layermap.cka import MinibatchCKA, gram, hsic1
-from refiner.layermap.stream import batch_sizes, capture_model, stream_cka
+from refiner.layermap.stream import batch_sizes, capture_model, paired_batches, stream_cka, task_batches
 from refiner.cli.main import main
 from refiner.engine.device import Runtime
 from refiner.errors import ConfigError
@@ -160,7 +160,7 @@ def test_a_against_itself_has_a_unit_diagonal_and_a_symmetric_grid():
     model = create_model("small_vgg", 10).eval()
     layers = ["features.2", "features.6", "features.10", "features.16", "classifier.1"]
     runtime = Runtime.resolve()
-    result = stream_cka(capture_model(model, layers, runtime), capture_model(model, layers, runtime), layers, layers, samples, pre, pre, runtime, batch_size=16)
+    result = stream_cka(capture_model(model, layers, runtime), capture_model(model, layers, runtime), layers, layers, paired_batches(task_batches(samples, pre, pre, runtime, 16)[0]), runtime)
     assert result.images == 40 and result.batches == 3
     assert np.abs(1 - np.diag(result.cka)).max() <= 1e-5
     assert np.abs(result.cka - result.cka.T).max() <= 1e-6
@@ -258,7 +258,7 @@ def test_atlas_on_a_gpu_matches_the_cpu():
 
         runtime = Runtime.resolve(RuntimeConfig(device=device, amp=amp, threads=1))
         net = capture_model(model, layers, runtime)
-        grids.append(stream_cka(net, net, layers, layers, samples, pre, pre, runtime, batch_size=16).cka)
+        grids.append(stream_cka(net, net, layers, layers, paired_batches(task_batches(samples, pre, pre, runtime, 16)[0]), runtime).cka)
     assert np.abs(grids[1] - grids[0]).max() <= 1e-4
     assert np.abs(grids[2] - grids[0]).max() <= 2e-2
 

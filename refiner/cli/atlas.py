@@ -45,32 +45,40 @@ def register(sub) -> None:
 
 
 def run(args) -> None:
-    from refiner.layermap.pipeline import AtlasConfig, run_atlas
-    from refiner.layermap.report import format_atlas, write_atlas
+    import numpy as np
+
+    from refiner.api.atlas import atlas
     from refiner.data.tasks import load_task
     from refiner.engine import distributed as dist
-
+    from refiner.engine.device import Runtime
     from refiner.errors import ConfigError
+    from refiner.layermap.stream import task_batches
 
     if args.out.exists():
         raise ConfigError(f"report folder {str(args.out)!r} already exists; choose another --out or remove it")
+    layers_a, layers_b = _layers(args.layers_a), _layers(args.layers_b)
     g, fit = options.g_configs(args)
-    config = AtlasConfig(
-        layers_a=_layers(args.layers_a), layers_b=_layers(args.layers_b), max_layers=args.max_layers, images=args.images,
-        split=args.split, batch_size=args.batch_size, seed=args.seed, positions=args.position_cka == "on",
-        consistency=args.consistency, g=g, fit=fit, runtime=options.runtime(args),
-    )  # fmt: skip
     a, b = options.load_pair(args, args.task)
     data = load_task(args.task, args.data, target=False, classes=options.classes(args), options=options.split(args))
-    report = run_atlas(a, b, data, config, args.cache)
-    write_atlas(args.out, report)
+    samples = data.split(args.split)
+    if len(samples) > args.images:  # a seeded subset, in the split's order
+        samples = [samples[i] for i in np.sort(np.random.default_rng(args.seed).choice(len(samples), args.images, replace=False))]
+    runtime = options.runtime(args)
+    batches_a, batches_b = task_batches(samples, a.preprocess, b.preprocess, Runtime.resolve(runtime), args.batch_size)
+    result = atlas(
+        a, b, batches_a, layers_a, layers_b, data_b=batches_b, train=data if args.consistency != "none" else None,
+        consistency=args.consistency, max_layers=args.max_layers, positions=args.position_cka == "on", seed=args.seed,
+        g_config=g, fit_config=fit, split=args.split, task=args.task, device=runtime.device, amp=runtime.amp,
+        threads=runtime.threads, workers=runtime.workers, cache_dir=args.cache,
+    )  # fmt: skip
+    result.save(args.out)
     if not dist.is_main():
         return
     if args.json:
-        print(report.model_dump_json())
+        print(result.report.model_dump_json())
         return
-    print(format_atlas(report))
-    print(f"wrote {args.out}/atlas.json, cka.png and report.html ({report.seconds['total']:.0f} s)")
+    print(result)
+    print(f"wrote {args.out}/atlas.json, cka.png and report.html ({result.report.seconds['total']:.0f} s)")
 
 
 def _layers(value: str) -> list[str] | None:

@@ -59,7 +59,7 @@ def check(args) -> None:
 
 def run(args) -> None:
     from refiner.refine.config import BuildConfig, default_head
-    from refiner.refine.pipeline import build
+    from refiner.api.refine import build
     from refiner.engine.finetune import HeadConfig
 
     head = default_head(args.protocol).model_dump()
@@ -82,6 +82,6 @@ def run(args) -> None:
         name=args.name or f"{args.task}-refined",
         export=options.export_options(args),
     )
-    result = build(a, b, args.task, args.data, config, models=args.models, classes=options.classes(args), split=options.split(args), cache_dir=args.cache, g_file=args.g_file)
+    result = build(a, b, args.task, args.data, config=config, models=args.models, classes=options.classes(args), split=options.split(args), cache_dir=args.cache, g=args.g_file)
     if result is not None:  # rank 0 (or the only process)
         print(result.report.model_dump_json() if args.json else result.summary())

@@ -49,13 +49,13 @@ def check(args) -> None:
 def run(args) -> None:
     import warnings
 
-    from refiner.refine.publish import export_artifact
+    from refiner.api.refine import export
     from refiner.refine.refined import load_refined, refined_from_parts
     from refiner.data.tasks import SplitOptions
     from refiner.engine.comparison import CompareConfig, load_fitted_g
     from refiner.errors import ConfigError
 
-    export = options.export_options(args)  # checked before anything is loaded or said
+    options_ = options.export_options(args)  # checked before anything is loaded or said
     if args.refined is not None:
         if args.classes or args.labels_a or args.labels_b:
             raise ConfigError("--classes applies to --a/--b/--g (and so do --labels-a/--labels-b); a refined checkpoint answers the classes it was built for")
@@ -77,7 +77,7 @@ def run(args) -> None:
             args.g_file, a, b, CompareConfig(), task=args.task, classes=classes, data_dir=args.data, other_preprocess="warn", other_classes="warn"
         )  # fmt: skip
         model, spec = refined_from_parts(a, b, g, config.layer_a, config.layer_b, classes)
-    out = export_artifact(model, spec, args.models, args.name, export, args.task, args.data, SplitOptions(skip_bad_images=args.skip_bad_images, val_from=args.val_from))
+    out = export(model, args.name, spec=spec, models=args.models, options=options_, task=args.task, data=args.data, split=SplitOptions(skip_bad_images=args.skip_bad_images, val_from=args.val_from))
     if args.json:
         print(out.metadata.model_dump_json())
         return

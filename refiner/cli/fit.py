@@ -27,29 +27,26 @@ def register(sub) -> None:
 
 
 def run(args) -> None:
-    from refiner.atomic import atomic_file
+    from refiner.api.fit import fit
     from refiner.data.tasks import load_task
     from refiner.engine import distributed as dist
-    from refiner.engine.comparison import compare
-    from refiner.engine.isomorphism import save_isomorphism
-    from refiner.reporting import format_fit, format_variance_table, save_fit_curve
 
     classes = options.classes(args)  # checked before the nets are loaded and their preprocessing said
     a, b = options.load_pair(args, args.task)
     data = load_task(args.task, args.data, target=args.on == "target", classes=classes, options=options.split(args))
-    g, report, _ = compare(a, b, data, options.compare_config(args), args.cache)
+    g, fit_config = options.g_configs(args)
+    runtime = options.runtime(args)
+    fitted = fit(
+        a, b, data, args.layer_a, args.layer_b, g_config=g, fit_config=fit_config, cache_dtype="float16" if args.cache_fp16 else "float32",
+        device=runtime.device, amp=runtime.amp, threads=runtime.threads, workers=runtime.workers, cache_dir=args.cache,
+    )  # fmt: skip
     if not dist.is_main():
         return
-    curve = args.out.with_name(args.out.stem + "-curve.png")
-    save_isomorphism(args.out, g, {"report": report.model_dump(mode="json")})
-    with atomic_file(args.out.with_suffix(".json")) as tmp:
-        tmp.write_text(report.model_dump_json(indent=2))
-    with atomic_file(curve) as tmp:
-        save_fit_curve(tmp, report.fit)
+    fitted.save(args.out)
+    report = fitted.report
     if args.json:
         print(report.model_dump_json())
         return
-    print(format_variance_table(report.tables))
-    print(format_fit(report.fit))
+    print(fitted)
     print(f"on {report.runtime['device']} ({report.runtime['name']}), AMP {report.runtime['amp']}")
-    print(f"wrote {args.out}, {args.out.with_suffix('.json')} and {curve}")
+    print(f"wrote {args.out}, {args.out.with_suffix('.json')} and {args.out.with_name(args.out.stem + '-curve.png')}")

@@ -32,31 +32,26 @@ def run(args) -> None:
         raise ConfigError(f"--img-size must be a positive number of pixels, got {args.img_size}")
     import json
 
-    import torch
-
-    from refiner.models.architectures import create_model, get_arch
-    from refiner.models.checkpoints import load_checkpoint
-    from refiner.models.layers import layer_shapes
+    from refiner.api.nets import layers, load
 
     if args.checkpoint is not None:
-        clf = load_checkpoint(args.checkpoint, arch=args.arch, trust=args.trust_checkpoint)
-        arch, model, size = clf.meta.arch, clf.model, clf.meta.preprocess.input_size
+        source = load(args.checkpoint, arch=args.arch, trust=args.trust_checkpoint)
+        size, arch = source.preprocess.input_size, source.arch
     else:
-        arch = args.arch
+        from refiner.models.architectures import get_arch
+
+        source, arch = args.arch, args.arch
         spec = get_arch(arch)
         size = spec.preprocess.input_size if spec.preprocess is not None else spec.input_size
-        with torch.device("meta"):  # shapes only: no weights allocated, nothing computed
-            model = create_model(arch, 10)
     if args.img_size is not None:
         size = (size[0], args.img_size, args.img_size)
-    default = get_arch(arch).default_layer
-    shapes = layer_shapes(model, size, arch)
-    layers = list(shapes)[1:-1]  # the input and the output are not split points
+    listed = layers(source, size)
+    default = next((layer.name for layer in listed if layer.default), None)
     if args.json:
-        print(json.dumps({"arch": arch, "default": default, "input_size": list(size), "layers": layers, "shapes": {n: shapes[n] for n in layers}}))
+        print(json.dumps({"arch": arch, "default": default, "input_size": list(size), "layers": [x.name for x in listed], "shapes": {x.name: x.shape for x in listed}}))
         return
-    shown = {n: "x".join(map(str, shapes[n])) if shapes[n] is not None else "-" for n in layers}
-    width, shape_width = max(map(len, layers)), max(map(len, shown.values()))
+    shown = {x.name: "x".join(map(str, x.shape)) if x.shape is not None else "-" for x in listed}
+    width, shape_width = max(map(len, shown)), max(map(len, shown.values()))
     print(f"output shapes for {size[1]}x{size[2]} inputs (C x H x W; tokens: L x C)")
-    for name in layers:
+    for name in shown:
         print(f"{name:<{width}}  {shown[name]:<{shape_width}}  <- default" if name == default else f"{name:<{width}}  {shown[name]}")

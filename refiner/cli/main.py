@@ -31,11 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         options.check(args)  # the arguments alone, before torch is imported: a bad value answers at once
-        quiet = getattr(args, "quiet", False)
-        if quiet or "refiner.progress" in sys.modules:  # not quiet is the default, unless an earlier main() in this process set it
-            from refiner.progress import set_quiet
-
-            set_quiet(quiet)
+        _show_progress(getattr(args, "quiet", False))
         if hasattr(args, "device") and "WORLD_SIZE" in os.environ:
             from refiner.engine.distributed import init_from_env
 
@@ -51,3 +47,18 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit does not fail again
         return 0
     return 0
+
+
+def _show_progress(quiet: bool) -> None:
+    """Bars on unless --quiet; the `refiner` logger's records on stderr ("== stage"), only warnings and above with --quiet."""
+    import logging
+
+    from refiner.progress import LOGGER, CommandLineHandler, set_quiet
+
+    set_quiet(quiet)
+    handler = next((h for h in LOGGER.handlers if isinstance(h, CommandLineHandler)), None)
+    if handler is None:
+        handler = CommandLineHandler()
+        LOGGER.addHandler(handler)
+    LOGGER.setLevel(logging.INFO)
+    handler.setLevel(logging.WARNING if quiet else logging.INFO)

@@ -120,12 +120,12 @@ def add_net_names(p, suffix: str, which: str) -> None:
 
 def load_net(args, path: Path, suffix: str, who: str, default_pre=None, default_from: str = ""):
     """Load the net at `path` with its --arch-SUFFIX and --labels-SUFFIX (without its preprocessing said or overridden)."""
-    from refiner.models.checkpoints import load_checkpoint
+    from refiner.api.nets import load
 
     arch, names = (_flag(kind, suffix) for kind in ("arch", "labels"))
-    return load_checkpoint(
-        path, arch=getattr(args, arch[2:].replace("-", "_")), preprocess=default_pre, preprocess_from=default_from,
-        class_names=labels(getattr(args, names[2:].replace("-", "_")), names), trust=args.trust_checkpoint, who=who, arch_flag=arch,
+    return load(
+        path, arch=getattr(args, arch[2:].replace("-", "_")), fallback_preprocess=default_pre, fallback_from=default_from,
+        labels=labels(getattr(args, names[2:].replace("-", "_")), names), trust=args.trust_checkpoint, who=who, arch_flag=arch,
     )  # fmt: skip
 
 
@@ -268,6 +268,7 @@ def fed_from_g(args, a, b, g_file: Path | None):
 
 
 def compare_config(args):
+    """CompareConfig (layers, g, fitting, device, cache storage) from the options of `add_pair`."""
     from refiner.engine.comparison import CompareConfig
 
     g, fit = g_configs(args)

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from refiner.data.datasets import ArraySample, FileSample, Preprocess, Sample
 from refiner.errors import ConfigError, DataError, DataLayoutError
 
-__all__ = ["TaskSpec", "TaskData", "SplitOptions", "get_task", "list_tasks", "load_task", "same_dataset"]
+__all__ = ["TaskSpec", "TaskData", "SplitOptions", "register_task", "get_task", "list_tasks", "load_task", "same_dataset"]
 
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 CIFAR = dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
@@ -104,8 +104,20 @@ class TaskData:
 _REGISTRY: dict[str, TaskSpec] = {}
 
 
-def _register(spec: TaskSpec) -> None:
+def register_task(spec: TaskSpec) -> TaskSpec:
+    """Make a task a first-class name (`--task`, `refiner.build(..., task=...)`); a registered name is replaced.
+
+    Example:
+        >>> import refiner
+        >>> from refiner.data.tasks import TaskSpec, _load_imagefolder
+        >>> spec = TaskSpec("pets", "my pet photos, <class>/<image>", _load_imagefolder, None, None, refiner.Preprocess(input_size=(3, 64, 64)))
+        >>> "pets" in refiner.list_tasks(), refiner.register_task(spec).name in refiner.list_tasks()
+        (False, True)
+    """
+    if not isinstance(spec, TaskSpec):
+        raise ConfigError(f"register_task takes a TaskSpec, got {type(spec).__name__}")
     _REGISTRY[spec.name] = spec
+    return spec
 
 
 def list_tasks() -> list[str]:
@@ -386,18 +398,18 @@ def _dog_classes(found: list[str]) -> list[str]:
 
 
 _224 = Preprocess(input_size=(3, 224, 224), **IMAGENET)
-_register(TaskSpec("digits", "scikit-learn's bundled 8x8 handwritten digits (no download); target: digits 0-5",
+register_task(TaskSpec("digits", "scikit-learn's bundled 8x8 handwritten digits (no download); target: digits 0-5",
                    _load_digits, None, tuple("012345"), Preprocess(input_size=(3, 16, 16), mean=(0.3,) * 3, std=(0.37,) * 3), needs_data=False))
-_register(TaskSpec("cifar10", "CIFAR-10 as ImageFolder (train/, test/); target: all 10 classes",
+register_task(TaskSpec("cifar10", "CIFAR-10 as ImageFolder (train/, test/); target: all 10 classes",
                    _load_cifar10, tuple(CIFAR10_CLASSES), tuple(CIFAR10_CLASSES), Preprocess(input_size=(3, 32, 32), **CIFAR)))
-_register(TaskSpec("cifar-animal", "CIFAR-10; base nets on 10 classes, target: the 6 animal classes",
+register_task(TaskSpec("cifar-animal", "CIFAR-10; base nets on 10 classes, target: the 6 animal classes",
                    _load_cifar10, tuple(CIFAR10_CLASSES), ("bird", "cat", "deer", "dog", "frog", "horse"), Preprocess(input_size=(3, 32, 32), **CIFAR)))
-_register(TaskSpec("voc-animal", "Pascal VOC 2012 objects cropped by box; base: 20 classes, target: 6 animals",
+register_task(TaskSpec("voc-animal", "Pascal VOC 2012 objects cropped by box; base: 20 classes, target: 6 animals",
                    _load_voc, tuple(VOC_CLASSES), ("bird", "cat", "cow", "dog", "horse", "sheep"), _224))
-_register(TaskSpec("cub200", "CUB-200-2011 birds cropped by box; 200 classes", _load_cub, None, None, _224))
-_register(TaskSpec("mix-cub", "CUB-200-2011 + Stanford Dogs (320 classes); target: the 200 birds",
+register_task(TaskSpec("cub200", "CUB-200-2011 birds cropped by box; 200 classes", _load_cub, None, None, _224))
+register_task(TaskSpec("mix-cub", "CUB-200-2011 + Stanford Dogs (320 classes); target: the 200 birds",
                    _load_mix, None, _cub_classes, _224))
-_register(TaskSpec("mix-dogs", "CUB-200-2011 + Stanford Dogs (320 classes); target: the 120 dogs",
+register_task(TaskSpec("mix-dogs", "CUB-200-2011 + Stanford Dogs (320 classes); target: the 120 dogs",
                    _load_mix, None, _dog_classes, _224))
-_register(TaskSpec("imagefolder", "any folder tree <class>/<image> (optionally train/, test/ and val/); choose classes with --classes",
+register_task(TaskSpec("imagefolder", "any folder tree <class>/<image> (optionally train/, test/ and val/); choose classes with --classes",
                    _load_imagefolder, None, None, _224))

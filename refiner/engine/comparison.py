@@ -13,17 +13,16 @@ from refiner.data.datasets import Preprocess
 from refiner.data.tasks import TaskData, get_task, same_dataset
 from refiner.engine import distributed as dist
 from refiner.engine.device import Runtime, RuntimeConfig
-from refiner.engine.features import FeatureSet, classifier_features, features_cached, iter_batches
+from refiner.engine.features import Batches, FeatureSet, batch_features, classifier_features, features_cached, iter_batches
 from refiner.engine.fitting import FitConfig, FitResult, fit_isomorphism
 from refiner.engine.isomorphism import IsomorphismConfig, IsomorphismNet, load_isomorphism
 from refiner.engine.metrics import VarianceTable, measure_isomorphism
-from refiner.errors import CheckpointError, ConfigError
-from refiner.models.architectures import get_arch
+from refiner.errors import CheckpointError, ConfigError, DataError
 from refiner.models.checkpoints import Classifier
 from refiner.models.layers import TokensToMap, feature_shape, split_model
 from refiner.progress import bar
 
-__all__ = ["CompareConfig", "NetSide", "ComparisonReport", "compare", "default_layer", "measure_split", "load_fitted_g", "fitted_report"]
+__all__ = ["Sources", "CompareConfig", "NetSide", "ComparisonReport", "compare", "default_layer", "measure_split", "load_fitted_g", "fitted_report"]
 
 
 class CompareConfig(BaseModel):
@@ -47,15 +46,17 @@ class NetSide(BaseModel):
     arch: str
     layer: str
     feature_shape: list[int]
-    preprocess: Preprocess | None = None  # what its images were fed as (None in reports written before it was recorded)
+    preprocess: Preprocess | None = None  # what its images were fed as (None: before it was recorded, or batches from Python)
     class_names: list[str] | None = None  # names of its outputs (None in reports written before they were recorded)
+    weights_sha256: str | None = None  # hash of the weights themselves (None in reports written before it was recorded)
+    input_size: tuple[int, int, int] | None = None  # (C, H, W) its images had (None in reports written before it was recorded)
 
 
 class ComparisonReport(BaseModel):
     """Provenance, fit history and the Var table per split (paper Section 4.2)."""
 
-    task: str
-    classes: list[str]
+    task: str | None  # None: batches handed in from Python, of no task refiner knows
+    classes: list[str] | None  # None: as for task
     data_root: str | None = None  # the resolved --data folder (None: bundled data, or a report written before it was recorded)
     val_from: str | None = None  # where validation came from: "train" (carved), "val" (the val/ folder), "test" (half of test); None in older reports
     a: NetSide
@@ -68,7 +69,18 @@ class ComparisonReport(BaseModel):
 
 
 def default_layer(clf: Classifier) -> str:
-    return get_arch(clf.meta.arch).default_layer
+    return clf.default_layer
+
+
+Sources = dict[str, tuple[Batches, Batches | None]]  # split name -> (A's batches, B's batches; None: the same as A's)
+
+
+def _side(clf: Classifier, layer: str, shape: tuple[int, ...], fed_by_caller: bool) -> NetSide:
+    return NetSide(
+        path=clf.path.name, sha256=clf.sha256, arch=clf.meta.arch, layer=layer, feature_shape=list(shape),
+        preprocess=None if fed_by_caller else clf.meta.preprocess, class_names=clf.meta.class_names, weights_sha256=clf.weights_sha256,
+        input_size=clf.meta.preprocess.input_size,
+    )  # fmt: skip
 
 
 def measure_split(g: IsomorphismNet, fa: FeatureSet, fb: FeatureSet) -> VarianceTable:
@@ -78,7 +90,7 @@ def measure_split(g: IsomorphismNet, fa: FeatureSet, fb: FeatureSet) -> Variance
 def compare(
     clf_a: Classifier,
     clf_b: Classifier,
-    data: TaskData,
+    data: TaskData | Sources,
     config: CompareConfig | None = None,
     cache_dir: Path | None = None,
     measure: tuple[str, ...] = ("train", "test"),
@@ -87,9 +99,10 @@ def compare(
 ) -> tuple[IsomorphismNet, ComparisonReport, dict[str, tuple[FeatureSet, FeatureSet]]]:
     """Fit g: x_A -> x_B on the training split and measure the Var table on `measure` splits.
 
-    `fitted`: a g fitted before for these layers (and its fit record); fitting is skipped.
-    Returns g, the report, and the cached feature pairs of every split touched
-    (train, `measure` and `extra`: splits the caller measures itself).
+    `data`: a task's splits (features cached on disk), or the caller's batches per split name
+    (features held in memory). `fitted`: a g fitted before for these layers (and its fit
+    record); fitting is skipped. Returns g, the report, and the feature pairs of every
+    split touched (train, `measure` and `extra`: splits the caller measures itself).
     """
     config = config or CompareConfig()
     runtime = Runtime.resolve(config.runtime)
@@ -110,18 +123,7 @@ def compare(
     t0 = time.perf_counter()
     splits = list(dict.fromkeys(("train", *measure, *extra)))
     sides = ((clf_a, layer_a), (clf_b, layer_b))
-    missing = sum(
-        len(dist.shard(len(data.split(s)))) for s in splits for clf, layer in sides
-        if not features_cached(clf, layer, data, s, cache_dir, runtime, config.cache_dtype)
-    )  # fmt: skip
-    cpu = ", --device cuda" if runtime.device.type == "cpu" else ""
-    shown = bar(total=missing, desc="features", unit="image", advice=f"they are cached; to shorten it: fewer images (--train-per-class N){cpu}") if missing else None
-    pairs = {
-        split: tuple(classifier_features(clf, layer, data, split, cache_dir, runtime=runtime, dtype=config.cache_dtype, progress=shown) for clf, layer in sides)
-        for split in splits
-    }
-    if shown is not None:
-        shown.close()
+    pairs = _task_features(data, sides, splits, cache_dir, runtime, config) if isinstance(data, TaskData) else _batch_pairs(data, sides, splits, runtime)
     seconds["features"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     fa, fb = pairs["train"]
@@ -136,13 +138,14 @@ def compare(
     t0 = time.perf_counter()
     tables = {split: measure_split(g, *pairs[split]) for split in measure}
     seconds["measure"] = time.perf_counter() - t0
+    task = data if isinstance(data, TaskData) else None
     report = ComparisonReport(
-        task=data.task,
-        classes=data.classes,
-        data_root=str(data.root) if data.root is not None else None,
-        val_from=data.val_from,
-        a=NetSide(path=clf_a.path.name, sha256=clf_a.sha256, arch=clf_a.meta.arch, layer=layer_a, feature_shape=list(shapes[0]), preprocess=clf_a.meta.preprocess, class_names=clf_a.meta.class_names),
-        b=NetSide(path=clf_b.path.name, sha256=clf_b.sha256, arch=clf_b.meta.arch, layer=layer_b, feature_shape=list(shapes[1]), preprocess=clf_b.meta.preprocess, class_names=clf_b.meta.class_names),
+        task=task.task if task else None,
+        classes=task.classes if task else None,
+        data_root=str(task.root) if task and task.root is not None else None,
+        val_from=task.val_from if task else None,
+        a=_side(clf_a, layer_a, shapes[0], task is None),
+        b=_side(clf_b, layer_b, shapes[1], task is None),
         g=g.config,
         fit=fit,
         tables=tables,
@@ -150,6 +153,38 @@ def compare(
         runtime=runtime.record(),
     )
     return g, report, pairs
+
+
+def _task_features(data: TaskData, sides, splits: list[str], cache_dir: Path | None, runtime: Runtime, config: CompareConfig) -> dict:
+    """Both nets' features of each split of a task, from the disk cache or extracted into it under one progress bar."""
+    missing = sum(
+        len(dist.shard(len(data.split(s)))) for s in splits for clf, layer in sides
+        if not features_cached(clf, layer, data, s, cache_dir, runtime, config.cache_dtype)
+    )  # fmt: skip
+    cpu = ", --device cuda" if runtime.device.type == "cpu" else ""
+    shown = bar(total=missing, desc="features", unit="image", advice=f"they are cached; to shorten it: fewer images (--train-per-class N){cpu}") if missing else None
+    pairs = {
+        split: tuple(classifier_features(clf, layer, data, split, cache_dir, runtime=runtime, dtype=config.cache_dtype, progress=shown) for clf, layer in sides)
+        for split in splits
+    }
+    if shown is not None:
+        shown.close()
+    return pairs
+
+
+def _batch_pairs(data: Sources, sides, splits: list[str], runtime: Runtime) -> dict:
+    """Both nets' features of each split of the caller's batches (B reads A's batches unless given its own)."""
+    absent = [s for s in splits if s not in data]
+    if absent:
+        raise ConfigError(f"no batches given for {', '.join(absent)}; given: {', '.join(data) or 'none'}")
+    pairs = {}
+    for split in splits:
+        fa = batch_features(*sides[0], data[split][0], runtime=runtime, desc=f"A {split}")
+        fb = batch_features(*sides[1], data[split][1] if data[split][1] is not None else data[split][0], runtime=runtime, desc=f"B {split}")
+        if len(fa) != len(fb):
+            raise DataError(f"A's {split} batches hold {len(fa)} images but B's hold {len(fb)}; both nets must read the same images")
+        pairs[split] = (fa, fb)
+    return pairs
 
 
 def _check_token_pairing(layer_a: str, layer_b: str, shapes: list[tuple[int, ...]], tokens: list[bool]) -> None:
@@ -190,7 +225,7 @@ def load_fitted_g(
     report = ComparisonReport.model_validate(info["report"])
     _check_data(Path(path).name, report, task, classes, data_dir, other_classes)
     for side, clf, net, layer in (("A", clf_a, report.a, config.layer_a), ("B", clf_b, report.b, config.layer_b)):
-        if net.sha256 != clf.sha256:
+        if net.sha256 != clf.sha256 and (net.weights_sha256 or net.sha256) != clf.weights_sha256:
             raise CheckpointError(
                 f"{Path(path).name} was fitted with net {side} {net.path} (sha256 {net.sha256[:12]}), not with "
                 f"{clf.path.name} (sha256 {clf.sha256[:12]}); refit g or pass the nets it was fitted for"
@@ -213,7 +248,14 @@ def load_fitted_g(
 def _check_data(
     name: str, report: ComparisonReport, task: str | None, classes: list[str] | None, data_dir: Path | None, other_classes: Literal["refuse", "warn"]
 ) -> None:  # fmt: skip
-    """Refuse a g fitted on another dataset or other classes; warn when only the folder differs (a moved copy is legitimate)."""
+    """Refuse a g fitted on another dataset or other classes; warn when only the folder differs (a moved copy is legitimate).
+
+    A g fitted from Python on the caller's batches records no task: it is used with a warning that nothing was checked.
+    """
+    if report.task is None:
+        if task is not None:
+            warnings.warn(f"{name} was fitted from Python on batches of no known task: not checked against task {task!r} or its classes", stacklevel=3)
+        return
     if task is not None and not same_dataset(task, report.task):
         raise ConfigError(
             f"{name} was fitted on task {report.task!r}, another dataset than task {task!r}; "

@@ -12,9 +12,10 @@ import copy
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from refiner.models.checkpoints import Classifier
 from refiner.models.layers import split_model
 from refiner.progress import bar
 
-__all__ = ["FeatureSet", "default_cache_dir", "cached_features", "classifier_features", "features_cached", "inference_trunk", "iter_batches"]
+__all__ = ["Batches", "FeatureSet", "default_cache_dir", "cached_features", "classifier_features", "batch_features", "features_cached", "inference_trunk", "images_of", "iter_batches"]
 
 
 @dataclass
@@ -108,6 +109,52 @@ def classifier_features(
     trunk = _Lazy(lambda: inference_trunk(split_model(clf.model, layer, clf.meta.preprocess.input_size)[0], runtime))
     key = _classifier_key(clf, layer, data, split)
     return cached_features(trunk, dataset, key, cache_dir, runtime=runtime, dtype=dtype, desc=desc, progress=progress)
+
+
+Batches = Iterable[Any]  # image batches: tensors (N, C, H, W), or tuples/lists (x, y, ...) whose first item is one
+
+
+def images_of(batch: Any, what: str = "data") -> Tensor:
+    """The image tensor of a batch: the batch itself, or the first item of (x, y, ...)."""
+    x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if not isinstance(x, Tensor) or x.dim() < 2 or not x.is_floating_point():
+        got = f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+        raise DataError(f"{what} must yield float image batches (N, C, H, W) or tuples (x, y, ...) starting with one; got {got}")
+    return x
+
+
+def _labels_of(batch: Any, n: int) -> np.ndarray:
+    """Class indices of a batch (x, y, ...) when y is one integer per image, else -1 (unknown)."""
+    y = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+    if isinstance(y, Tensor) and y.shape == (n,) and not y.is_floating_point():
+        return y.cpu().numpy().astype(np.int64)
+    return np.full(n, -1, dtype=np.int64)
+
+
+@torch.no_grad()
+def batch_features(
+    clf: Classifier, layer: str, batches: Batches, *, runtime: Runtime, desc: str = "features", progress: tqdm | None = None
+) -> FeatureSet:  # fmt: skip
+    """Features of `clf` at `layer` over the caller's batches (x or (x, y, ...)), held in memory; labels -1 when absent.
+
+    Unlike `classifier_features` nothing is cached: the batches carry no identity to key a cache by.
+    """
+    trunk = inference_trunk(split_model(clf.model, layer, clf.meta.preprocess.input_size)[0], runtime)
+    feats, labels = [], []
+    for batch in batches if progress is not None else bar(batches, desc=desc, unit="batch", leave=False):
+        x = images_of(batch)
+        (x,) = runtime.to(x)
+        if x.dim() == 4 and runtime.device.type != "mps":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with runtime.autocast():
+            f = trunk(x)
+        feats.append(f.float().cpu().numpy())
+        labels.append(_labels_of(batch, len(x)))
+        if progress is not None:
+            progress.update(len(x))
+    if not feats:
+        raise DataError(f"cannot extract features of {desc}: the data gave no batches")
+    return FeatureSet(np.concatenate(feats), np.concatenate(labels))
 
 
 def features_cached(clf: Classifier, layer: str, data: TaskData, split: str, cache_dir: Path | None, runtime: Runtime, dtype: str = "float32") -> bool:

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
 
-from refiner.layermap.stream import LayerInfo, batch_sizes, capture_model, choose_layers, probe_layers, stream_cka
+from refiner.layermap.stream import LayerInfo, capture_model, choose_layers, paired_batches, probe_layers, stream_cka
 from refiner.data.tasks import TaskData
-from refiner.engine.comparison import CompareConfig, compare, default_layer
+from refiner.engine.comparison import CompareConfig, Sources, compare, default_layer
+from refiner.engine.features import Batches, images_of
 from refiner.engine.device import Runtime, RuntimeConfig
 from refiner.engine.fitting import FitConfig
 from refiner.engine.isomorphism import IsomorphismConfig
-from refiner.errors import RefinerError
+from refiner.errors import ConfigError, LayerError, RefinerError
 from refiner.models.checkpoints import Classifier
 from refiner.progress import stage
 
@@ -33,7 +37,7 @@ class AtlasConfig(BaseModel):
     layers_b: list[str] | None = None
     max_layers: int = Field(16, ge=1)  # per net, when the layers are chosen automatically
     images: int = Field(1000, ge=1)  # images of the split, a seeded random subset when the split has more
-    split: Literal["train", "val", "test"] = "test"
+    split: str = "test"  # a task's split measured (the CLI), or the name the caller's batches are recorded under
     batch_size: int = Field(64, ge=1)  # images per minibatch (per process under torchrun)
     seed: int = 0  # draws the image subset and g's initialisation
     positions: bool = True  # also refiner's (image, position) CKA for pairs with the same positions
@@ -67,7 +71,7 @@ class AtlasReport(BaseModel):
 
     a: dict[str, str]  # file, sha256, arch
     b: dict[str, str]
-    task: str
+    task: str | None  # None: batches handed in from Python
     split: str
     images: int  # images measured (all processes)
     batches: int
@@ -89,22 +93,30 @@ class AtlasReport(BaseModel):
 def plan_layers(clf: Classifier, asked: list[str] | None, max_layers: int) -> list[LayerInfo]:
     """The layers of `clf` the atlas captures (asked, or chosen automatically with the default layer kept)."""
     name = f"{clf.meta.arch} ({clf.path.name})"
-    return choose_layers(probe_layers(clf.model, clf.meta.preprocess.input_size, name), asked, default_layer(clf), max_layers)
+    return choose_layers(probe_layers(clf.model, clf.meta.preprocess.input_size, name), asked, _default_or_none(clf), max_layers)
 
 
-def estimate(infos_a: list[LayerInfo], infos_b: list[LayerInfo], config: AtlasConfig, images: int, seconds_per_image: float) -> str:
-    """One line: memory the pass holds per batch, and about how long the pass takes."""
+def _default_or_none(clf: Classifier) -> str | None:
+    try:
+        return default_layer(clf)
+    except LayerError:  # a module with no clean cut of its own: every layer still maps
+        return None
+
+
+def estimate(infos_a: list[LayerInfo], infos_b: list[LayerInfo], config: AtlasConfig, images: int | None, batch: int, seconds_per_image: float) -> str:
+    """One line: memory the pass holds per batch, and about how long the pass takes (when the image count is known)."""
     per_image = sum(4 * int(np.prod(i.shape)) for i in [*infos_a, *infos_b])
-    batch = min(config.batch_size, images)
     grams = 8 * (len(infos_a) + len(infos_b)) * batch * batch * 3
     sums = 8 * sum(i.shape[0] * j.shape[0] for i in infos_a for j in infos_b if _same_positions(i, j)) if config.positions else 0
     mib = (2 * per_image * batch + grams + sums) / 2**20
     fits = "" if config.consistency == "none" else (
         f"; then a g per pair ({config.consistency}), up to {config.fit.max_steps} steps each, after its training features are cached"
     )  # fmt: skip
+    count = f"{images} images in batches of {batch}" if images is not None else f"batches of {batch}"
+    took = f"; the pass takes about {_duration(seconds_per_image * images)}" if images is not None else ""
     return (
-        f"{images} images in batches of {batch}: about {mib:.0f} MiB held per batch (captured layers twice, Gram "
-        f"matrices, running sums) beside the nets' own activations; the pass takes about {_duration(seconds_per_image * images)}{fits}"
+        f"{count}: about {mib:.0f} MiB held per batch (captured layers twice, Gram matrices, running sums) beside the nets' "
+        f"own activations{took}{fits}"
     )
 
 
@@ -117,48 +129,109 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
-def run_atlas(clf_a: Classifier, clf_b: Classifier, data: TaskData, config: AtlasConfig, cache_dir=None) -> AtlasReport:
-    """Measure the CKA grid between every chosen layer of A and of B, then fit g on the pairs `config.consistency` names."""
+def run_atlas(
+    clf_a: Classifier, clf_b: Classifier, data: Batches, config: AtlasConfig, *, data_b: Batches | None = None,
+    train: TaskData | Sources | None = None, task: str | None = None, cache_dir=None,
+) -> AtlasReport:  # fmt: skip
+    """Measure the CKA grid between every chosen layer of A and of B over `data`, then fit g on the pairs `config.consistency` names.
+
+    `data` (and B's view of the same images, `data_b`, when B is fed differently) gives the
+    minibatches of the estimator as they come; the nets' input sizes are those of the first
+    batch. `train`: where g is fitted for the consistency rows (a task's splits, whose
+    `config.split` is then the measured one, or the caller's batches by split name); None: no rows.
+    """
     runtime = Runtime.resolve(config.runtime)
     t_start = time.perf_counter()
-    samples = data.split(config.split)
-    if len(samples) > config.images:
-        picked = np.sort(np.random.default_rng(config.seed).choice(len(samples), config.images, replace=False))
-        samples = [samples[i] for i in picked]
-    batch_sizes(len(samples), config.batch_size)  # too few images or too small batches: refused before any work
+    if train is not None and config.consistency != "none" and not isinstance(train, TaskData) and _one_pass(data, data_b):
+        raise ConfigError("data is a one-pass iterator, but the consistency rows read it again: pass a DataLoader or a list of batches")
+    first_a, data = _peek(data, "data")
+    first_b, data_b = _peek(data_b, "data_b") if data_b is not None else (first_a, None)
+    clf_a, clf_b = clf_a.fed_at(tuple(first_a.shape[1:])), clf_b.fed_at(tuple(first_b.shape[1:]))
     infos_a = plan_layers(clf_a, config.layers_a, config.max_layers)
     infos_b = plan_layers(clf_b, config.layers_b, config.max_layers)
     names_a, names_b = [i.name for i in infos_a], [i.name for i in infos_b]
     net_a, net_b = capture_model(clf_a.model, names_a, runtime), capture_model(clf_b.model, names_b, runtime)
-    stage(estimate(infos_a, infos_b, config, len(samples), _seconds_per_image(net_a, net_b, clf_a, clf_b, runtime, config.batch_size)))
-    stage(f"CKA of {len(names_a)} x {len(names_b)} layers on {len(samples)} {config.split} images")
-    result = stream_cka(
-        net_a, net_b, names_a, names_b, samples, clf_a.meta.preprocess, clf_b.meta.preprocess, runtime,
-        batch_size=config.batch_size, positions=config.positions,
-    )  # fmt: skip
+    batch = len(first_a)
+    stage(estimate(infos_a, infos_b, config, _images(data, batch), batch, _seconds_per_image(net_a, net_b, first_a, first_b, runtime)))
+    stage(f"CKA of {len(names_a)} x {len(names_b)} layers on {config.split} images")
+    result = stream_cka(net_a, net_b, names_a, names_b, paired_batches(data, data_b), runtime, positions=config.positions, total=_length(data))
     del net_a, net_b
     grid = result.cka
     positions = None
     if config.positions:
         positions = [[_num(result.position_cka.get((i, j))) for j in range(len(names_b))] for i in range(len(names_a))]
-    default_pair = [default_layer(clf_a), default_layer(clf_b)]
-    rows = _consistency(clf_a, clf_b, data, config, grid, names_a, names_b, default_pair, cache_dir)
+    default_pair = [_default_or_none(clf_a) or "", _default_or_none(clf_b) or ""]
+    measured = train if isinstance(train, TaskData) else None if train is None else {**train, config.split: (data, data_b)}
+    rows = _consistency(clf_a, clf_b, measured, config, grid, names_a, names_b, default_pair, cache_dir) if measured is not None else []
     seconds = {**result.seconds, "total": time.perf_counter() - t_start}
     return AtlasReport(
-        a={"file": clf_a.path.name, "sha256": clf_a.sha256, "arch": clf_a.meta.arch},
-        b={"file": clf_b.path.name, "sha256": clf_b.sha256, "arch": clf_b.meta.arch},
-        task=data.task, split=config.split, images=result.images, batches=result.batches, seed=config.seed, method=METHOD,
+        a=_record(clf_a), b=_record(clf_b), task=task if task is not None else train.task if isinstance(train, TaskData) else None,
+        split=config.split, images=result.images, batches=result.batches, seed=config.seed, method=METHOD,
         layers_a=names_a, layers_b=names_b, shapes_a=[list(i.shape) for i in infos_a], shapes_b=[list(i.shape) for i in infos_b],
         cka=[[_num(v) for v in row] for row in grid], cka_positions=positions, default_pair=default_pair,
-        consistency_mode=config.consistency, consistency=rows, seconds=seconds, runtime=runtime.record(),
+        consistency_mode=config.consistency if measured is not None else "none", consistency=rows, seconds=seconds, runtime=runtime.record(),
     )  # fmt: skip
 
 
+def _record(clf: Classifier) -> dict[str, str]:
+    return {"file": clf.path.name, "sha256": clf.sha256, "arch": clf.meta.arch}
+
+
+def _peek(batches: Batches, what: str) -> tuple[Tensor, Batches]:
+    """The first batch's images, and batches that give that batch again first (nothing is read twice or skipped)."""
+    if isinstance(batches, (list, tuple)):
+        if not batches:
+            raise ConfigError(f"{what} gave no batches")
+        return images_of(batches[0], what), batches
+    iterator = iter(batches)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        raise ConfigError(f"{what} gave no batches") from None
+    again = itertools.chain([first], iterator) if iterator is batches else _Restarted(first, iterator, batches)
+    return images_of(first, what), again
+
+
+class _Restarted:
+    """A re-iterable's batches after its first was read: the pass already begun goes on (a shuffled loader keeps
+    its order); later passes start afresh."""
+
+    def __init__(self, first, rest: Iterator, batches: Batches) -> None:
+        self._pass, self.batches = itertools.chain([first], rest), batches
+
+    def __iter__(self) -> Iterator:
+        current, self._pass = self._pass, None
+        return current if current is not None else iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _one_pass(*batches: Batches | None) -> bool:
+    return any(b is not None and iter(b) is b for b in batches)
+
+
+def _images(data: Batches, batch: int) -> int | None:
+    """Images in `data` when it can say (a DataLoader's dataset), else its number of batches times the first's size."""
+    dataset = getattr(getattr(data, "batches", data), "dataset", None)
+    if dataset is not None and hasattr(dataset, "__len__"):
+        return len(dataset)
+    n = _length(data)
+    return n * batch if n is not None else None
+
+
+def _length(data: Batches) -> int | None:
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
 @torch.no_grad()
-def _seconds_per_image(net_a, net_b, clf_a: Classifier, clf_b: Classifier, runtime: Runtime, batch_size: int) -> float:
-    """Time one small batch of blank images through both captured nets (the second of two runs, so warm)."""
-    n = min(batch_size, 2)
-    inputs = [next(runtime.to(torch.zeros(n, *c.meta.preprocess.input_size))) for c in (clf_a, clf_b)]
+def _seconds_per_image(net_a, net_b, first_a: Tensor, first_b: Tensor, runtime: Runtime) -> float:
+    """Time two images of the first batch through both captured nets (the second of two runs, so warm)."""
+    n = min(len(first_a), 2)
+    inputs = [next(runtime.to(x[:n].float())) for x in (first_a, first_b)]
     for _ in range(2):
         t0 = time.perf_counter()
         with runtime.autocast():
@@ -183,7 +256,7 @@ def _pairs(config: AtlasConfig, grid: np.ndarray) -> list[tuple[int, int]]:
 
 
 def _consistency(
-    clf_a: Classifier, clf_b: Classifier, data: TaskData, config: AtlasConfig, grid: np.ndarray,
+    clf_a: Classifier, clf_b: Classifier, data: TaskData | Sources, config: AtlasConfig, grid: np.ndarray,
     names_a: list[str], names_b: list[str], default_pair: list[str], cache_dir,
 ) -> list[ConsistencyRow]:  # fmt: skip
     """A g per pair, with a bounded budget; a pair g cannot join (token map against image map, not a clean cut) is kept, with why."""

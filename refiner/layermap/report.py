@@ -11,7 +11,7 @@ from refiner.analyses.figures import img, report_folder
 from refiner.layermap.pipeline import AtlasReport, ConsistencyRow
 from refiner.reporting import GLOSSARY, format_rows, html_table, page
 
-__all__ = ["write_atlas", "save_heatmap", "consistency_rows", "format_atlas"]
+__all__ = ["write_atlas", "heatmap_figure", "save_heatmap", "consistency_rows", "format_atlas"]
 
 ATLAS_GLOSSARY = GLOSSARY.replace(
     "</dl>",
@@ -29,12 +29,10 @@ ATLAS_GLOSSARY = GLOSSARY.replace(
 )
 
 
-def save_heatmap(path: Path, grid: list[list[float | None]], rows: list[str], cols: list[str], title: str, marks: list[tuple[int, int]] = ()) -> None:
-    """A layer x layer heatmap (rows: A's layers, top to bottom by depth), values printed when the grid is small."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def heatmap_figure(grid: list[list[float | None]], rows: list[str], cols: list[str], title: str, marks: list[tuple[int, int]] = ()):
+    """A layer x layer heatmap as a matplotlib Figure (rows: A's layers, top to bottom by depth), values printed when the grid is small."""
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     values = np.array([[np.nan if v is None else v for v in row] for row in grid], dtype=float)
     fig, ax = plt.subplots(figsize=(2.5 + 0.45 * len(cols), 1.8 + 0.4 * len(rows)))
@@ -46,12 +44,20 @@ def save_heatmap(path: Path, grid: list[list[float | None]], rows: list[str], co
             if np.isfinite(v):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5, color="white" if v < 0.6 else "black")
     for i, j in marks:
-        ax.add_patch(matplotlib.patches.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#2ca02c", linewidth=1.5))
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#2ca02c", linewidth=1.5))
     ax.set_xlabel("B's layers")
     ax.set_ylabel("A's layers")
     ax.set_title(title, fontsize=9)
     fig.colorbar(shown, ax=ax, fraction=0.04)
     fig.tight_layout()
+    return fig
+
+
+def save_heatmap(path: Path, grid: list[list[float | None]], rows: list[str], cols: list[str], title: str, marks: list[tuple[int, int]] = ()) -> None:
+    """`heatmap_figure` written as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = heatmap_figure(grid, rows, cols, title, marks)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -111,7 +117,7 @@ def write_atlas(out: Path, report: AtlasReport) -> Path:
             pictures += img("cka-positions.png", "position CKA heatmap")
         setup = (
             f"<ul><li>A: {html.escape(report.a['file'])} ({html.escape(report.a['arch'])}); B: {html.escape(report.b['file'])} "
-            f"({html.escape(report.b['arch'])})</li><li>task <b>{html.escape(report.task)}</b>, {report.images} {html.escape(report.split)} "
+            f"({html.escape(report.b['arch'])})</li><li>task <b>{html.escape(report.task or '(batches from Python)')}</b>, {report.images} {html.escape(report.split)} "
             f"images in {report.batches} batches, seed {report.seed}</li><li>{html.escape(report.method)}</li>"
             f"<li>{html.escape(_default_line(report))}</li></ul>"
         )

@@ -12,7 +12,9 @@ running sums are kept (see `refiner.layermap.cka`).
 from __future__ import annotations
 
 import copy
+import itertools
 import time
+from collections.abc import Iterable, Iterator
 import warnings
 from dataclasses import dataclass, field
 
@@ -28,11 +30,12 @@ from refiner.layermap.cka import MIN_BATCH, MinibatchCKA, PositionCKA, gram, pos
 from refiner.data.datasets import ImageDataset, Preprocess, Sample
 from refiner.engine import distributed as dist
 from refiner.engine.device import Runtime
+from refiner.engine.features import images_of
 from refiner.errors import ConfigError, LayerError
 from refiner.models.layers import list_layers, trace_eval, tracer_kwargs
 from refiner.progress import bar
 
-__all__ = ["LayerInfo", "capture_model", "probe_layers", "choose_layers", "batch_sizes", "StreamResult", "stream_cka"]
+__all__ = ["LayerInfo", "capture_model", "probe_layers", "choose_layers", "batch_sizes", "task_batches", "paired_batches", "StreamResult", "stream_cka"]
 
 
 @dataclass(frozen=True)
@@ -154,19 +157,55 @@ def batch_sizes(n: int, batch_size: int) -> list[int]:
     return [n // k + (1 if i < n % k else 0) for i in range(k)]
 
 
-class _Paired(Dataset):
-    """The same samples as each net is fed them: (x_A, x_B), or (x, x) when both read images alike."""
+def task_batches(samples: list[Sample], pre_a: Preprocess, pre_b: Preprocess, runtime: Runtime, batch_size: int) -> tuple[DataLoader, DataLoader | None]:
+    """Loaders of this process's block of `samples` in equal batches (+-1) of at least MIN_BATCH, as A and B read them.
 
-    def __init__(self, samples: list[Sample], pre_a: Preprocess, pre_b: Preprocess) -> None:
-        self.a = _Images(samples, pre_a)
-        self.b = None if pre_b == pre_a else _Images(samples, pre_b)
+    B's loader is None when both nets read images alike. Under torchrun each process takes a contiguous block.
+    """
+    batch_sizes(len(samples), batch_size)  # too few images or too small batches: refused before any work
+    rows = dist.shard(len(samples))
+    sizes = batch_sizes(len(rows), batch_size) if len(rows) >= MIN_BATCH else []
+    if dist.is_distributed() and min(dist.gather(len(sizes))) == 0:
+        raise ConfigError(f"{len(samples)} images over {dist.world_size()} processes leave one with fewer than {MIN_BATCH}; use more images or fewer processes")
+    starts = np.cumsum([rows.start, *sizes])
+    batches = [list(range(s, e)) for s, e in zip(starts[:-1], starts[1:])]
+    loader = lambda pre: DataLoader(_Images(samples, pre), batch_sampler=batches, num_workers=runtime.workers, pin_memory=runtime.pin_memory)  # noqa: E731
+    return loader(pre_a), None if pre_b == pre_a else loader(pre_b)
 
-    def __len__(self) -> int:
-        return len(self.a)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        x = self.a[i]
-        return x, (x if self.b is None else self.b[i])
+def paired_batches(data: Iterable, data_b: Iterable | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    """(x_A, x_B) batch by batch: B reads A's images unless it has its own batches, which must match A's one for one."""
+    if data_b is None:
+        for n, batch in enumerate(data, 1):
+            x = images_of(batch)
+            _check_batch(n, len(x), "data")
+            yield x, x
+        return
+    ia, ib = iter(data), iter(data_b)
+    for n in itertools.count(1):
+        a, b = next(ia, None), next(ib, None)
+        if a is None and b is None:
+            return
+        if a is None or b is None:
+            longer, rest = ("data_b", ib) if a is None else ("data", ia)
+            extra = 1 + sum(1 for _ in rest)
+            raise ConfigError(
+                f"data and data_b give different numbers of batches: {longer} has {extra} more after batch {n - 1}; "
+                "B's batches must be the same images as A's, batch for batch"
+            )
+        xa, xb = images_of(a, "data"), images_of(b, "data_b")
+        if len(xa) != len(xb):
+            raise ConfigError(f"batch {n} has {len(xa)} images in data but {len(xb)} in data_b; B's batches must be A's images, batch for batch")
+        _check_batch(n, len(xa), "data")
+        yield xa, xb
+
+
+def _check_batch(n: int, size: int, what: str) -> None:
+    if size < MIN_BATCH:
+        raise ConfigError(
+            f"batch {n} of {what} has {size} image(s); the unbiased HSIC estimator needs at least {MIN_BATCH} per batch: "
+            "use a larger batch size, or DataLoader(..., drop_last=True) for a short last batch"
+        )
 
 
 @dataclass
@@ -182,27 +221,17 @@ class StreamResult:
 
 @torch.no_grad()
 def stream_cka(
-    net_a: GraphModule, net_b: GraphModule, layers_a: list[str], layers_b: list[str], samples: list[Sample],
-    pre_a: Preprocess, pre_b: Preprocess, runtime: Runtime, batch_size: int = 64, positions: bool = True,
+    net_a: GraphModule, net_b: GraphModule, layers_a: list[str], layers_b: list[str], pairs: Iterable[tuple[Tensor, Tensor]],
+    runtime: Runtime, positions: bool = True, total: int | None = None,
 ) -> StreamResult:  # fmt: skip
-    """Stream `samples` through both captured nets (from `capture_model`) and accumulate CKA between every layer pair.
+    """Stream (x_A, x_B) batches through both captured nets (from `capture_model`) and accumulate CKA between every layer pair.
 
-    Under torchrun each process takes a contiguous block of the images and the sums are added over processes.
+    Under torchrun each process streams its own block of images and the sums are added over processes.
     """
-    rows = dist.shard(len(samples))
-    sizes = batch_sizes(len(rows), batch_size) if len(rows) >= MIN_BATCH else []
-    if dist.is_distributed() and min(dist.gather(len(sizes))) == 0:
-        raise ConfigError(f"{len(samples)} images over {dist.world_size()} processes leave one with fewer than {MIN_BATCH}; use more images or fewer processes")
-    batch_sizes(len(samples), batch_size)  # the one-line refusal of too few images, on every process alike
-    starts = np.cumsum([rows.start, *sizes])
-    batches = [list(range(s, e)) for s, e in zip(starts[:-1], starts[1:])]
-    loader = DataLoader(
-        _Paired(samples, pre_a, pre_b), batch_sampler=batches, num_workers=runtime.workers, pin_memory=runtime.pin_memory
-    )  # fmt: skip
     minibatch, position = MinibatchCKA(), None
     seconds = {"forward": 0.0, "cka": 0.0}
     t_start = time.perf_counter()
-    for xa, xb in bar(loader, desc="atlas", unit="batch", leave=False):
+    for xa, xb in bar(pairs, desc="atlas", unit="batch", total=total, leave=False):
         t0 = time.perf_counter()
         fa, fb = _forward(net_a, xa, layers_a, runtime), _forward(net_b, xb, layers_b, runtime)
         _sync(runtime)

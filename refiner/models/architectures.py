@@ -30,7 +30,7 @@ from torch import nn
 from refiner.data.datasets import Preprocess
 from refiner.errors import ConfigError, LayerError
 
-__all__ = ["ArchSpec", "TIMM_PREFIX", "register_arch", "create_model", "get_arch", "list_archs", "timm_preprocess"]
+__all__ = ["ArchSpec", "TIMM_PREFIX", "register_arch", "create_model", "get_arch", "list_archs", "timm_preprocess", "guess_default_layer"]
 
 TIMM_PREFIX = "timm/"  # "timm/convnext_atto": a timm model by its timm name
 
@@ -51,6 +51,19 @@ _REGISTRY: dict[str, ArchSpec] = {}
 
 
 def register_arch(spec: ArchSpec) -> ArchSpec:
+    """Make an architecture a first-class name (`--arch`, checkpoints, refined models); a registered name is replaced.
+
+    Example:
+        >>> import refiner
+        >>> from torch import nn
+        >>> build = lambda classes, chans: nn.Sequential(nn.Conv2d(chans, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+        ...                                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes))
+        >>> spec = refiner.register_arch(refiner.ArchSpec("my_net", build, classifier="6", default_layer="2", input_size=(3, 16, 16)))
+        >>> "my_net" in refiner.list_archs(), refiner.create_model("my_net", 5)[6].out_features
+        (True, 5)
+    """
+    if not isinstance(spec, ArchSpec):
+        raise ConfigError(f"register_arch takes an ArchSpec, got {type(spec).__name__}")
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -83,7 +96,7 @@ def _from_torchvision(name: str) -> ArchSpec:
     """An ArchSpec for a torchvision classification model: classifier, default layer and input size found from the model."""
     import torch
 
-    from refiner.models.layers import list_layers, split_model
+    from refiner.models.layers import list_layers
 
     try:
         with torch.device("meta"):  # the graph only: nothing allocated
@@ -96,8 +109,6 @@ def _from_torchvision(name: str) -> ArchSpec:
     classifier = linears[-1]
     nodes = list_layers(model)
     adds = [n for n in nodes if n.endswith(".add") and not n.startswith(classifier)]
-    modules = dict(model.named_modules())
-    convs = [n for n in nodes if isinstance(modules.get(n), nn.Conv2d)]
     family = name.split("_")[0].rstrip("0123456789")
     if family in ("resnet", "resnext", "wide") and (stage := [n for n in adds if n.startswith("layer3.")]):
         candidates = stage[-1:]
@@ -106,23 +117,55 @@ def _from_torchvision(name: str) -> ArchSpec:
     elif family == "vgg":
         depth = name.removeprefix("vgg").removesuffix("_bn")
         candidates = [_vgg_block4_conv({"11": "A", "13": "B", "16": "D", "19": "E"}[depth], name.endswith("_bn"))]
-    else:  # the residual sums (or conv outputs) nearest below two thirds of the way, then the backbone's stages
-        pool = adds or convs
-        last = nodes.index(pool[-1]) if pool else 0
-        candidates = [n for n in pool if nodes.index(n) <= 2 * last // 3][::-1][:6]
-        stages = [n for n, m in modules.items() if isinstance(m, nn.Sequential) and 0 < n.count(".") + 1 <= 2 and not n.startswith(classifier)]
-        candidates += [n for n in stages[: max(1, 2 * len(stages) // 3)][::-1] if "." in n or n.startswith(("layer", "stage"))][:4]
+    else:
+        candidates = _two_thirds(model, nodes, classifier)
+    layer = _first_clean_cut(model, candidates)
+    if layer is None:
+        raise ConfigError(f"no clean default split layer found in torchvision's {name!r}; pass --layer-a/--layer-b (see `refiner layers --arch {name}`)")
+    pre = _torchvision_preprocess(name)
+    size = pre.input_size[1] if pre else 224
+    return ArchSpec(name, _torchvision(name), classifier, layer, (3, size, size), pre)
+
+
+def _two_thirds(model: nn.Module, nodes: list[str], classifier: str | None) -> list[str]:
+    """Default-layer candidates of a net of no known family: the residual sums (or conv outputs) nearest below two
+    thirds of the way, then the backbone's stages."""
+    modules = dict(model.named_modules())
+    inside = lambda n: classifier is not None and n.startswith(classifier)  # noqa: E731
+    adds = [n for n in nodes if n.endswith(".add") and not inside(n)]
+    convs = [n for n in nodes if isinstance(modules.get(n), nn.Conv2d)]
+    pool = adds or convs
+    last = nodes.index(pool[-1]) if pool else 0
+    candidates = [n for n in pool if nodes.index(n) <= 2 * last // 3][::-1][:6]
+    stages = [n for n, m in modules.items() if isinstance(m, nn.Sequential) and 0 < n.count(".") + 1 <= 2 and not inside(n)]
+    return candidates + [n for n in stages[: max(1, 2 * len(stages) // 3)][::-1] if "." in n or n.startswith(("layer", "stage"))][:4]
+
+
+def _first_clean_cut(model: nn.Module, candidates: list[str]) -> str | None:
+    from refiner.models.layers import split_model
+
     for layer in candidates:
         try:
             split_model(model, layer)
         except LayerError:  # not a clean cut (later layers read earlier activations, as in DenseNet's blocks)
             continue
-        break
-    else:
-        raise ConfigError(f"no clean default split layer found in torchvision's {name!r}; pass --layer-a/--layer-b (see `refiner layers --arch {name}`)")
-    pre = _torchvision_preprocess(name)
-    size = pre.input_size[1] if pre else 224
-    return ArchSpec(name, _torchvision(name), classifier, layer, (3, size, size), pre)
+        return layer
+    return None
+
+
+def guess_default_layer(model: nn.Module) -> str:
+    """The default split layer of a module of no registered architecture, chosen as for torchvision's other models."""
+    from refiner.models.layers import list_layers
+
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    nodes = list_layers(model)
+    layer = _first_clean_cut(model, _two_thirds(model, nodes, linears[-1] if linears else None))
+    if layer is None:
+        inner = nodes[1:-1]
+        layer = _first_clean_cut(model, inner[: 2 * len(inner) // 3 + 1][::-1])
+    if layer is None:
+        raise LayerError(f"no clean split layer found in {type(model).__name__}; name one (refiner.layers(model) lists them)")
+    return layer
 
 
 def _torchvision_preprocess(name: str) -> Preprocess | None:

@@ -15,7 +15,8 @@ from the keys and shapes when exactly one registered architecture fits. Names
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
+import functools
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +28,10 @@ from torch import nn
 
 from refiner.atomic import atomic_file
 from refiner.data.datasets import Preprocess
-from refiner.errors import CheckpointError, UnsafeCheckpointError
-from refiner.models.architectures import TIMM_PREFIX, create_model, get_arch, list_archs
+from refiner.errors import CheckpointError, ConfigError, UnsafeCheckpointError
+from refiner.models.architectures import TIMM_PREFIX, create_model, get_arch, guess_default_layer, list_archs
 from refiner.models.pretrained import is_pretrained_name, pretrained_source
+from refiner.models.weights import file_sha256, load_weights, weights_sha256
 
 __all__ = [
     "CheckpointMeta",
@@ -39,6 +41,7 @@ __all__ = [
     "file_sha256",
     "read_untrusted",
     "load_weights",
+    "weights_sha256",
 ]
 
 FORMAT = "refiner-checkpoint/1"
@@ -61,7 +64,11 @@ class CheckpointMeta(BaseModel):
 
 @dataclass
 class Classifier:
-    """A loaded classifier with its metadata and the sha256 of the file it came from."""
+    """A net with what refiner needs to feed and name it: `refiner.load` returns one, `Classifier.of` wraps any module.
+
+    `sha256` identifies the net in g files, reports and the feature cache: the file's hash
+    for a loaded checkpoint, the weights' hash (`weights_sha256`) for a module handed in.
+    """
 
     model: nn.Module
     meta: CheckpointMeta
@@ -70,13 +77,81 @@ class Classifier:
     preprocess_from: str = "the record in the checkpoint"  # where meta.preprocess came from, said to the user
     preprocess_guessed: bool = False  # a bare state_dict fed as its architecture's pretrained weights expect
 
+    @property
+    def class_names(self) -> list[str]:
+        return self.meta.class_names
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.meta.preprocess
+
+    @property
+    def arch(self) -> str:
+        return self.meta.arch
+
+    @functools.cached_property
+    def weights_sha256(self) -> str:
+        """The hash of the weights themselves: the same for a module and any checkpoint it was saved as."""
+        return weights_sha256(self.model)
+
+    @property
+    def default_layer(self) -> str:
+        """Where `refiner build` splits this net unless told: its architecture's default, else one found in the module."""
+        if self.meta.arch in list_archs() or self.meta.arch.startswith(TIMM_PREFIX) or "." not in self.meta.arch:
+            try:
+                return get_arch(self.meta.arch).default_layer
+            except ConfigError:
+                pass
+        return guess_default_layer(self.model)
+
+    def fed_at(self, input_size: tuple[int, ...]) -> Classifier:
+        """This net (a copy of the record; the module is shared) fed inputs of `input_size` (C, H, W), e.g. the caller's batches'."""
+        if len(input_size) != 3:
+            raise ConfigError(f"expected image batches (N, C, H, W), got inputs of shape (N, {', '.join(map(str, input_size))})")
+        if tuple(self.meta.preprocess.input_size) == tuple(input_size):
+            return self
+        pre = self.meta.preprocess.model_copy(update={"input_size": tuple(input_size)})
+        return dataclasses.replace(self, meta=self.meta.model_copy(update={"preprocess": pre}))
+
+    @classmethod
+    def of(
+        cls, model: nn.Module | Classifier, *, class_names: list[str] | None = None, preprocess: Preprocess | None = None,
+        arch: str | None = None, name: str | None = None,
+    ) -> Classifier:  # fmt: skip
+        """`model` as a Classifier, without copying it: its architecture recognised when a registered one fits its weights.
+
+        A Classifier is returned as it is (with `class_names`/`preprocess` replaced when given).
+        `preprocess` defaults to a plain 3x224x224 one, to be replaced by the caller's input size.
+        """
+        if isinstance(model, Classifier):
+            clf = _named(model, class_names, "the net")
+            if preprocess is not None:
+                clf.meta = clf.meta.model_copy(update={"preprocess": preprocess})
+            return clf
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"expected a torch.nn.Module or a refiner Classifier, got {type(model).__name__}")
+        arch = arch or _recognised_arch(model) or f"{type(model).__module__}.{type(model).__qualname__}"
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        num_classes = len(class_names) if class_names else linears[-1].out_features if linears else 0
+        meta = CheckpointMeta(
+            arch=arch, num_classes=num_classes, class_names=list(class_names or [str(i) for i in range(num_classes)]),
+            preprocess=preprocess or Preprocess(input_size=(3, 224, 224)), info={"module": type(model).__qualname__},
+        )  # fmt: skip
+        clf = cls(model=model, meta=meta, sha256="", path=Path(name or f"<{type(model).__name__}>"), preprocess_from="the caller's data")
+        clf.sha256 = clf.weights_sha256
+        return clf
+
+
+def _recognised_arch(model: nn.Module) -> str | None:
+    """The registered architecture a module is (timm models say it; others by their weights' names and shapes), else None."""
+    if type(model).__module__.startswith("timm."):
+        name = getattr(model, "pretrained_cfg", {}).get("architecture")
+        return TIMM_PREFIX + name if name else None
+    state = model.state_dict()
+    try:
+        return _infer_arch(state, Path("<module>"), [], "")
+    except CheckpointError:
+        return None
 
 
 def save_checkpoint(path: Path | str, model: nn.Module, meta: CheckpointMeta) -> Path:
@@ -284,25 +359,3 @@ def _bare_meta(
         preprocess=pre,
         info={"loaded_from": found} if found else {},
     )
-
-
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], arch: str, path: Path) -> None:
-    """Load `state` into `model` strictly; a mismatch names the missing, unexpected and mis-shaped keys."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [
-        f"{k}: file {tuple(state[k].shape)} vs {arch} {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        if wrong:
-            parts.append(f"shape mismatches {wrong[:3]}")
-        raise CheckpointError(f"checkpoint {str(path)!r} does not fit architecture {arch!r}: " + "; ".join(parts))
-    model.load_state_dict(state)

@@ -15,6 +15,7 @@ import torch
 from refiner.data.datasets import Preprocess
 from refiner.errors import CheckpointError
 from refiner.models.architectures import TIMM_PREFIX, get_arch, timm_preprocess
+from refiner.models.weights import load_weights
 
 __all__ = ["PRETRAINED_PREFIXES", "Pretrained", "is_pretrained_name", "pretrained_source"]
 
@@ -50,8 +51,6 @@ def _missing(what: str, looked: list[str], fetch: str) -> CheckpointError:
 
 def _torchvision(arch: str) -> Pretrained:
     import torchvision
-
-    from refiner.models.checkpoints import load_weights  # imported here: checkpoints imports this module
 
     spec = get_arch(arch)
     try:

@@ -150,7 +150,7 @@ def build(
         return None
     g, comparison.fit = fits[exported["g_fit"]]  # the report's Var table, fit and spec describe the g the model exports
     comparison.tables = tables[exported["g_fit"]]
-    model = RefinedModel(trunk_a, g.cpu(), refined_head.cpu()).eval()
+    model = RefinedModel(copy.deepcopy(trunk_a), g.cpu(), refined_head.cpu()).eval()  # its own trunk: freezing it leaves A as it was
     for p in model.parameters():
         p.requires_grad_(False)
     t0 = time.perf_counter()

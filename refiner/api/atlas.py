@@ -1,0 +1,152 @@
+"""`refiner.atlas`: where two nets agree, layer by layer, from Python; the result shows itself and saves as the CLI's folder."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from torch import nn
+
+from refiner.api.runtime import runtime_config
+from refiner.data.tasks import TaskData
+from refiner.engine.features import Batches
+from refiner.engine.fitting import FitConfig
+from refiner.engine.isomorphism import IsomorphismConfig
+from refiner.layermap.pipeline import AtlasConfig, AtlasReport, ConsistencyRow, run_atlas
+from refiner.layermap.report import format_atlas, heatmap_figure, write_atlas
+from refiner.models.checkpoints import Classifier
+
+__all__ = ["Atlas", "atlas"]
+
+
+@dataclass
+class Atlas:
+    """The layer x layer CKA map of two nets (`.cka`, rows = A's layers), its consistency rows, and everything measured."""
+
+    report: AtlasReport  # atlas.json: provenance, both grids, timings, the consistency rows
+
+    @property
+    def cka(self) -> np.ndarray:
+        """Minibatch unbiased CKA, `len(layers_a) x len(layers_b)` (nan for a constant layer)."""
+        return np.array([[np.nan if v is None else v for v in row] for row in self.report.cka], dtype=float)
+
+    @property
+    def layers_a(self) -> list[str]:
+        return self.report.layers_a
+
+    @property
+    def layers_b(self) -> list[str]:
+        return self.report.layers_b
+
+    @property
+    def consistency(self) -> list[ConsistencyRow]:
+        """A g per matched pair: instability, Var(x^(k)), held-out MSE (empty without `train`)."""
+        return self.report.consistency
+
+    def best_match(self, layer_a: str) -> tuple[str, float]:
+        """B's layer most similar to `layer_a`, and their CKA."""
+        row = self.cka[self.layers_a.index(layer_a)]
+        j = int(np.nanargmax(row))
+        return self.layers_b[j], float(row[j])
+
+    def plot(self, positions: bool = False):
+        """The heatmap as a matplotlib Figure (`positions`: refiner's (image, position) CKA instead)."""
+        grid = self.report.cka_positions if positions else self.report.cka
+        if grid is None:
+            raise ValueError("this atlas has no position CKA (positions=False when it was measured)")
+        r = self.report
+        marks = [(r.layers_a.index(c.layer_a), r.layers_b.index(c.layer_b)) for c in r.consistency]
+        what = "position CKA (equal positions only)" if positions else f"minibatch CKA, {r.images} images"
+        return heatmap_figure(grid, r.layers_a, r.layers_b, f"{what}\nA = {r.a['file']} ({r.a['arch']}), B = {r.b['file']} ({r.b['arch']})", marks)
+
+    def save(self, out: str | Path) -> Path:
+        """Write the CLI's report folder `out` (atlas.json, cka.png, report.html); it must not exist yet."""
+        return write_atlas(Path(out), self.report)
+
+    def _repr_png_(self) -> bytes:
+        import matplotlib.pyplot as plt
+
+        fig = self.plot()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=110)
+        plt.close(fig)
+        return buffer.getvalue()
+
+    def __str__(self) -> str:
+        return format_atlas(self.report)
+
+
+def atlas(
+    model_a: nn.Module | Classifier,
+    model_b: nn.Module | Classifier,
+    data: Batches,
+    layers_a: list[str] | None = None,
+    layers_b: list[str] | None = None,
+    *,
+    data_b: Batches | None = None,
+    train: Batches | TaskData | None = None,
+    train_b: Batches | None = None,
+    consistency: Literal["matched", "diagonal", "none"] = "matched",
+    max_layers: int = 16,
+    positions: bool = True,
+    steps: int | None = None,
+    seed: int = 0,
+    g_config: IsomorphismConfig | None = None,
+    fit_config: FitConfig | None = None,
+    split: str = "data",
+    task: str | None = None,
+    device: str = "auto",
+    amp: Literal["off", "bf16", "fp16"] = "off",
+    threads: int | None = None,
+    workers: int | None = None,
+    cache_dir: str | Path | None = None,
+) -> Atlas:
+    """Map two nets layer by layer: minibatch CKA between every chosen layer of A and of B, in one pass over `data`.
+
+    Each batch of `data` is one minibatch of the unbiased estimator (at least 4 images), as in
+    pytorch-cka. Every layer is captured as it was produced (an in-place ReLU after it cannot
+    overwrite it), and each net runs only up to its deepest chosen layer. The models are not
+    modified: the pass runs on eval-mode copies.
+
+    Args:
+        model_a, model_b: any two nn.Modules (or nets from `refiner.load`).
+        data: image batches, e.g. a DataLoader yielding `x` or `(x, y, ...)`.
+        layers_a, layers_b: node names (`refiner.layers` lists them); None: the clean split points
+            thinned evenly by depth to `max_layers`, the default layer kept (as `refiner atlas`).
+        data_b: B's view of the same images, batch for batch, when B is fed otherwise (another size or normalisation).
+        train: images to fit g on for the consistency rows (`train_b` as `data_b`); None: no rows.
+        consistency: with `train`, fit g on each A layer and its best match in B ("matched"),
+            on layer i of both ("diagonal"), or on none.
+        steps: budget of optimiser steps per g (default 2,000, as `refiner atlas --g-steps`).
+        g_config, fit_config: g's shape and fitting (refiner.engine.isomorphism / fitting).
+        split: the name `data` is recorded under; task: the task it belongs to, for the record.
+        device, amp, threads, workers: where and how to compute ("auto": the first CUDA GPU, else the CPU).
+        cache_dir: the feature cache of a task's splits (`train` as task data).
+
+    Example:
+        >>> import refiner, torch
+        >>> a, b = refiner.create_model("tiny_vgg", 4), refiner.create_model("tiny_resnet", 4)
+        >>> images = [torch.randn(8, 3, 16, 16) for _ in range(3)]
+        >>> result = refiner.atlas(a, b, images)
+        >>> result.cka.shape == (len(result.layers_a), len(result.layers_b))
+        True
+        >>> same = refiner.atlas(a, a, images, layers_a=["features.0", "features.4"], layers_b=["features.0", "features.4"])
+        >>> [round(v, 6) for v in same.cka.diagonal()]
+        [1.0, 1.0]
+    """
+    fit = fit_config or FitConfig(max_steps=2000)
+    if steps is not None:
+        fit = fit.model_copy(update={"max_steps": steps})
+    config = AtlasConfig(
+        layers_a=layers_a, layers_b=layers_b, max_layers=max_layers, split=split, seed=seed, positions=positions,
+        consistency=consistency, g=g_config or IsomorphismConfig(), fit=fit, runtime=runtime_config(device, amp, threads, workers),
+    )  # fmt: skip
+    train_sources = train if isinstance(train, TaskData) or train is None else {"train": (train, train_b)}
+    report = run_atlas(
+        Classifier.of(model_a), Classifier.of(model_b), data, config, data_b=data_b, train=train_sources, task=task,
+        cache_dir=Path(cache_dir) if cache_dir is not None else None,
+    )  # fmt: skip
+    return Atlas(report)

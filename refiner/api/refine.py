@@ -1,0 +1,168 @@
+"""Refined models from Python: the module itself, a whole build with its verdict, an export into a model repository, serving."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from refiner.api.fit import Fitted
+from refiner.engine.isomorphism import IsomorphismNet
+from refiner.errors import ConfigError
+from refiner.models.checkpoints import Classifier
+from refiner.refine.config import BuildConfig
+from refiner.refine.pipeline import BuildResult
+from refiner.refine.pipeline import build as _build
+from refiner.refine.publish import ExportOptions, Published, export_artifact
+from refiner.refine.refined import RefinedModel, RefinedSpec, load_refined, refined_from_parts
+
+__all__ = ["refined_model", "build", "export", "serve", "Server"]
+
+
+def refined_model(
+    model_a: nn.Module | Classifier, g: Fitted | IsomorphismNet, model_b: nn.Module | Classifier,
+    layer_a: str | None = None, layer_b: str | None = None, classes: list[str] | None = None,
+) -> RefinedModel:  # fmt: skip
+    """A's trunk -> frozen g -> B's upper layers with B's own classifier, as one nn.Module (the "Δ removal", paper Section 4.3).
+
+    Copies of the nets' layers are used (the models handed in are not touched); the result is
+    frozen, in eval mode, on the CPU, and carries `.spec`, what `export` needs to describe it.
+    `classes`: the outputs of B it answers (default: all). With a `Fitted` g, its layers are used.
+
+    Example:
+        >>> import refiner, torch
+        >>> a, b = refiner.create_model("tiny_vgg", 4), refiner.create_model("tiny_vgg", 4)
+        >>> fitted = refiner.fit(a, b, [torch.randn(16, 3, 16, 16) for _ in range(2)], steps=20)
+        >>> model = refiner.refined_model(a, fitted, b)
+        >>> x = torch.randn(2, 3, 16, 16)
+        >>> torch.allclose(model(x), model.head(fitted.g(model.trunk(x))))
+        True
+    """
+    clf_a, clf_b = Classifier.of(model_a), Classifier.of(model_b)
+    if isinstance(g, Fitted):
+        if g.report is not None:
+            layer_a, layer_b = layer_a or g.report.a.layer, layer_b or g.report.b.layer
+            for side, record in (("a", g.report.a), ("b", g.report.b)):
+                clf = clf_a if side == "a" else clf_b
+                if record.input_size is not None and not isinstance(model_a if side == "a" else model_b, Classifier):
+                    clf = clf.fed_at(record.input_size)  # a plain module: fed as g was fitted
+                clf_a, clf_b = (clf, clf_b) if side == "a" else (clf_a, clf)
+        g = g.g
+    la, lb = layer_a or clf_a.default_layer, layer_b or clf_b.default_layer
+    copies = [copy.deepcopy(c) for c in (clf_a, clf_b)]  # the refined model owns its layers: freezing it leaves the caller's nets as they were
+    model, spec = refined_from_parts(*copies, copy.deepcopy(g), la, lb, classes)
+    model.spec = spec
+    return model
+
+
+def build(
+    model_a: nn.Module | Classifier, model_b: nn.Module | Classifier, task: str, data: str | Path | None = None, *,
+    config: BuildConfig | None = None, name: str | None = None, models: str | Path = "models", classes: list[str] | None = None,
+    split=None, cache_dir: str | Path | None = None, g: str | Path | None = None,
+) -> BuildResult:  # fmt: skip
+    """The whole `refiner build`: fit g, fine-tune the refined model and its baselines over seeds, test, export a new version.
+
+    Returns the typed result: `.verdict` (Δ removal helps / hurts / is within noise, from the
+    declared paired test), `.accuracies`, `.paired` (tests with their noise budget), `.model`
+    (the refined nn.Module) and `.path` (models/<name>/<version>, with report.html).
+    `task`: a registered task (`refiner.list_tasks()`; `refiner.register_task` adds one) read from `data`.
+    `config`: seeds, protocol, head schedule, g and export options (default: `BuildConfig(name=...)`).
+    `g`: a g file from `Fitted.save` or `refiner fit` for these nets, used instead of fitting one.
+    """
+    config = config or BuildConfig(name=name or f"{task}-refined")
+    if name is not None and name != config.name:
+        config = config.model_copy(update={"name": name})
+    result = _build(
+        Classifier.of(model_a), Classifier.of(model_b), task, Path(data) if data is not None else None, config, models=Path(models),
+        classes=classes, split=split, cache_dir=Path(cache_dir) if cache_dir is not None else None, g_file=Path(g) if g is not None else None,
+    )  # fmt: skip
+    return result
+
+
+def export(
+    model: RefinedModel | str | Path, name: str, *, models: str | Path = "models", options: ExportOptions | None = None,
+    task: str | None = None, data: str | Path | None = None, split=None, spec: RefinedSpec | None = None,
+) -> Published:  # fmt: skip
+    """A refined model (from `refined_model`, a build, or a refined.pt) as the next version of `name` in a model repository.
+
+    The ONNX file is validated against PyTorch at another batch size (optionally fp16 or INT8,
+    see `ExportOptions`); the version folder appears only when complete. `task`/`data` give the
+    images that check it (else seeded random inputs; INT8 needs them).
+
+    Example:
+        >>> import refiner, torch, tempfile
+        >>> a, b = refiner.create_model("tiny_vgg", 4), refiner.create_model("tiny_vgg", 4)
+        >>> fitted = refiner.fit(a, b, [torch.randn(16, 3, 16, 16) for _ in range(2)], steps=20)
+        >>> out = refiner.export(refiner.refined_model(a, fitted, b), "tiny", models=tempfile.mkdtemp())
+        >>> out.version, out.check.max_abs_diff < 1e-4
+        (1, True)
+    """
+    if isinstance(model, (str, Path)):
+        model, spec = load_refined(model)
+    spec = spec or getattr(model, "spec", None)
+    if spec is None:
+        raise ConfigError("this refined model carries no spec: make it with refiner.refined_model, or pass spec=")
+    return export_artifact(model, spec, Path(models), name, options or ExportOptions(), task, Path(data) if data is not None else None, split)
+
+
+@dataclass
+class Server:
+    """A model server running in its own process (`serve(..., block=False)`): its URL, and how to stop it."""
+
+    url: str
+    process: subprocess.Popen
+
+    def stop(self) -> None:
+        """SIGTERM: requests in flight finish, then the process exits."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve(
+    models: str | Path = "models", host: str = "127.0.0.1", port: int = 8000, *, workers: int = 1, device: str = "auto",
+    model_control: str = "none", block: bool = True, ready_timeout_s: float = 60.0,
+) -> Server | None:  # fmt: skip
+    """Serve a model repository over HTTP (KServe v2 and `/v1/models/NAME/classify`), as `refiner serve` does.
+
+    `block=True` serves in this process until interrupted. `block=False` starts `python -m serving`
+    in a child process, waits until it is ready, and returns a `Server` (a context manager) to stop it.
+    """
+    from serving.settings import ServeSettings
+
+    if not Path(models).is_dir():
+        raise ConfigError(f"model repository {str(models)!r} is not a folder; export a model into it first")
+    if block:
+        from serving.app import serve as run
+
+        run(ServeSettings(models=Path(models), workers=workers, device=device, model_control=model_control), host, port)
+        return None
+    cmd = [sys.executable, "-m", "serving", "--models", str(models), "--host", host, "--port", str(port),
+           "--workers", str(workers), "--device", device, "--model-control", model_control]  # fmt: skip
+    process = subprocess.Popen(cmd, env={**os.environ}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = Server(f"http://{host}:{port}", process)
+    deadline = time.monotonic() + ready_timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ConfigError(f"the server exited with code {process.returncode}: {process.stderr.read().decode(errors='replace')[-500:]}")
+        try:
+            with urllib.request.urlopen(f"{server.url}/v2/health/ready", timeout=1) as response:
+                if response.status == 200:
+                    return server
+        except OSError:
+            time.sleep(0.2)
+    server.stop()
+    raise ConfigError(f"the server did not become ready at {server.url} within {ready_timeout_s:g} s")
