@@ -108,7 +108,10 @@ def test_magnitude_prune_zeroes_the_smallest_weights(digit_nets):
     assert zero_fraction(magnitude_prune(model, 0.0)) == zero_fraction(model)
 
 
-@pytest.mark.parametrize("sparsity, message", [("0.5,1", "outside \\[0, 1\\)"), ("-0.1", "outside \\[0, 1\\)"), ("0.5,x", "comma-separated numbers")])
+@pytest.mark.parametrize(
+    "sparsity, message",
+    [("0.5,1", "outside \\[0, 1\\)"), ("-0.1", "outside \\[0, 1\\)"), ("0.5,x", "comma-separated numbers"), ("0.5,,0.9", "'0.5,,0.9' has an empty entry")],
+)
 def test_compression_rejects_bad_sparsity(digit_nets, tmp_path, capsys, sparsity, message):
     argv = ["analyze", "compression", "--model", str(digit_nets[0].path), "--sparsity", sparsity, "--task", "digits", "--out", str(tmp_path / "r")]
     assert main(argv) == 2

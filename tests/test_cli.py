@@ -310,6 +310,8 @@ def test_help_and_argument_errors_import_no_torch(tmp_path):
         ["build", "--a", "a.pt", "--b", "b.pt", "--task", "digits", "--g-seeds", "0"],
         ["build", "--a", "a.pt", "--b", "b.pt", "--task", "digits", "--resamples", "100"],
         ["build", "--a", "a.pt", "--b", "b.pt", "--task", "digits", "--g", "g.pt", "--g-seeds", "2"],
+        ["analyze", "stability", "--models", "a.pt", "b.pt", "--task", "digits", "--out", "r", "--classes", "a,,b"],
+        ["analyze", "compression", "--model", "a.pt", "--task", "digits", "--out", "r", "--sparsity", "0.5,,0.9"],
     ]  # fmt: skip
     script = (
         "import sys\nfrom refiner.cli import main\n"
@@ -321,9 +323,26 @@ def test_help_and_argument_errors_import_no_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     results = [line.split(" ", 2) for line in out.stderr.splitlines() if line.startswith("RESULT ")]
     assert len(results) == len(cases), out.stderr[-2000:]
-    assert [code for _, code, _ in results] == ["0", "0", "0", *["2"] * 10], out.stderr[-2000:]
+    assert [code for _, code, _ in results] == ["0", "0", "0", *["2"] * 12], out.stderr[-2000:]
     for needle in ("--g-seeds must be at least 1, got 0", "--resamples must be at least 10,000, got 100", "--g-seeds 2 cannot refit"):
         assert any(line.endswith(needle) or needle in line for line in out.stderr.splitlines() if line.startswith("refiner build: error:")), needle
+    assert "refiner analyze: error: --sparsity '0.5,,0.9' has an empty entry" in out.stderr
     assert all(rest.startswith("[] ") for _, _, rest in results), results
     assert not list(tmp_path.iterdir())  # nothing written
 
+
+def test_analyze_refuses_an_empty_class_entry_as_every_command_does(tmp_path, capsys):
+    """--classes a,,b: exit 2 with fit's message, and the analysis's own run refuses it too (it used to drop the entry)."""
+    from refiner.cli.main import parser
+    from refiner.errors import ConfigError
+
+    assert main(["fit", "--a", "a.pt", "--b", "b.pt", "--task", "digits", "--out", str(tmp_path / "g.pt"), "--classes", "a,,b"]) == 2
+    expected = capsys.readouterr().err.removeprefix("refiner fit: error: ").strip()
+    argv = ["analyze", "stability", "--models", "a.pt", "b.pt", "--task", "digits", "--out", str(tmp_path / "r"), "--classes", "a,,b"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"refiner analyze: error: {expected}" and "has an empty entry" in expected
+    args = parser().parse_args(argv)
+    with pytest.raises(ConfigError) as error:
+        args.run(args)  # without main's check first: the run parses --classes as options.classes does
+    assert str(error.value) == expected
+    assert not list(tmp_path.iterdir())
