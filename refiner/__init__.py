@@ -26,7 +26,7 @@ _PUBLIC = {
     "create_model": "refiner.models.architectures", "register_arch": "refiner.models.architectures",
     "list_archs": "refiner.models.architectures", "ArchSpec": "refiner.models.architectures",
     "register_task": "refiner.data.tasks", "list_tasks": "refiner.data.tasks", "TaskSpec": "refiner.data.tasks",
-    "load_task": "refiner.data.tasks",
+    "load_task": "refiner.data.tasks", "loader": "refiner.api.data",
     # comparing
     "atlas": "refiner.api.atlas", "Atlas": "refiner.api.atlas",
     "fit": "refiner.api.fit", "fit_features": "refiner.api.fit", "Fitted": "refiner.api.fit",

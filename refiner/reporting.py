@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import html
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from refiner.atomic import atomic_dir
+from refiner.engine import distributed as dist
 from refiner.engine.device import RuntimeConfig
+from refiner.errors import ConfigError
 from refiner.engine.fitting import FitConfig, FitResult
 from refiner.engine.metrics import VarianceTable
 
@@ -22,6 +28,8 @@ __all__ = [
     "describe_runtime",
     "format_fit",
     "page",
+    "img",
+    "report_folder",
 ]
 
 
@@ -158,3 +166,27 @@ def save_fit_curve(path: Path, fit: FitResult) -> None:
     fig = fit_curve_figure(fit)
     fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
+
+
+@contextmanager
+def report_folder(out: Path) -> Iterator[Path]:
+    """A temporary folder renamed to `out` when the block succeeds; refuses an existing `out` up front.
+
+    Under torchrun only rank 0 writes `out`; the other ranks work in a private folder deleted afterwards.
+    """
+    out = Path(out)
+    if dist.broadcast(out.exists()):  # rank 0's answer, so that every rank stops or none does
+        raise ConfigError(f"report folder {str(out)!r} already exists; choose another --out or remove it")
+    if not dist.is_main():
+        with tempfile.TemporaryDirectory(prefix=f"refiner-{out.name}-rank{dist.rank()}-") as tmp:
+            yield Path(tmp)
+        return
+    try:
+        with atomic_dir(out) as tmp:
+            yield tmp
+    except FileExistsError as e:  # another run wrote `out` meanwhile
+        raise ConfigError(str(e)) from e
+
+
+def img(name: str, alt: str) -> str:
+    return f"<p><img src='{html.escape(name)}' alt='{html.escape(alt)}' style='max-width:100%'></p>"

@@ -36,16 +36,8 @@ FLOORS: list[tuple[str, ...]] = [
 FORBIDDEN = {"serving": ("torch", "torchvision", "timm")}  # third-party packages a unit must not import
 
 # Found by this test and known; each fails as xfail with its reason until fixed. Remove an entry once its fix lands.
-KNOWN_IMPORTS: dict[tuple[str, str], str] = {
-    ("refiner.progress", "refiner.engine.distributed"): "progress imports the engine's torchrun helpers (being fixed in another change)",
-    ("refiner.layermap.report", "refiner.analyses.figures"): (
-        "layermap borrows img/report_folder from analyses.figures, a peer; those generic report helpers belong in refiner.reporting"
-    ),
-}
-KNOWN_CYCLES: dict[frozenset[str], str] = {
-    frozenset({"refiner.models.checkpoints", "refiner.models.pretrained"}): "checkpoints and pretrained import each other (being fixed in another change)",
-    frozenset({"refiner.progress", "refiner.engine.distributed"}): "progress and engine.distributed import each other (being fixed in another change)",
-}
+KNOWN_IMPORTS: dict[tuple[str, str], str] = {}  # (importer, imported) -> why it is tolerated for now
+KNOWN_CYCLES: dict[frozenset[str], str] = {}
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.nn.utils import prune
 
-from refiner.analyses.figures import img, line_plot, picture_rows, report_folder, save_pictures, setup_html, variance_rows, write_pages
+from refiner.reporting import img, report_folder
+from refiner.analyses.figures import line_plot, picture_rows, save_pictures, setup_html, variance_rows, write_pages
 from refiner.analyses.measure import (
+    as_net,
     AnalysisConfig,
     DataRecord,
     Measured,
@@ -116,6 +118,7 @@ def compression(
     *, classes: list[str] | None = None, cache_dir: Path | None = None,
 ) -> CompressionReport:  # fmt: skip
     """Prune and fine-tune at each sparsity, measure the discarded knowledge; write the report folder `out`."""
+    clf = as_net(clf, task)
     start = time.perf_counter()
     workers = config.analysis.runtime
     with report_folder(out) as folder:

@@ -14,8 +14,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from refiner.analyses.figures import channel_rows, img, picture_rows, report_folder, save_pictures, setup_html, variance_rows, write_pages
+from refiner.reporting import img, report_folder
+from refiner.analyses.figures import channel_rows, picture_rows, save_pictures, setup_html, variance_rows, write_pages
 from refiner.analyses.measure import (
+    as_net,
     AnalysisConfig,
     ChannelShare,
     DataRecord,
@@ -82,6 +84,7 @@ def diagnose(
     *, classes: list[str] | None = None, cache_dir: Path | None = None,
 ) -> DiagnoseReport:  # fmt: skip
     """Find the weak net's unreliable features and blind spots; write the report folder `out`."""
+    weak, strong = as_net(weak, task), as_net(strong, task)
     start = time.perf_counter()
     with report_folder(out) as folder:
         data = load_analysis_data(task, data_dir, classes or weak.meta.class_names, config.analysis)

@@ -18,8 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from refiner.analyses.figures import img, line_plot, report_folder, setup_html, variance_rows, write_pages
+from refiner.reporting import img, report_folder
+from refiner.analyses.figures import line_plot, setup_html, variance_rows, write_pages
 from refiner.analyses.measure import (
+    as_net,
     AnalysisConfig,
     DataRecord,
     accuracy_on_test,
@@ -103,6 +105,7 @@ def distillation(
     *, classes: list[str] | None = None, cache_dir: Path | None = None,
 ) -> DistillationReport:  # fmt: skip
     """Train born-again generations from `clf`, measure each one's blind spots w.r.t. the newest; write `out`."""
+    clf = as_net(clf, task)
     start = time.perf_counter()
     workers = config.analysis.runtime
     with report_folder(out) as folder:

@@ -6,9 +6,7 @@ A folder is written atomically: it appears complete or not at all.
 from __future__ import annotations
 
 import html
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,19 +17,15 @@ from pydantic import BaseModel
 
 from refiner import reporting
 from refiner.analyses.measure import AnalysisConfig, ChannelShare, DataRecord
-from refiner.atomic import atomic_dir
 from refiner.data.datasets import Preprocess, Sample
-from refiner.engine import distributed as dist
 from refiner.engine.device import Runtime
 from refiner.engine.features import FeatureSet
 from refiner.engine.isomorphism import IsomorphismNet
 from refiner.engine.metrics import VarianceTable
-from refiner.errors import ConfigError
 from refiner.reporting import html_table, page
 
 __all__ = [
     "PictureRow",
-    "report_folder",
     "write_pages",
     "variance_rows",
     "channel_rows",
@@ -39,7 +33,6 @@ __all__ = [
     "grouped_bars",
     "picture_rows",
     "save_pictures",
-    "img",
     "setup_html",
 ]
 
@@ -55,34 +48,10 @@ class PictureRow:
     caption: str
 
 
-@contextmanager
-def report_folder(out: Path) -> Iterator[Path]:
-    """A temporary folder renamed to `out` when the block succeeds; refuses an existing `out` up front.
-
-    Under torchrun only rank 0 writes `out`; the other ranks work in a private folder deleted afterwards.
-    """
-    out = Path(out)
-    if dist.broadcast(out.exists()):  # rank 0's answer, so that every rank stops or none does
-        raise ConfigError(f"report folder {str(out)!r} already exists; choose another --out or remove it")
-    if not dist.is_main():
-        with tempfile.TemporaryDirectory(prefix=f"refiner-{out.name}-rank{dist.rank()}-") as tmp:
-            yield Path(tmp)
-        return
-    try:
-        with atomic_dir(out) as tmp:
-            yield tmp
-    except FileExistsError as e:  # another run wrote `out` meanwhile
-        raise ConfigError(str(e)) from e
-
-
 def write_pages(folder: Path, title: str, report: BaseModel, sections: list[tuple[str, str]]) -> None:
     """report.json (every figure) and report.html (what a person reads)."""
     (folder / "report.json").write_text(report.model_dump_json(indent=2))
     (folder / "report.html").write_text(page(title, sections))
-
-
-def img(name: str, alt: str) -> str:
-    return f"<p><img src='{html.escape(name)}' alt='{html.escape(alt)}' style='max-width:100%'></p>"
 
 
 def variance_rows(label: str, tables: dict[str, VarianceTable]) -> str:

@@ -33,6 +33,7 @@ __all__ = [
     "Measured",
     "ChannelShare",
     "DataRecord",
+    "as_net",
     "load_analysis_data",
     "measure_pair",
     "channel_shares",
@@ -86,6 +87,13 @@ class DataRecord(BaseModel):
     @classmethod
     def of(cls, data: TaskData) -> DataRecord:
         return cls(task=data.task, classes=data.classes, images={s: len(data.split(s)) for s in ("train", "test")})
+
+
+def as_net(model: nn.Module | Classifier, task: str) -> Classifier:
+    """A net from `refiner.load` as it is; a plain nn.Module (not copied), fed with the task's preprocessing."""
+    from refiner.data.tasks import get_task
+
+    return model if isinstance(model, Classifier) else Classifier.of(model, preprocess=get_task(task).preprocess)
 
 
 def load_analysis_data(task: str, data_dir: Path | None, classes: list[str], config: AnalysisConfig) -> TaskData:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from refiner.analyses.figures import grouped_bars, img, report_folder, setup_html, variance_rows, write_pages
-from refiner.analyses.measure import AnalysisConfig, DataRecord, load_analysis_data, measure_pair, runtime_record
+from refiner.reporting import img, report_folder
+from refiner.analyses.figures import grouped_bars, setup_html, variance_rows, write_pages
+from refiner.analyses.measure import as_net, AnalysisConfig, DataRecord, load_analysis_data, measure_pair, runtime_record
 from refiner.engine.comparison import ComparisonReport, default_layer
 from refiner.errors import ConfigError
 from refiner.models.checkpoints import Classifier
@@ -68,6 +69,7 @@ def stability(
     *, classes: list[str] | None = None, cache_dir: Path | None = None,
 ) -> StabilityReport:  # fmt: skip
     """Fit g for every ordered pair of nets at every layer; write the report folder `out`."""
+    nets = [as_net(n, task) for n in nets]
     if len(nets) < 2:
         raise ConfigError(f"stability compares nets pair by pair: give at least 2 models, got {len(nets)}")
     start = time.perf_counter()

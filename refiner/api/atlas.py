@@ -18,6 +18,7 @@ from refiner.engine.isomorphism import IsomorphismConfig
 from refiner.layermap.pipeline import AtlasConfig, AtlasReport, ConsistencyRow, run_atlas
 from refiner.layermap.report import format_atlas, heatmap_figure, write_atlas
 from refiner.models.checkpoints import Classifier
+from refiner.models.layers import kept_modes
 
 __all__ = ["Atlas", "atlas"]
 
@@ -145,8 +146,7 @@ def atlas(
         consistency=consistency, g=g_config or IsomorphismConfig(), fit=fit, runtime=runtime_config(device, amp, threads, workers),
     )  # fmt: skip
     train_sources = train if isinstance(train, TaskData) or train is None else {"train": (train, train_b)}
-    report = run_atlas(
-        Classifier.of(model_a), Classifier.of(model_b), data, config, data_b=data_b, train=train_sources, task=task,
-        cache_dir=Path(cache_dir) if cache_dir is not None else None,
-    )  # fmt: skip
+    clf_a, clf_b = Classifier.of(model_a), Classifier.of(model_b)
+    with kept_modes(clf_a.model, clf_b.model):
+        report = run_atlas(clf_a, clf_b, data, config, data_b=data_b, train=train_sources, task=task, cache_dir=Path(cache_dir) if cache_dir is not None else None)
     return Atlas(report)

@@ -21,6 +21,7 @@ from refiner.engine.isomorphism import IsomorphismConfig, IsomorphismNet, save_i
 from refiner.engine.metrics import VarianceTable
 from refiner.errors import ConfigError
 from refiner.models.checkpoints import Classifier
+from refiner.models.layers import kept_modes
 
 __all__ = ["Fitted", "fit", "fit_features"]
 
@@ -163,14 +164,15 @@ def fit(
     config = CompareConfig(layer_a=layer_a, layer_b=layer_b, g=g, fit=fit_, runtime=runtime_config(device, amp, threads, workers), cache_dtype=cache_dtype)
     clf_a, clf_b = Classifier.of(model_a), Classifier.of(model_b)
     cache = Path(cache_dir) if cache_dir is not None else None
-    if isinstance(data, TaskData):
-        if test is not None or data_b is not None:
-            raise ConfigError("with task data, the task's own splits are read: drop data_b/test")
-        fitted_g, report, _ = compare(clf_a, clf_b, data, config, cache)
-    else:
-        sources = {"train": (data, data_b), **({"test": (test, test_b)} if test is not None else {})}
-        clf_a, clf_b = clf_a.fed_at(_input_size(data)), clf_b.fed_at(_input_size(data_b if data_b is not None else data))
-        fitted_g, report, _ = compare(clf_a, clf_b, sources, config, cache, measure=tuple(sources))
+    with kept_modes(clf_a.model, clf_b.model):
+        if isinstance(data, TaskData):
+            if test is not None or data_b is not None:
+                raise ConfigError("with task data, the task's own splits are read: drop data_b/test")
+            fitted_g, report, _ = compare(clf_a, clf_b, data, config, cache)
+        else:
+            sources = {"train": (data, data_b), **({"test": (test, test_b)} if test is not None else {})}
+            clf_a, clf_b = clf_a.fed_at(_input_size(data)), clf_b.fed_at(_input_size(data_b if data_b is not None else data))
+            fitted_g, report, _ = compare(clf_a, clf_b, sources, config, cache, measure=tuple(sources))
     return Fitted(g=fitted_g, fit=report.fit, tables=report.tables, report=report)
 
 

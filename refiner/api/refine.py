@@ -17,6 +17,7 @@ from refiner.api.fit import Fitted
 from refiner.engine.isomorphism import IsomorphismNet
 from refiner.errors import ConfigError
 from refiner.models.checkpoints import Classifier
+from refiner.models.layers import kept_modes
 from refiner.refine.config import BuildConfig
 from refiner.refine.pipeline import BuildResult
 from refiner.refine.pipeline import build as _build
@@ -79,11 +80,12 @@ def build(
     config = config or BuildConfig(name=name or f"{task}-refined")
     if name is not None and name != config.name:
         config = config.model_copy(update={"name": name})
-    result = _build(
-        Classifier.of(model_a), Classifier.of(model_b), task, Path(data) if data is not None else None, config, models=Path(models),
-        classes=classes, split=split, cache_dir=Path(cache_dir) if cache_dir is not None else None, g_file=Path(g) if g is not None else None,
-    )  # fmt: skip
-    return result
+    clf_a, clf_b = Classifier.of(model_a), Classifier.of(model_b)
+    with kept_modes(clf_a.model, clf_b.model):
+        return _build(
+            clf_a, clf_b, task, Path(data) if data is not None else None, config, models=Path(models),
+            classes=classes, split=split, cache_dir=Path(cache_dir) if cache_dir is not None else None, g_file=Path(g) if g is not None else None,
+        )  # fmt: skip
 
 
 def export(

@@ -121,6 +121,13 @@ def register_task(spec: TaskSpec) -> TaskSpec:
 
 
 def list_tasks() -> list[str]:
+    """The registered task names (`register_task` adds one).
+
+    Example:
+        >>> import refiner
+        >>> "digits" in refiner.list_tasks()
+        True
+    """
     return sorted(_REGISTRY)
 
 

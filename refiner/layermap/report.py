@@ -7,9 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from refiner.analyses.figures import img, report_folder
 from refiner.layermap.pipeline import AtlasReport, ConsistencyRow
-from refiner.reporting import GLOSSARY, format_rows, html_table, page
+from refiner.reporting import GLOSSARY, format_rows, html_table, img, page, report_folder
 
 __all__ = ["write_atlas", "heatmap_figure", "save_heatmap", "consistency_rows", "format_atlas"]
 

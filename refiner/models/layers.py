@@ -10,6 +10,7 @@ turns it back into tokens.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -19,7 +20,19 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from refiner.errors import ConfigError, LayerError
 
-__all__ = ["list_layers", "layer_shapes", "split_model", "feature_shape", "trace_eval", "tracer_kwargs", "TokensToMap", "MapToTokens"]
+__all__ = ["kept_modes", "list_layers", "layer_shapes", "split_model", "feature_shape", "trace_eval", "tracer_kwargs", "TokensToMap", "MapToTokens"]
+
+
+@contextlib.contextmanager
+def kept_modes(*models: nn.Module):
+    """Restore every submodule's train/eval flag on exit: trunks and heads cut from a net share its modules, and setting
+    their mode would set the caller's."""
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def tracer_kwargs(model: nn.Module) -> dict | None:
