@@ -108,13 +108,14 @@ def test_divergence_is_reported_not_hidden():
         fit_isomorphism(x_a, x_b, config=FitConfig(max_steps=30, eval_every=10))
 
 
-def test_compiled_fit_matches_eager_and_says_it_compiles(tmp_path, monkeypatch, capfd):
+def test_compiled_fit_matches_eager_and_says_it_compiles(tmp_path, monkeypatch, capfd, caplog):
     """torch.compile'd steps reach the same fit as eager ones; the compile is announced, and on the CPU the
     "No CUDA runtime is found, using CUDA_HOME" that loading inductor logs where a CUDA toolkit exists is not shown."""
     import sys
 
     monkeypatch.setenv("CUDA_HOME", "/usr/local")  # a "toolkit" folder: torch logs the message when it loads
     fresh = "torch.utils.cpp_extension" not in sys.modules  # it is logged once, at import
+    caplog.set_level("INFO", logger="refiner")
     x_a, x_b = _toy(200)
     config = FitConfig(max_steps=30, eval_every=10)
     g_eager, eager = fit_isomorphism(x_a, x_b, config=config.model_copy(update={"compile": "off"}))
@@ -123,9 +124,9 @@ def test_compiled_fit_matches_eager_and_says_it_compiles(tmp_path, monkeypatch, 
     np.testing.assert_allclose(comp.holdout_mse, eager.holdout_mse, rtol=1e-4)
     for a, b in zip(g_eager.state_dict().values(), g_comp.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    err = capfd.readouterr().err
-    assert "compiling g's step (about 90 s)" in err  # 180 training pairs: the last batch of an epoch (52) compiles again
-    assert "compiling g's step again for an epoch's smaller last batch" in err
+    err, notes = capfd.readouterr().err, caplog.text  # the library's notes go to the refiner logger
+    assert "compiling g's step (about 90 s)" in notes  # 180 training pairs: the last batch of an epoch (52) compiles again
+    assert "compiling g's step again for an epoch's smaller last batch" in notes
     if fresh:
         assert "No CUDA runtime" not in err and "CUDA_HOME" not in err
 
