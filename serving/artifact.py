@@ -1,4 +1,4 @@
-"""The artifact format the server reads: Triton's repository layout plus refiner's metadata.json.
+"""Reading a model repository: Triton's layout plus metadata.json (its fields: serving/schema.py).
 
     <models>/<name>/config.pbtxt, labels.txt
     <models>/<name>/<version>/model.onnx, metadata.json
@@ -14,56 +14,15 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError
 
 from serving.errors import ArtifactError
+from serving.schema import ARTIFACT_FORMAT, ArtifactMeta
 
-__all__ = ["ARTIFACT_FORMAT", "TensorSpec", "Preprocess", "ArtifactMeta", "Artifact", "discover", "read_artifact"]
+__all__ = ["Artifact", "discover", "read_artifact"]
 
-ARTIFACT_FORMAT = "refiner-artifact/1"
 _VERSION_DIR = re.compile(r"[1-9][0-9]*")
-
-
-class TensorSpec(BaseModel):
-    """A model input or output without its batch axis."""
-
-    name: str
-    datatype: str  # KServe v2 datatype name, e.g. "FP32"
-    shape: list[int]
-
-
-class Preprocess(BaseModel):
-    """RGB; shorter side to resize_size + centre crop to (H, W), or a plain resize to (H, W); /255; (x - mean) / std."""
-
-    input_size: tuple[int, int, int]  # (3, H, W)
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    resize_size: int | None = Field(None, ge=1)  # absent in artifacts written before crops existed: plain resize
-    interpolation: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
-
-    @model_validator(mode="after")
-    def _crop_fits(self) -> Preprocess:
-        if self.resize_size is not None and self.resize_size < max(self.input_size[1:]):
-            raise ValueError(f"resize_size {self.resize_size} is smaller than the {self.input_size[1]}x{self.input_size[2]} crop")
-        return self
-
-
-class ArtifactMeta(BaseModel):
-    """The part of metadata.json the server uses."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    format: Literal["refiner-artifact/1"]
-    name: str
-    version: int = Field(ge=1)
-    class_names: list[str]
-    input: TensorSpec
-    output: TensorSpec
-    preprocess: Preprocess
-    max_batch_size: int = Field(ge=1)
-    onnx_sha256: str
 
 
 @dataclass(frozen=True)

@@ -1,27 +1,21 @@
-"""Untrusted image bytes -> the normalised array the model expects.
+"""Untrusted image bytes -> a decoded PIL image, its size checked before any pixel is decoded.
 
-`preprocess` is the same arithmetic as refiner.data.datasets.preprocess_image (RGB;
-shorter side to resize_size with torchvision's rounding and a centre crop, or a
-plain resize to (W, H); /255; (x - mean) / std; HWC -> CHW), re-implemented here
-because the server depends on the artifact format only; tests check that both
-give identical arrays, and both match torchvision's transforms.
+The arithmetic that turns it into the model's input is the artifact format's own
+(serving.schema.preprocess_image), the same function refiner's datasets use.
 """
 
 from __future__ import annotations
 
 import io
 
-import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from serving.artifact import Preprocess
 from serving.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
-__all__ = ["ACCEPTED_FORMATS", "decode_image", "preprocess"]
+__all__ = ["ACCEPTED_FORMATS", "decode_image"]
 
 ACCEPTED_FORMATS = ("JPEG", "PNG")
 _EXPECTED = "expected a JPEG or PNG image"
-_FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 _SIGNATURES = {"PNG": b"\x89PNG\r\n\x1a\n", "JPEG": b"\xff\xd8\xff"}
 
 
@@ -60,24 +54,3 @@ def _check_and_load(image: Image.Image, max_pixels: int) -> None:
         image.load()
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated or corrupt pixel data
         raise BadRequest(f"the {image.format} image data is truncated or corrupt ({e}); {_EXPECTED}") from e
-
-
-def preprocess(image: Image.Image, pre: Preprocess) -> np.ndarray:
-    """PIL image -> normalised float32 array (3, H, W)."""
-    _, h, w = pre.input_size
-    image = image.convert("RGB")
-    mode = _FILTERS[pre.interpolation]
-    if pre.resize_size is None:
-        if image.size != (w, h):
-            image = image.resize((w, h), mode)
-    else:
-        iw, ih = image.size
-        new_short, new_long = pre.resize_size, int(pre.resize_size * max(iw, ih) / min(iw, ih))
-        size = (new_short, new_long) if iw <= ih else (new_long, new_short)
-        if size != image.size:
-            image = image.resize(size, mode)
-        top, left = int(round((size[1] - h) / 2.0)), int(round((size[0] - w) / 2.0))
-        image = image.crop((left, top, left + w, top + h))
-    x = np.asarray(image, dtype=np.float32) / 255.0
-    x = (x - np.asarray(pre.mean, dtype=np.float32)) / np.asarray(pre.std, dtype=np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))

@@ -15,8 +15,8 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError
 
-from serving.artifact import ArtifactMeta, TensorSpec
 from serving.errors import BadRequest
+from serving.schema import ArtifactMeta, TensorSpec
 
 __all__ = [
     "BINARY_HEADER",

@@ -12,11 +12,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from serving.artifact import ArtifactMeta
 from serving.batching import DynamicBatcher
 from serving.errors import NotFound
 from serving.protocol import decimal
 from serving.runtime import ModelRuntime
+from serving.schema import ArtifactMeta
 
 __all__ = ["LoadedModel", "ModelRepository"]
 

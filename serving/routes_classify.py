@@ -8,11 +8,11 @@ import numpy as np
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
 
-from serving.artifact import Preprocess
 from serving.body import multipart_file, read_body
 from serving.deps import ServerDep
 from serving.errors import BadRequest
-from serving.images import decode_image, preprocess
+from serving.images import decode_image
+from serving.schema import Preprocess, preprocess_image
 
 __all__ = ["router", "Prediction", "Classification"]
 
@@ -48,7 +48,7 @@ _BODY_DOC: dict[str, Any] = {
 
 def _image_array(data: bytes, pre: Preprocess, max_pixels: int) -> np.ndarray:
     with decode_image(data, max_pixels) as image:
-        return preprocess(image, pre)[None]
+        return preprocess_image(image, pre)[None]
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -13,8 +13,9 @@ import os
 
 import numpy as np
 
-from serving.artifact import Artifact, ArtifactMeta
+from serving.artifact import Artifact
 from serving.errors import ArtifactError, DeviceError
+from serving.schema import ArtifactMeta
 
 __all__ = ["CPU", "CUDA", "cuda_device_count", "choose_providers", "ModelRuntime"]
 

@@ -38,7 +38,6 @@ from serving.app import create_app
 from serving.artifact import discover
 from serving.batching import BatchStats, DynamicBatcher
 from serving.errors import DeviceError, InferenceFailed, Unavailable
-from serving.images import preprocess
 from serving.runtime import CPU, CUDA, choose_providers
 from serving.settings import PILLOW_MAX_IMAGE_PIXELS, ServeSettings
 
@@ -113,49 +112,44 @@ def _varied_images(served: Served) -> list[Image.Image]:
     ]
 
 
-def test_preprocessing_is_identical_to_refiners(served):
-    from refiner.data.datasets import Preprocess as RefinerPreprocess
-    from refiner.data.datasets import preprocess_image
-    from serving.artifact import Preprocess
+def test_refiner_and_the_server_share_one_artifact_schema(served):
+    """One definition of the format: refiner's datasets and artifacts use serving.schema's classes and transform."""
+    from refiner.data import datasets
+    from refiner.refine.repository import ArtifactMetadata
+    from serving import schema
 
-    raw = served.metadata["preprocess"]
-    ours, theirs = Preprocess.model_validate(raw), RefinerPreprocess.model_validate(raw)
-    for image in _varied_images(served):
-        a, b = preprocess(image, ours), preprocess_image(image, theirs)
-        assert a.dtype == b.dtype == np.float32 and a.shape == b.shape == tuple(served.input_shape)
-        assert np.array_equal(a, b)
+    assert datasets.Preprocess is schema.Preprocess and datasets.preprocess_image is schema.preprocess_image
+    assert issubclass(ArtifactMetadata, schema.ArtifactMeta)
+    written = ArtifactMetadata.model_validate(served.metadata)  # what refiner wrote reads back under its own rules
+    assert schema.ArtifactMeta.model_validate(served.metadata) == schema.ArtifactMeta.model_validate(written.model_dump())
 
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
 @pytest.mark.parametrize("resize_size", [None, 16, 19])
-def test_resize_and_crop_match_refiner_and_torchvision(served, resize_size, interpolation):
-    """Shorter side to resize_size + centre crop (or a plain resize): serving == refiner == torchvision's transforms."""
+def test_resize_and_crop_match_torchvision(served, resize_size, interpolation):
+    """Shorter side to resize_size + centre crop (or a plain resize): the format's transform == torchvision's transforms."""
     from torchvision import transforms as T
 
-    from refiner.data.datasets import Preprocess as RefinerPreprocess
-    from refiner.data.datasets import preprocess_image
-    from serving.artifact import Preprocess
+    from serving.schema import Preprocess, preprocess_image
 
     raw = {"input_size": (3, 16, 16), "mean": (0.4, 0.5, 0.6), "std": (0.2, 0.3, 0.25), "resize_size": resize_size, "interpolation": interpolation}
-    ours, theirs = Preprocess.model_validate(raw), RefinerPreprocess.model_validate(raw)
+    pre = Preprocess.model_validate(raw)
     mode = getattr(T.InterpolationMode, interpolation.upper())
     resize = [T.Resize((16, 16), mode)] if resize_size is None else [T.Resize(resize_size, mode), T.CenterCrop(16)]
     reference = T.Compose([*resize, T.ToTensor(), T.Normalize(raw["mean"], raw["std"])])
     for image in _varied_images(served):
-        a, b = preprocess(image, ours), preprocess_image(image, theirs)
-        assert a.shape == (3, 16, 16) and np.array_equal(a, b)
+        a = preprocess_image(image, pre)
+        assert a.dtype == np.float32 and a.shape == (3, 16, 16)
         np.testing.assert_allclose(a, reference(image.convert("RGB")).numpy(), atol=1e-6)
 
 
 def test_preprocess_refuses_a_crop_larger_than_the_resize():
     from pydantic import ValidationError
 
-    from refiner.data.datasets import Preprocess as RefinerPreprocess
-    from serving.artifact import Preprocess
+    from serving.schema import Preprocess
 
-    for cls in (Preprocess, RefinerPreprocess):
-        with pytest.raises(ValidationError, match="resize_size 20 is smaller than the 24x24 crop"):
-            cls(input_size=(3, 24, 24), mean=(0.5,) * 3, std=(0.5,) * 3, resize_size=20)
+    with pytest.raises(ValidationError, match="resize_size 20 is smaller than the 24x24 crop"):
+        Preprocess(input_size=(3, 24, 24), mean=(0.5,) * 3, std=(0.5,) * 3, resize_size=20)
 
 
 def test_v2_json_round_trip_equals_onnx_session(client, served):
@@ -199,10 +193,9 @@ def test_v2_binary_tensor_extension(client, served):
 
 def test_classify_equals_refined_model_on_refiners_preprocessing(client, served):
     """Served prediction == the refined PyTorch model and the ONNX session on refiner's preprocessing."""
-    from refiner.data.datasets import Preprocess as RefinerPreprocess
-    from refiner.data.datasets import preprocess_image
+    from refiner.data.datasets import Preprocess, preprocess_image
 
-    pre = RefinerPreprocess.model_validate(served.metadata["preprocess"])
+    pre = Preprocess.model_validate(served.metadata["preprocess"])
     k = len(served.class_names)
     for i, image in enumerate(_varied_images(served)):
         data = encode(image, "JPEG" if i % 3 == 2 else "PNG")

@@ -43,8 +43,10 @@ def add_preprocess(p: argparse.ArgumentParser) -> None:
 
 def preprocess(args, pre):
     """`pre` with the --img-size/--crop-pct/--mean/--std/--interpolation overrides applied."""
-    return pre.with_overrides(
-        img_size=args.img_size, crop_pct=args.crop_pct, mean=tuple(args.mean) if args.mean else None,
+    from refiner.data.datasets import with_overrides
+
+    return with_overrides(
+        pre, img_size=args.img_size, crop_pct=args.crop_pct, mean=tuple(args.mean) if args.mean else None,
         std=tuple(args.std) if args.std else None, interpolation=args.interpolation,
     )  # fmt: skip
 

@@ -1,9 +1,8 @@
 """Image samples, the preprocessing that travels with every model, and torch Datasets.
 
-Preprocessing is plain PIL + NumPy so that the serving package can reproduce it
-exactly: RGB; either a resize of the shorter side to `resize_size` and a centre
-crop to the input size (torchvision's and timm's evaluation transform), or a
-plain resize to the input size; /255; per-channel normalisation.
+`Preprocess` and its transform `preprocess_image` are the artifact format's own
+(serving/schema.py: plain PIL + NumPy), so a served model sees exactly the arrays
+it was fitted and tested on.
 """
 
 from __future__ import annotations
@@ -14,89 +13,37 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.data import Dataset
 
 from refiner.errors import ConfigError, DataError
+from serving.schema import INTERPOLATIONS, Preprocess, preprocess_image
 
-__all__ = ["INTERPOLATIONS", "Preprocess", "Sample", "FileSample", "ArraySample", "ImageDataset", "preprocess_image", "fingerprint", "stack_images"]
-
-
-INTERPOLATIONS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+__all__ = ["INTERPOLATIONS", "Preprocess", "with_overrides", "Sample", "FileSample", "ArraySample", "ImageDataset", "preprocess_image", "fingerprint", "stack_images"]
 
 
-class Preprocess(BaseModel):
-    """What a model expects: input size, resize and crop, normalisation; stored with its weights."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    input_size: tuple[int, int, int] = (3, 32, 32)  # (C, H, W); C is always 3 (RGB)
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel mean of [0, 1] pixels
-    std: tuple[float, float, float] = Field((0.5, 0.5, 0.5))  # per-channel std of [0, 1] pixels
-    resize_size: int | None = Field(None, ge=1)  # shorter side before the centre crop to (H, W); None: plain resize to (H, W)
-    interpolation: Literal["nearest", "bilinear", "bicubic"] = "bilinear"  # PIL's filter for the resize
-
-    @model_validator(mode="after")
-    def _crop_fits(self) -> Preprocess:
-        if not all(math.isfinite(m) for m in self.mean) or not all(math.isfinite(v) and v > 0 for v in self.std):
-            raise ValueError(f"mean must be finite and std finite and above 0, got mean {self.mean}, std {self.std}")
-        if min(self.input_size) < 1:
-            raise ValueError(f"input_size must be positive, got {self.input_size}")
-        if self.resize_size is not None and self.resize_size < max(self.input_size[1:]):
-            raise ValueError(f"resize_size {self.resize_size} is smaller than the {self.input_size[1]}x{self.input_size[2]} crop")
-        return self
-
-    @property
-    def crop_pct(self) -> float:
-        """Crop size over resize size, as timm writes it (1.0 for a plain resize)."""
-        return 1.0 if self.resize_size is None else self.input_size[1] / self.resize_size
-
-    def with_overrides(
-        self, img_size: int | None = None, crop_pct: float | None = None, mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None, interpolation: str | None = None,
-    ) -> Preprocess:  # fmt: skip
-        """A copy with the given fields replaced; a new img_size keeps the crop ratio unless crop_pct is given too."""
-        if img_size is not None and img_size < 1:
-            raise ConfigError(f"--img-size must be a positive number of pixels, got {img_size}")
-        if crop_pct is not None and not 0 < crop_pct <= 1:
-            raise ConfigError(f"--crop-pct must be in (0, 1], got {crop_pct}")
-        if mean is not None and not all(math.isfinite(m) for m in mean):
-            raise ConfigError(f"--mean must be three finite numbers, got {' '.join(map(str, mean))}")
-        if std is not None and not all(math.isfinite(v) and v > 0 for v in std):
-            raise ConfigError(f"--std must be three finite numbers above 0, got {' '.join(map(str, std))}")
-        size = img_size or self.input_size[1]
-        pct = crop_pct if crop_pct is not None else None if self.resize_size is None else self.crop_pct
-        resize = None if pct is None else math.floor(size / pct + 1e-9)  # timm's scale_size
-        fields = dict(input_size=(3, size, size) if img_size else self.input_size, resize_size=resize)
-        fields.update({k: v for k, v in (("mean", mean), ("std", std), ("interpolation", interpolation)) if v is not None})
-        return Preprocess(**{**self.model_dump(), **fields})
-
-
-def preprocess_image(image: Image.Image, pre: Preprocess) -> np.ndarray:
-    """PIL image -> normalised float32 array (3, H, W)."""
-    _, h, w = pre.input_size
-    image = image.convert("RGB")
-    mode = INTERPOLATIONS[pre.interpolation]
-    if pre.resize_size is None:
-        if image.size != (w, h):
-            image = image.resize((w, h), mode)
-    else:  # torchvision's Resize(int) then CenterCrop, with its rounding
-        iw, ih = image.size
-        short, long = min(iw, ih), max(iw, ih)
-        new_short, new_long = pre.resize_size, int(pre.resize_size * long / short)
-        size = (new_short, new_long) if iw <= ih else (new_long, new_short)
-        if size != image.size:
-            image = image.resize(size, mode)
-        top, left = int(round((size[1] - h) / 2.0)), int(round((size[0] - w) / 2.0))
-        image = image.crop((left, top, left + w, top + h))
-    x = np.asarray(image, dtype=np.float32) / 255.0
-    x = (x - np.asarray(pre.mean, dtype=np.float32)) / np.asarray(pre.std, dtype=np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+def with_overrides(
+    pre: Preprocess, img_size: int | None = None, crop_pct: float | None = None, mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None, interpolation: str | None = None,
+) -> Preprocess:  # fmt: skip
+    """A copy of `pre` with the given fields replaced; a new img_size keeps the crop ratio unless crop_pct is given too."""
+    if img_size is not None and img_size < 1:
+        raise ConfigError(f"--img-size must be a positive number of pixels, got {img_size}")
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        raise ConfigError(f"--crop-pct must be in (0, 1], got {crop_pct}")
+    if mean is not None and not all(math.isfinite(m) for m in mean):
+        raise ConfigError(f"--mean must be three finite numbers, got {' '.join(map(str, mean))}")
+    if std is not None and not all(math.isfinite(v) and v > 0 for v in std):
+        raise ConfigError(f"--std must be three finite numbers above 0, got {' '.join(map(str, std))}")
+    size = img_size or pre.input_size[1]
+    pct = crop_pct if crop_pct is not None else None if pre.resize_size is None else pre.crop_pct
+    resize = None if pct is None else math.floor(size / pct + 1e-9)  # timm's scale_size
+    fields = dict(input_size=(3, size, size) if img_size else pre.input_size, resize_size=resize)
+    fields.update({k: v for k, v in (("mean", mean), ("std", std), ("interpolation", interpolation)) if v is not None})
+    return Preprocess(**{**pre.model_dump(), **fields})
 
 
 class Sample:

@@ -19,11 +19,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from refiner.atomic import atomic_dir, atomic_file
-from refiner.data.datasets import Preprocess
 from refiner.errors import ConfigError
+from serving.schema import ARTIFACT_FORMAT, ArtifactMeta, TensorSpec
 
 __all__ = [
     "ARTIFACT_FORMAT",
@@ -35,33 +35,17 @@ __all__ = [
     "now_iso",
 ]
 
-ARTIFACT_FORMAT = "refiner-artifact/1"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
-class TensorSpec(BaseModel):
-    """One model input or output, without the batch axis."""
+class ArtifactMetadata(ArtifactMeta):
+    """metadata.json as refiner writes it: the format's fields (serving.schema.ArtifactMeta) and the build's record."""
 
-    name: str
-    datatype: str = "FP32"  # KServe v2 datatype name
-    shape: list[int]
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-
-class ArtifactMetadata(BaseModel):
-    """metadata.json: everything a server needs to feed the model and explain its output."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    format: str = ARTIFACT_FORMAT
+    format: Literal["refiner-artifact/1"] = ARTIFACT_FORMAT
     name: str = Field(pattern=NAME_PATTERN)
-    version: int = Field(ge=1)
     created: str  # ISO 8601, UTC
-    class_names: list[str]
-    input: TensorSpec  # normalised float image batch (N, 3, H, W)
-    output: TensorSpec  # logits (N, num_classes)
-    preprocess: Preprocess  # RGB, bilinear resize to input_size, /255, (x - mean) / std
-    max_batch_size: int = Field(ge=1)
-    onnx_sha256: str
     precision: Literal["fp32", "fp16", "int8"] = "fp32"  # of the graph inside; input and output are always FP32
     refined: dict[str, Any]  # layers, K, lambda, source checkpoint hashes
     export_check: dict[str, Any]  # validation figures (max abs diff, top-1 agreement)
