@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO := demo-out
 
-.PHONY: install test demo serve clean
+.PHONY: install test demo serve docs clean
 
 $(BIN)/refiner: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,5 +29,9 @@ demo: install
 serve: install
 	$(BIN)/refiner serve --models models
 
+# The API reference, generated from the docstrings, into site/ (open site/index.html).
+docs: install
+	$(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) $(DEMO)
+	rm -rf $(VENV) $(DEMO) site

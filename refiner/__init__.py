@@ -9,7 +9,7 @@ Data flows one way through the subpackages: `data` (tasks, preprocessing) ->
 fitting, the Var table, training loops) -> `layermap` (the atlas), `refine`
 (refined model, export, model repository) and `analyses` (the paper's other
 applications) -> `api` (the public functions below) -> `cli`. The artifact
-format is what `serving` reads. Names are imported on first use, so
+format is defined once, in `serving.schema`, which refiner writes with and the server reads. Names are imported on first use, so
 `import refiner` stays cheap (no torch until a function is touched).
 """
 
@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     # nets
-    "load": "refiner.api.nets", "net": "refiner.api.nets", "layers": "refiner.api.nets", "Layer": "refiner.api.nets",
+    "load": "refiner.api.nets", "net": "refiner.api.nets", "layers": "refiner.api.nets", "Layer": "refiner.api.nets", "features": "refiner.api.nets",
     "Classifier": "refiner.models.checkpoints", "Preprocess": "refiner.data.datasets",
     "create_model": "refiner.models.architectures", "register_arch": "refiner.models.architectures",
     "list_archs": "refiner.models.architectures", "ArchSpec": "refiner.models.architectures",
@@ -38,6 +38,9 @@ _PUBLIC = {
     # the paper's other applications
     "diagnose": "refiner.analyses.diagnose", "stability": "refiner.analyses.stability",
     "compression": "refiner.analyses.compression", "distillation": "refiner.analyses.distillation",
+    "AnalysisConfig": "refiner.analyses.measure", "DiagnoseConfig": "refiner.analyses.diagnose",
+    "StabilityConfig": "refiner.analyses.stability", "CompressionConfig": "refiner.analyses.compression",
+    "DistillationConfig": "refiner.analyses.distillation", "TrainConfig": "refiner.engine.training",
     # manners
     "set_progress": "refiner.progress",
     "RefinerError": "refiner.errors", "ConfigError": "refiner.errors", "CheckpointError": "refiner.errors",

@@ -14,7 +14,16 @@ __all__ = [
 
 
 class RefinerError(Exception):
-    """Base class of every error refiner raises for bad input."""
+    """Base class of every error refiner raises for bad input; each subclass says what was wrong in its message.
+
+    Examples:
+        >>> import refiner
+        >>> try:
+        ...     refiner.create_model("resnet81", 10)
+        ... except refiner.RefinerError as e:
+        ...     print(type(e).__name__)
+        ConfigError
+    """
 
 
 class ConfigError(RefinerError, ValueError):

@@ -16,6 +16,7 @@ and what shortens it.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import sys
@@ -23,7 +24,10 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from tqdm.auto import tqdm
+if importlib.util.find_spec("ipywidgets") is not None:
+    from tqdm.auto import tqdm  # a widget in Jupyter, a text bar elsewhere
+else:
+    from tqdm.std import tqdm  # tqdm.auto would warn "IProgress not found" in every kernel without ipywidgets
 
 __all__ = ["LOGGER", "CommandLineHandler", "bar", "note", "paused", "set_progress", "set_quiet", "stage"]
 
@@ -45,7 +49,7 @@ def set_quiet(quiet: bool) -> None:
 def set_progress(enabled: bool) -> None:
     """Show (True, the default) or hide refiner's progress bars, in a terminal, a log or a notebook.
 
-    Example:
+    Examples:
         >>> import refiner
         >>> refiner.set_progress(False)  # no bars from here on
         >>> refiner.set_progress(True)

@@ -30,7 +30,14 @@ class TensorSpec(BaseModel):
 
 
 class Preprocess(BaseModel):
-    """What a model expects: input size, resize and crop, normalisation; stored with its weights and in every artifact."""
+    """What a model expects: input size, resize and crop, normalisation; stored with its weights and in every artifact.
+
+    Examples:
+        >>> from serving.schema import Preprocess
+        >>> pre = Preprocess(input_size=(3, 224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), resize_size=256)
+        >>> round(pre.crop_pct, 3)
+        0.875
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

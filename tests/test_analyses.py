@@ -69,8 +69,8 @@ def test_stability_cli_report(digit_nets, tmp_path, capsys):
 
 def test_identical_copy_is_stable(digit_nets, tmp_path):
     a, b = digit_nets
-    same = stability([a, a], "digits", None, StabilityConfig(analysis=TIGHT_CONFIG), tmp_path / "same").layers[0]
-    other = stability([a, b], "digits", None, StabilityConfig(analysis=TIGHT_CONFIG), tmp_path / "other").layers[0]
+    same = stability([a, a], "digits", tmp_path / "same", config=StabilityConfig(analysis=TIGHT_CONFIG)).layers[0]
+    other = stability([a, b], "digits", tmp_path / "other", config=StabilityConfig(analysis=TIGHT_CONFIG)).layers[0]
     assert same.instability < 0.03 and same.cka > 0.999
     assert other.instability > 3 * same.instability
 
@@ -130,7 +130,7 @@ def test_compression_config_validates_sparsities():
 def test_diagnose_ranks_channels_and_pictures_them(digit_nets, tmp_path):
     weak, strong = digit_nets
     out = tmp_path / "diagnose"
-    report = diagnose(weak, strong, "digits", None, DiagnoseConfig(analysis=QUICK_CONFIG, images=3), out)
+    report = diagnose(weak, strong, "digits", out, config=DiagnoseConfig(analysis=QUICK_CONFIG, images=3))
     for d in (report.unreliable, report.blind_spots):
         shares = [c.share for c in d.channels if c.share is not None]
         assert len(d.channels) == 16 and shares == sorted(shares, reverse=True)
@@ -140,7 +140,7 @@ def test_diagnose_ranks_channels_and_pictures_them(digit_nets, tmp_path):
     assert {"unreliable-features.png", "blind-spots.png", "report.json", "report.html"} <= _files(out)
     assert set(report.test_acc) == {"weak", "strong"}
     with pytest.raises(ConfigError, match="--channel 99 does not exist"):
-        diagnose(weak, strong, "digits", None, DiagnoseConfig(analysis=QUICK_CONFIG, channel=99), tmp_path / "bad")
+        diagnose(weak, strong, "digits", tmp_path / "bad", config=DiagnoseConfig(analysis=QUICK_CONFIG, channel=99))
     assert not (tmp_path / "bad").exists()
 
 
@@ -181,7 +181,7 @@ def test_pictured_feature_is_isomorphic_plus_delta(digit_nets):
 def test_distillation_generations_and_blind_spots(digit_nets, tmp_path):
     a, _ = digit_nets
     config = DistillationConfig(analysis=QUICK_CONFIG, generations=2, train=TrainConfig(epochs=2, batch_size=32, lr=0.05))
-    report = distillation(a, "digits", None, config, tmp_path / "bans")
+    report = distillation(a, "digits", tmp_path / "bans", config=config)
     assert [g.generation for g in report.generations] == [0, 1, 2]
     assert [g.blind_spots is None for g in report.generations] == [False, False, True]
     assert all(g.blind_spots.b.path == "generation-2.pt" for g in report.generations[:2])

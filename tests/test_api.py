@@ -190,3 +190,34 @@ def test_the_library_logs_and_never_prints(capsys, caplog):
     out = capsys.readouterr()
     assert out.out == "" and "==" not in out.err
     assert any("CKA of 1 x 1 layers" in r.getMessage() for r in caplog.records)
+
+
+def test_a_shuffling_loader_still_pairs_each_image_with_itself():
+    """fit reads both nets in one pass, so B's feature of an image meets A's of the same image even when the loader shuffles:
+    B = A gives an instability near 0, where two passes in two orders would give pairs of unrelated images (about 1)."""
+    a = refiner.create_model("tiny_vgg", 4)
+    x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    shuffled = DataLoader(TensorDataset(x, torch.zeros(64, dtype=torch.long)), batch_size=16, shuffle=True)
+    fitted = refiner.fit(a, a, shuffled, orders=1, steps=300, seed=0)
+    assert fitted.instability < 0.1
+    with pytest.raises(refiner.ConfigError, match="data_b is a shuffling DataLoader.*shuffle=False"):
+        refiner.fit(a, a, _loader(size=16), data_b=shuffled, steps=10)
+
+
+def test_plain_modules_need_their_preprocessing_to_be_exported_and_build_feeds_them_as_the_task(tmp_path, caplog):
+    a, b = refiner.create_model("tiny_vgg", 4), refiner.create_model("tiny_vgg", 4)
+    fitted = refiner.fit(a, b, [torch.randn(16, 3, 16, 16) for _ in range(2)], steps=10)
+    with pytest.raises(refiner.ConfigError, match="record no preprocessing.*input size \\(3, 16, 16\\).*preprocess="):
+        refiner.export(refiner.refined_model(a, fitted, b), "tiny", models=tmp_path)
+    pre = refiner.Preprocess(input_size=(3, 16, 16), mean=(0.3,) * 3, std=(0.37,) * 3)
+    out = refiner.export(refiner.refined_model(a, fitted, b), "tiny", models=tmp_path, preprocess=pre)
+    assert out.metadata.preprocess == pre
+    known = refiner.refined_model(refiner.net(a, preprocess=pre), fitted, b)
+    assert refiner.export(known, "tiny", models=tmp_path).metadata.preprocess == pre
+    import logging
+
+    config = refiner.BuildConfig(name="tiny", seeds=1, ablations=False, head={"epochs": 1}, compare={"fit": {"max_steps": 10}})
+    with caplog.at_level(logging.INFO, logger="refiner"):
+        built = refiner.build(refiner.create_model("tiny_vgg", 10), refiner.create_model("tiny_vgg", 10), "digits", config=config, models=tmp_path)
+    assert "plain module with no recorded preprocessing: fed as task 'digits' preprocesses (16x16" in caplog.text
+    assert built.model.spec.preprocess.input_size == (3, 16, 16) and built.verdict == built.report.verdict

@@ -47,7 +47,13 @@ __all__ = ["CompressionConfig", "PrunedNet", "CompressionReport", "magnitude_pru
 
 
 class CompressionConfig(BaseModel):
-    """Sparsities, fine-tuning of each pruned net, and the layer compared."""
+    """Sparsities, fine-tuning of each pruned net, and the layer compared.
+
+    Examples:
+        >>> import refiner
+        >>> refiner.CompressionConfig(sparsities=(0.5, 0.9)).sparsities
+        (0.5, 0.9)
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -114,10 +120,23 @@ def zero_fraction(model: nn.Module) -> float:
 
 
 def compression(
-    clf: Classifier, task: str, data_dir: Path | None, config: CompressionConfig, out: Path,
-    *, classes: list[str] | None = None, cache_dir: Path | None = None,
+    clf: Classifier | nn.Module, task: str, out: str | Path, *, data_dir: str | Path | None = None,
+    config: CompressionConfig | None = None, classes: list[str] | None = None, cache_dir: str | Path | None = None,
 ) -> CompressionReport:  # fmt: skip
-    """Prune and fine-tune at each sparsity, measure the discarded knowledge; write the report folder `out`."""
+    """Prune and fine-tune at each sparsity, measure the knowledge the pruned net discarded (paper Section 4.4); write `out`.
+
+    Examples:
+        >>> import refiner, tempfile, os
+        >>> net = refiner.create_model("tiny_vgg", 6)
+        >>> quick = refiner.AnalysisConfig(fit=refiner.FitConfig(max_steps=10), train_per_class=8, test_per_class=4)
+        >>> config = refiner.CompressionConfig(analysis=quick, sparsities=(0.5,), images=0,
+        ...                                    finetune=refiner.TrainConfig(epochs=1))
+        >>> report = refiner.compression(net, "digits", os.path.join(tempfile.mkdtemp(), "out"), config=config)
+        >>> [p.sparsity for p in report.pruned]
+        [0.5]
+    """
+    config, out = config or CompressionConfig(), Path(out)
+    data_dir, cache_dir = (Path(p) if p is not None else None for p in (data_dir, cache_dir))
     clf = as_net(clf, task)
     start = time.perf_counter()
     workers = config.analysis.runtime

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 
 from refiner.reporting import img, report_folder
 from refiner.analyses.figures import channel_rows, picture_rows, save_pictures, setup_html, variance_rows, write_pages
@@ -37,7 +38,13 @@ __all__ = ["DiagnoseConfig", "Direction", "DiagnoseReport", "diagnose"]
 
 
 class DiagnoseConfig(BaseModel):
-    """Layers compared, g and data budget, and what to picture."""
+    """Layers compared, g and data budget, and what to picture.
+
+    Examples:
+        >>> import refiner
+        >>> refiner.DiagnoseConfig(layer_weak="features.4").images
+        4
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -80,10 +87,24 @@ _MEANINGS = {
 
 
 def diagnose(
-    weak: Classifier, strong: Classifier, task: str, data_dir: Path | None, config: DiagnoseConfig, out: Path,
-    *, classes: list[str] | None = None, cache_dir: Path | None = None,
+    weak: Classifier | nn.Module, strong: Classifier | nn.Module, task: str, out: str | Path, *, data_dir: str | Path | None = None,
+    config: DiagnoseConfig | None = None, classes: list[str] | None = None, cache_dir: str | Path | None = None,
 ) -> DiagnoseReport:  # fmt: skip
-    """Find the weak net's unreliable features and blind spots; write the report folder `out`."""
+    """Find the weak net's unreliable features and blind spots (paper Section 4.1); write the report folder `out`.
+
+    g is fitted both ways at `config`'s layers on the task's train split and measured on its test split.
+
+    Examples:
+        >>> import refiner, tempfile, os
+        >>> weak, strong = refiner.create_model("tiny_vgg", 6), refiner.create_model("tiny_vgg", 6)
+        >>> quick = refiner.AnalysisConfig(fit=refiner.FitConfig(max_steps=10), train_per_class=8, test_per_class=4)
+        >>> report = refiner.diagnose(weak, strong, "digits", os.path.join(tempfile.mkdtemp(), "out"),
+        ...                           config=refiner.DiagnoseConfig(analysis=quick, images=0))
+        >>> [d.name for d in (report.unreliable, report.blind_spots)]
+        ['unreliable features', 'blind spots']
+    """
+    config, out = config or DiagnoseConfig(), Path(out)
+    data_dir, cache_dir = (Path(p) if p is not None else None for p in (data_dir, cache_dir))
     weak, strong = as_net(weak, task), as_net(strong, task)
     start = time.perf_counter()
     with report_folder(out) as folder:

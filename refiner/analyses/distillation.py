@@ -44,7 +44,13 @@ __all__ = ["DistillationConfig", "Generation", "DistillationReport", "kd_loss", 
 
 
 class DistillationConfig(BaseModel):
-    """How many generations, how each student is trained, and the layer compared."""
+    """How many generations, how each student is trained, and the layer compared.
+
+    Examples:
+        >>> import refiner
+        >>> refiner.DistillationConfig(generations=2).kd_weight
+        0.5
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -101,10 +107,22 @@ def distill(
 
 
 def distillation(
-    clf: Classifier, task: str, data_dir: Path | None, config: DistillationConfig, out: Path,
-    *, classes: list[str] | None = None, cache_dir: Path | None = None,
+    clf: Classifier | nn.Module, task: str, out: str | Path, *, data_dir: str | Path | None = None,
+    config: DistillationConfig | None = None, classes: list[str] | None = None, cache_dir: str | Path | None = None,
 ) -> DistillationReport:  # fmt: skip
-    """Train born-again generations from `clf`, measure each one's blind spots w.r.t. the newest; write `out`."""
+    """Train born-again generations from `clf`, measure each one's blind spots w.r.t. the newest (paper Section 4.5); write `out`.
+
+    Examples:
+        >>> import refiner, tempfile, os
+        >>> net = refiner.create_model("tiny_vgg", 6)
+        >>> quick = refiner.AnalysisConfig(fit=refiner.FitConfig(max_steps=10), train_per_class=8, test_per_class=4)
+        >>> config = refiner.DistillationConfig(analysis=quick, generations=1, train=refiner.TrainConfig(epochs=1))
+        >>> report = refiner.distillation(net, "digits", os.path.join(tempfile.mkdtemp(), "out"), config=config)
+        >>> len(report.generations)  # the net handed in, and one student
+        2
+    """
+    config, out = config or DistillationConfig(), Path(out)
+    data_dir, cache_dir = (Path(p) if p is not None else None for p in (data_dir, cache_dir))
     clf = as_net(clf, task)
     start = time.perf_counter()
     workers = config.analysis.runtime

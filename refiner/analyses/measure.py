@@ -47,7 +47,13 @@ __all__ = [
 
 
 class AnalysisConfig(BaseModel):
-    """How g is fitted and how much data an analysis reads."""
+    """How g is fitted and how much data an analysis reads.
+
+    Examples:
+        >>> import refiner
+        >>> refiner.AnalysisConfig(test_per_class=20).fit.max_steps
+        20000
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

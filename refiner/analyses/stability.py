@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 
 from refiner.reporting import img, report_folder
 from refiner.analyses.figures import grouped_bars, setup_html, variance_rows, write_pages
@@ -29,7 +30,13 @@ __all__ = ["StabilityConfig", "LayerStability", "StabilityReport", "stability"]
 
 
 class StabilityConfig(BaseModel):
-    """Layers compared, and how g is fitted."""
+    """Layers compared, and how g is fitted.
+
+    Examples:
+        >>> import refiner
+        >>> refiner.StabilityConfig(layers=("features.4",)).layers
+        ('features.4',)
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -65,10 +72,22 @@ class StabilityReport(BaseModel):
 
 
 def stability(
-    nets: list[Classifier], task: str, data_dir: Path | None, config: StabilityConfig, out: Path,
-    *, classes: list[str] | None = None, cache_dir: Path | None = None,
+    nets: list[Classifier | nn.Module], task: str, out: str | Path, *, data_dir: str | Path | None = None,
+    config: StabilityConfig | None = None, classes: list[str] | None = None, cache_dir: str | Path | None = None,
 ) -> StabilityReport:  # fmt: skip
-    """Fit g for every ordered pair of nets at every layer; write the report folder `out`."""
+    """Fit g for every ordered pair of nets at every layer (the stability of learning, paper Section 4.2); write `out`.
+
+    Examples:
+        >>> import refiner, tempfile, os
+        >>> nets = [refiner.create_model("tiny_vgg", 6) for _ in range(2)]
+        >>> quick = refiner.AnalysisConfig(fit=refiner.FitConfig(max_steps=10), train_per_class=8, test_per_class=4)
+        >>> report = refiner.stability(nets, "digits", os.path.join(tempfile.mkdtemp(), "out"),
+        ...                            config=refiner.StabilityConfig(analysis=quick))
+        >>> len(report.pairs)  # A -> B and B -> A
+        2
+    """
+    config, out = config or StabilityConfig(), Path(out)
+    data_dir, cache_dir = (Path(p) if p is not None else None for p in (data_dir, cache_dir))
     nets = [as_net(n, task) for n in nets]
     if len(nets) < 2:
         raise ConfigError(f"stability compares nets pair by pair: give at least 2 models, got {len(nets)}")

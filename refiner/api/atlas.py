@@ -15,6 +15,7 @@ from refiner.data.tasks import TaskData
 from refiner.engine.features import Batches
 from refiner.engine.fitting import FitConfig
 from refiner.engine.isomorphism import IsomorphismConfig
+from refiner.errors import LayerError
 from refiner.layermap.pipeline import AtlasConfig, AtlasReport, ConsistencyRow, run_atlas
 from refiner.layermap.report import format_atlas, heatmap_figure, write_atlas
 from refiner.models.checkpoints import Classifier
@@ -25,7 +26,18 @@ __all__ = ["Atlas", "atlas"]
 
 @dataclass
 class Atlas:
-    """The layer x layer CKA map of two nets (`.cka`, rows = A's layers), its consistency rows, and everything measured."""
+    """The layer x layer CKA map of two nets (`.cka`, rows = A's layers), its consistency rows, and everything measured.
+
+    A notebook shows it as its heatmap; `str()` gives the command line's table.
+
+    Examples:
+        >>> import refiner, torch
+        >>> a = refiner.create_model("tiny_vgg", 4)
+        >>> result = refiner.atlas(a, a, [torch.randn(8, 3, 16, 16) for _ in range(2)], ["features.0", "features.4"], ["features.4"])
+        >>> layer, cka = result.best_match("features.4")
+        >>> layer, round(cka, 4)
+        ('features.4', 1.0)
+    """
 
     report: AtlasReport  # atlas.json: provenance, both grids, timings, the consistency rows
 
@@ -49,6 +61,8 @@ class Atlas:
 
     def best_match(self, layer_a: str) -> tuple[str, float]:
         """B's layer most similar to `layer_a`, and their CKA."""
+        if layer_a not in self.layers_a:
+            raise LayerError(f"layer {layer_a!r} is not a row of this atlas; its rows: {', '.join(self.layers_a)}")
         row = self.cka[self.layers_a.index(layer_a)]
         j = int(np.nanargmax(row))
         return self.layers_b[j], float(row[j])
@@ -78,6 +92,11 @@ class Atlas:
 
     def __str__(self) -> str:
         return format_atlas(self.report)
+
+    def __repr__(self) -> str:
+        r = self.report
+        rows = f", {len(r.consistency)} consistency rows" if r.consistency else ""
+        return f"<Atlas {len(r.layers_a)} x {len(r.layers_b)} layers of {r.a.get('arch', 'A')} and {r.b.get('arch', 'B')}, {r.images} images{rows}>"
 
 
 def atlas(
@@ -113,21 +132,28 @@ def atlas(
     modified: the pass runs on eval-mode copies.
 
     Args:
-        model_a, model_b: any two nn.Modules (or nets from `refiner.load`).
+        model_a: any nn.Module (or a net from `refiner.load`).
+        model_b: another, compared with `model_a`.
         data: image batches, e.g. a DataLoader yielding `x` or `(x, y, ...)`.
-        layers_a, layers_b: node names (`refiner.layers` lists them); None: the clean split points
+        layers_a: node names of A (`refiner.layers` lists them); None: the clean split points
             thinned evenly by depth to `max_layers`, the default layer kept (as `refiner atlas`).
+        layers_b: node names of B, as `layers_a`.
         data_b: B's view of the same images, batch for batch, when B is fed otherwise (another size or normalisation).
         train: images to fit g on for the consistency rows (`train_b` as `data_b`); None: no rows.
         consistency: with `train`, fit g on each A layer and its best match in B ("matched"),
             on layer i of both ("diagonal"), or on none.
         steps: budget of optimiser steps per g (default 2,000, as `refiner atlas --g-steps`).
-        g_config, fit_config: g's shape and fitting (refiner.engine.isomorphism / fitting).
-        split: the name `data` is recorded under; task: the task it belongs to, for the record.
-        device, amp, threads, workers: where and how to compute ("auto": the first CUDA GPU, else the CPU).
+        g_config: g's shape (`IsomorphismConfig`).
+        fit_config: g's fitting (`FitConfig`).
+        split: the name `data` is recorded under.
+        task: the task `data` belongs to, for the record.
+        device: "auto" (the first CUDA GPU, else the CPU), "cpu", "cuda" or "cuda:N".
+        amp: autocast for the forward passes.
+        threads: CPU threads (default: torch's).
+        workers: data-loading processes for a task's images.
         cache_dir: the feature cache of a task's splits (`train` as task data).
 
-    Example:
+    Examples:
         >>> import refiner, torch
         >>> a, b = refiner.create_model("tiny_vgg", 4), refiner.create_model("tiny_resnet", 4)
         >>> images = [torch.randn(8, 3, 16, 16) for _ in range(3)]
@@ -135,7 +161,7 @@ def atlas(
         >>> result.cka.shape == (len(result.layers_a), len(result.layers_b))
         True
         >>> same = refiner.atlas(a, a, images, layers_a=["features.0", "features.4"], layers_b=["features.0", "features.4"])
-        >>> [round(v, 6) for v in same.cka.diagonal()]
+        >>> [round(float(v), 6) for v in same.cka.diagonal()]
         [1.0, 1.0]
     """
     fit = fit_config or FitConfig(max_steps=2000)

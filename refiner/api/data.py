@@ -21,7 +21,7 @@ def loader(
 
     `target`: the task's target classes rather than its base classes; `per_class`: at most this many images per class.
 
-    Example:
+    Examples:
         >>> import refiner
         >>> x, y = next(iter(refiner.loader("digits", "test", batch_size=8)))
         >>> tuple(x.shape), y.dtype

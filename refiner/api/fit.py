@@ -28,7 +28,15 @@ __all__ = ["Fitted", "fit", "fit_features"]
 
 @dataclass
 class Fitted:
-    """A fitted g (`.g`, an nn.Module mapping x_A to x_B), how fitting went, and its Var table per split measured."""
+    """A fitted g (`.g`, an nn.Module mapping x_A to x_B), how fitting went, and its Var table per split measured.
+
+    Examples:
+        >>> import refiner, torch
+        >>> x_a = torch.randn(64, 8)
+        >>> fitted = refiner.fit_features(x_a, x_a.relu(), steps=200)
+        >>> fitted.fit.total_steps, len(fitted.decompose(x_a))  # K = 2: x^(0), x^(1), x^(2)
+        (200, 3)
+    """
 
     g: IsomorphismNet
     fit: FitResult  # the fitting curve and how it stopped
@@ -95,6 +103,10 @@ class Fitted:
             save_fit_curve(tmp, self.fit)
         return path
 
+    def __repr__(self) -> str:
+        v = self.variance
+        return f"<Fitted g, K = {self.g.config.orders}: instability {v.instability:.4f}, {self.fit.total_steps} steps>"
+
     def __str__(self) -> str:
         from refiner.reporting import format_fit, format_variance_table
 
@@ -138,22 +150,31 @@ def fit(
     it). The models are not modified (features come from eval-mode copies).
 
     Args:
-        model_a, model_b: any two nn.Modules (or nets from `refiner.load`).
+        model_a: any nn.Module (or a net from `refiner.load`): g reads its feature.
+        model_b: another: g reconstructs its feature.
         data: the images g is fitted on: batches (a DataLoader yielding `x` or `(x, y, ...)`),
             or a task's splits (its train split fits, its test split is measured; features cached).
-        layer_a, layer_b: node names (`refiner.layers`); None: each net's default layer.
+        layer_a: A's node name (`refiner.layers`); None: its default layer.
+        layer_b: B's node name; None: its default layer.
         data_b: B's view of the same images, batch for batch, when B is fed otherwise.
-        test, test_b: held-apart images the Var table is measured on (else only on `data`).
-        orders: K, the highest order of non-linearity (default 2); steps: the step budget; seed: g's seed.
-        g_config, fit_config: every option of g and of its fitting (the CLI's --kernel, --g-lr, ...).
-        device, amp, threads, workers: where and how to compute.
+        test: held-apart images the Var table is measured on (else only on `data`).
+        test_b: B's view of `test`, as `data_b`.
+        orders: K, the highest order of non-linearity (default 2).
+        steps: the budget of optimiser steps (default: until converged).
+        seed: g's initialisation and batch order.
+        g_config: every option of g (`IsomorphismConfig`: the CLI's --kernel, ...).
+        fit_config: every option of its fitting (`FitConfig`: --g-lr, ...).
+        device: "auto" (the first CUDA GPU, else the CPU), "cpu", "cuda" or "cuda:N".
+        amp: autocast for the feature passes.
+        threads: CPU threads (default: torch's).
+        workers: data-loading processes for a task's images.
 
-    Example:
+    Examples:
         >>> import refiner, torch
         >>> a, b = refiner.create_model("tiny_vgg", 4), refiner.create_model("tiny_vgg", 4)
         >>> images = [torch.randn(16, 3, 16, 16) for _ in range(4)]
         >>> fitted = refiner.fit(a, b, images, orders=2, steps=50)
-        >>> x_a = torch.randn(2, 16, 8, 8)  # A's feature at its default layer
+        >>> x_a = refiner.features(a, torch.randn(2, 3, 16, 16))  # A's feature at its default layer
         >>> parts = fitted.decompose(x_a)
         >>> len(parts), torch.allclose(sum(parts), fitted.g(x_a), atol=1e-4)
         (3, True)
@@ -202,7 +223,7 @@ def fit_features(
 ) -> Fitted:
     """Fit g on features already extracted: x_A (N, C, H, W) or (N, C) -> x_B, paired by row, for people with features but no models.
 
-    Example:
+    Examples:
         >>> import refiner, torch
         >>> x_a = torch.randn(64, 8, 4, 4)
         >>> fitted = refiner.fit_features(x_a, 2 * x_a + 1, steps=300)

@@ -6,16 +6,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from refiner.data.datasets import Preprocess
 from refiner.errors import ConfigError, RefinerError
 from refiner.layermap.stream import _clean_cuts
-from refiner.models.architectures import create_model, get_arch
+from refiner.models.architectures import ArchSpec, create_model, get_arch, list_archs
 from refiner.models.checkpoints import Classifier, load_checkpoint
-from refiner.models.layers import layer_shapes
+from refiner.models.layers import kept_modes, layer_shapes, split_model
 
-__all__ = ["Layer", "load", "layers", "net"]
+__all__ = ["Layer", "features", "load", "layers", "net"]
 
 
 def load(
@@ -38,9 +38,10 @@ def load(
         fallback_preprocess: for a bare state_dict of an architecture with no pretrained transform.
         trust: allow arbitrary unpickling (`--trust-checkpoint`).
         fallback_from: how messages name where `fallback_preprocess` comes from.
-        who, arch_flag: how errors name the net ("net A") and the option that says its architecture.
+        who: how errors name the net ("net A").
+        arch_flag: how errors name the option that says its architecture.
 
-    Example:
+    Examples:
         >>> import refiner, torch, tempfile, os
         >>> path = os.path.join(tempfile.mkdtemp(), "net.pt")
         >>> torch.save(refiner.create_model("tiny_vgg", 4).state_dict(), path)
@@ -73,7 +74,7 @@ def net(model: nn.Module | Classifier, *, class_names: list[str] | None = None, 
 
     Its architecture is recognised when a registered one fits its weights (else it is named by its class).
 
-    Example:
+    Examples:
         >>> import refiner, torchvision
         >>> refiner.net(torchvision.models.resnet18(num_classes=3), class_names=["a", "b", "c"]).arch
         'resnet18'
@@ -83,7 +84,13 @@ def net(model: nn.Module | Classifier, *, class_names: list[str] | None = None, 
 
 @dataclass(frozen=True)
 class Layer:
-    """A split point of a net: its node name, one image's output shape (None: not one tensor), and two flags."""
+    """A split point of a net: its node name, one image's output shape (None: not one tensor), and two flags.
+
+    Examples:
+        >>> import refiner
+        >>> refiner.layers("tiny_vgg")[0]
+        Layer(name='features.0', shape=(8, 16, 16), clean_cut=True, default=False)
+    """
 
     name: str
     shape: tuple[int, ...] | None
@@ -96,21 +103,23 @@ def layers(model: str | nn.Module | Classifier, input_size: tuple[int, int, int]
 
     `input_size` (C, H, W): default the net's recorded preprocessing, else the architecture's, else 3x224x224.
 
-    Example:
+    Examples:
         >>> import refiner
         >>> [(l.name, l.shape) for l in refiner.layers("tiny_vgg") if l.default]
-        [('features.4', (16, 4, 4))]
+        [('features.4', (16, 8, 8))]
     """
     if isinstance(model, str):
         spec = get_arch(model)
-        size = input_size or (spec.preprocess.input_size if spec.preprocess is not None else spec.input_size)
+        size = input_size or _natural_size(spec)
         with torch.device("meta"):  # shapes only: no weights allocated, nothing computed
             module = create_model(model, 10)
         arch, default = model, spec.default_layer
     else:
         clf = Classifier.of(model)
         module, arch = clf.model, clf.arch
-        size = input_size or (clf.preprocess.input_size if isinstance(model, Classifier) else (3, 224, 224))
+        recorded = isinstance(model, Classifier) and clf.preprocess_known
+        natural = _natural_size(get_arch(arch)) if arch in list_archs() else (3, 224, 224)
+        size = input_size or (clf.preprocess.input_size if recorded else natural)
         try:
             default = clf.default_layer
         except RefinerError:  # no clean cut found: the layers are listed all the same
@@ -119,3 +128,28 @@ def layers(model: str | nn.Module | Classifier, input_size: tuple[int, int, int]
     _, clean = _clean_cuts(module)
     names = list(shapes)[1:-1]  # the input and the output are not split points
     return [Layer(n, shapes[n], n in clean, n == default) for n in names]
+
+
+def features(model: nn.Module | Classifier, x: Tensor, layer: str | None = None) -> Tensor:
+    """A net's feature at `layer` (default: its default layer) for the image batch `x`, as `fit` and g read it.
+
+    The net runs up to that layer only, in eval mode, without gradients; its mode is restored after.
+
+    Examples:
+        >>> import refiner, torch
+        >>> a = refiner.create_model("tiny_vgg", 4)
+        >>> tuple(refiner.features(a, torch.randn(2, 3, 16, 16), "features.4").shape)
+        (2, 16, 8, 8)
+    """
+    clf = Classifier.of(model)
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise ConfigError(f"x must be an image batch (N, C, H, W), got {tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    device = next(iter(clf.model.parameters()), x).device
+    with kept_modes(clf.model), torch.no_grad():
+        trunk = split_model(clf.model, layer or clf.default_layer, tuple(x.shape[1:]))[0].eval()
+        return trunk(x.to(device))
+
+
+def _natural_size(spec: ArchSpec) -> tuple[int, int, int]:
+    """The input size an architecture is fed at: its pretrained transform's, else its own natural size."""
+    return tuple(spec.preprocess.input_size if spec.preprocess is not None else spec.input_size)

@@ -40,7 +40,14 @@ Loader = Callable[[Path | None], dict[str, list[Sample]]]
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """A task: its loader, base classes (None: all found), target classes and preprocessing."""
+    """A task: its loader, base classes (None: all found), target classes and preprocessing (see `register_task`).
+
+    Examples:
+        >>> import refiner
+        >>> spec = refiner.TaskSpec("pets", "my pet photos", lambda root: {}, None, None, refiner.Preprocess())
+        >>> spec.needs_data
+        True
+    """
 
     name: str
     description: str
@@ -107,7 +114,7 @@ _REGISTRY: dict[str, TaskSpec] = {}
 def register_task(spec: TaskSpec) -> TaskSpec:
     """Make a task a first-class name (`--task`, `refiner.build(..., task=...)`); a registered name is replaced.
 
-    Example:
+    Examples:
         >>> import refiner
         >>> from refiner.data.tasks import TaskSpec, _load_imagefolder
         >>> spec = TaskSpec("pets", "my pet photos, <class>/<image>", _load_imagefolder, None, None, refiner.Preprocess(input_size=(3, 64, 64)))
@@ -123,7 +130,7 @@ def register_task(spec: TaskSpec) -> TaskSpec:
 def list_tasks() -> list[str]:
     """The registered task names (`register_task` adds one).
 
-    Example:
+    Examples:
         >>> import refiner
         >>> "digits" in refiner.list_tasks()
         True
@@ -144,15 +151,21 @@ def same_dataset(a: str, b: str) -> bool:
 
 def load_task(
     name: str,
-    data: Path | None,
+    data: Path | None = None,
     *,
-    target: bool,
+    target: bool = False,
     classes: list[str] | None = None,
     options: SplitOptions | None = None,
 ) -> TaskData:
     """Load a task's splits for its base classes (target=False) or target classes (target=True).
 
     `classes` overrides the task's class list (required for `imagefolder` targets).
+
+    Examples:
+        >>> import refiner
+        >>> digits = refiner.load_task("digits")
+        >>> digits.classes[:3], len(digits.train) > len(digits.test) > 0
+        (['0', '1', '2'], True)
     """
     spec = get_task(name)
     options = options or SplitOptions()

@@ -17,7 +17,7 @@ from refiner.engine.features import Batches, FeatureSet, batch_features, classif
 from refiner.engine.fitting import FitConfig, FitResult, fit_isomorphism
 from refiner.engine.isomorphism import IsomorphismConfig, IsomorphismNet, load_isomorphism
 from refiner.engine.metrics import VarianceTable, measure_isomorphism
-from refiner.errors import CheckpointError, ConfigError, DataError
+from refiner.errors import CheckpointError, ConfigError
 from refiner.models.checkpoints import Classifier
 from refiner.models.layers import TokensToMap, feature_shape, split_model
 from refiner.progress import bar
@@ -173,17 +173,13 @@ def _task_features(data: TaskData, sides, splits: list[str], cache_dir: Path | N
 
 
 def _batch_pairs(data: Sources, sides, splits: list[str], runtime: Runtime) -> dict:
-    """Both nets' features of each split of the caller's batches (B reads A's batches unless given its own)."""
+    """Both nets' features of each split of the caller's batches, in one pass (B reads A's batches unless given its own)."""
     absent = [s for s in splits if s not in data]
     if absent:
         raise ConfigError(f"no batches given for {', '.join(absent)}; given: {', '.join(data) or 'none'}")
     pairs = {}
     for split in splits:
-        fa = batch_features(*sides[0], data[split][0], runtime=runtime, desc=f"A {split}")
-        fb = batch_features(*sides[1], data[split][1] if data[split][1] is not None else data[split][0], runtime=runtime, desc=f"B {split}")
-        if len(fa) != len(fb):
-            raise DataError(f"A's {split} batches hold {len(fa)} images but B's hold {len(fb)}; both nets must read the same images")
-        pairs[split] = (fa, fb)
+        pairs[split] = batch_features(sides, *data[split], runtime=runtime, desc=split)
     return pairs
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from tqdm import tqdm
 
 from refiner.atomic import atomic_dir
@@ -28,12 +29,12 @@ from refiner.data.datasets import ImageDataset, fingerprint
 from refiner.data.tasks import TaskData
 from refiner.engine import distributed as dist
 from refiner.engine.device import Runtime
-from refiner.errors import DataError
+from refiner.errors import ConfigError, DataError
 from refiner.models.checkpoints import Classifier
 from refiner.models.layers import split_model
 from refiner.progress import bar
 
-__all__ = ["Batches", "FeatureSet", "default_cache_dir", "cached_features", "classifier_features", "batch_features", "features_cached", "inference_trunk", "images_of", "iter_batches"]
+__all__ = ["Batches", "FeatureSet", "default_cache_dir", "cached_features", "classifier_features", "batch_features", "check_in_order", "paired", "features_cached", "inference_trunk", "images_of", "iter_batches"]
 
 
 @dataclass
@@ -131,30 +132,62 @@ def _labels_of(batch: Any, n: int) -> np.ndarray:
     return np.full(n, -1, dtype=np.int64)
 
 
+def check_in_order(batches: Batches, what: str) -> None:
+    """Refuse a shuffling DataLoader where two passes (or two loaders) must see the same images in the same order."""
+    sampler = getattr(getattr(batches, "batch_sampler", None), "sampler", None) or getattr(batches, "sampler", None)
+    if isinstance(sampler, RandomSampler):
+        raise ConfigError(
+            f"{what} is a shuffling DataLoader, but A's and B's batches must be the same images in the same order: "
+            "make it with shuffle=False (pairing is by position), or pass one loader for both nets"
+        )
+
+
+def paired(batches: Batches, batches_b: Batches | None, what: str = "data") -> Iterator[tuple[Any, Any]]:
+    """(A's batch, B's batch) in one pass: B reads A's batch unless it has its own loader, which must match it batch for batch."""
+    if batches_b is None:
+        yield from ((b, b) for b in batches)
+        return
+    check_in_order(batches, what)
+    check_in_order(batches_b, f"{what}_b")
+    end = object()
+    for n, (a, b) in enumerate(itertools.zip_longest(batches, batches_b, fillvalue=end), 1):
+        if a is end or b is end:
+            raise DataError(f"{what} and {what}_b give different numbers of batches (one ends at batch {n}); B's batches must be A's images")
+        yield a, b
+
+
 @torch.no_grad()
 def batch_features(
-    clf: Classifier, layer: str, batches: Batches, *, runtime: Runtime, desc: str = "features", progress: tqdm | None = None
-) -> FeatureSet:  # fmt: skip
-    """Features of `clf` at `layer` over the caller's batches (x or (x, y, ...)), held in memory; labels -1 when absent.
+    sides: tuple[tuple[Classifier, str], tuple[Classifier, str]], batches: Batches, batches_b: Batches | None = None, *,
+    runtime: Runtime, desc: str = "features",
+) -> tuple[FeatureSet, FeatureSet]:  # fmt: skip
+    """Both nets' features at their layers over one pass of the caller's batches (x or (x, y, ...)); labels -1 when absent.
 
-    Unlike `classifier_features` nothing is cached: the batches carry no identity to key a cache by.
+    One pass pairs A's and B's features by image even when a loader shuffles; with B's own
+    batches (`batches_b`), both loaders must keep their order. Nothing is cached: the batches
+    carry no identity to key a cache by.
     """
-    trunk = inference_trunk(split_model(clf.model, layer, clf.meta.preprocess.input_size)[0], runtime)
-    feats, labels = [], []
-    for batch in batches if progress is not None else bar(batches, desc=desc, unit="batch", leave=False):
-        x = images_of(batch)
-        (x,) = runtime.to(x)
-        if x.dim() == 4 and runtime.device.type != "mps":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with runtime.autocast():
-            f = trunk(x)
-        feats.append(f.float().cpu().numpy())
-        labels.append(_labels_of(batch, len(x)))
-        if progress is not None:
-            progress.update(len(x))
-    if not feats:
+    trunks = [inference_trunk(split_model(clf.model, layer, clf.meta.preprocess.input_size)[0], runtime) for clf, layer in sides]
+    feats: tuple[list, list] = ([], [])
+    labels = []
+    for n, pair in enumerate(bar(paired(batches, batches_b), desc=desc, unit="batch", leave=False), 1):
+        xs = [images_of(batch, what) for batch, what in zip(pair, ("data", "data_b"))]
+        if len(xs[0]) != len(xs[1]):
+            raise DataError(f"batch {n} has {len(xs[0])} images for A but {len(xs[1])} for B; B's batches must be A's images")
+        y, y_b = _labels_of(pair[0], len(xs[0])), _labels_of(pair[1], len(xs[1]))
+        if (y >= 0).all() and (y_b >= 0).all() and not np.array_equal(y, y_b):
+            raise DataError(f"batch {n}: the labels of data and data_b differ, so they are not the same images; B's batches must be A's images, in order")
+        labels.append(y)
+        for trunk, x, out in zip(trunks, xs, feats):
+            (x,) = runtime.to(x)
+            if x.dim() == 4 and runtime.device.type != "mps":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with runtime.autocast():
+                out.append(trunk(x).float().cpu().numpy())
+    if not labels:
         raise DataError(f"cannot extract features of {desc}: the data gave no batches")
-    return FeatureSet(np.concatenate(feats), np.concatenate(labels))
+    y = np.concatenate(labels)
+    return FeatureSet(np.concatenate(feats[0]), y), FeatureSet(np.concatenate(feats[1]), y)
 
 
 def features_cached(clf: Classifier, layer: str, data: TaskData, split: str, cache_dir: Path | None, runtime: Runtime, dtype: str = "float32") -> bool:

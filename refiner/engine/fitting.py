@@ -46,7 +46,13 @@ CONVERGED_STEPS = 5_000  # steps "auto" expects of a fit that stops at convergen
 
 
 class FitConfig(BaseModel):
-    """Optimisation of g (Eq. 2). The reference code trains g for 800-1000 epochs; here it runs to convergence."""
+    """Optimisation of g (Eq. 2). The reference code trains g for 800-1000 epochs; here it runs to convergence.
+
+    Examples:
+        >>> import refiner
+        >>> refiner.FitConfig(max_steps=500).patience  # checks without improvement before it stops
+        10
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -24,7 +24,13 @@ __all__ = ["IsomorphismConfig", "IsomorphismNet", "Decomposition", "save_isomorp
 
 
 class IsomorphismConfig(BaseModel):
-    """Shape of g; see Eq. 1 and Eq. 2."""
+    """Shape of g; see Eq. 1 and Eq. 2.
+
+    Examples:
+        >>> import refiner
+        >>> refiner.IsomorphismConfig(orders=3, lam=0.05).kernel_size
+        3
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -30,7 +30,7 @@ from refiner.layermap.cka import MIN_BATCH, MinibatchCKA, PositionCKA, gram, pos
 from refiner.data.datasets import ImageDataset, Preprocess, Sample
 from refiner.engine import distributed as dist
 from refiner.engine.device import Runtime
-from refiner.engine.features import images_of
+from refiner.engine.features import check_in_order, images_of
 from refiner.errors import ConfigError, LayerError
 from refiner.models.layers import list_layers, trace_eval, tracer_kwargs
 from refiner.progress import bar
@@ -181,6 +181,8 @@ def paired_batches(data: Iterable, data_b: Iterable | None = None) -> Iterator[t
             _check_batch(n, len(x), "data")
             yield x, x
         return
+    check_in_order(data, "data")
+    check_in_order(data_b, "data_b")
     ia, ib = iter(data), iter(data_b)
     for n in itertools.count(1):
         a, b = next(ia, None), next(ib, None)

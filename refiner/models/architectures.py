@@ -37,7 +37,14 @@ TIMM_PREFIX = "timm/"  # "timm/convnext_atto": a timm model by its timm name
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """How to build an architecture and where its classifier and default layer are."""
+    """How to build an architecture and where its classifier and default layer are (see `register_arch`).
+
+    Examples:
+        >>> import refiner
+        >>> spec = refiner.ArchSpec("mine", lambda n, c: refiner.create_model("tiny_vgg", n, c), "classifier", "features.4", (3, 16, 16))
+        >>> spec.default_layer
+        'features.4'
+    """
 
     name: str
     build: Callable[[int, int], nn.Module]  # (num_classes, in_chans) -> model
@@ -53,7 +60,7 @@ _REGISTRY: dict[str, ArchSpec] = {}
 def register_arch(spec: ArchSpec) -> ArchSpec:
     """Make an architecture a first-class name (`--arch`, checkpoints, refined models); a registered name is replaced.
 
-    Example:
+    Examples:
         >>> import refiner
         >>> from torch import nn
         >>> build = lambda classes, chans: nn.Sequential(nn.Conv2d(chans, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
@@ -69,7 +76,13 @@ def register_arch(spec: ArchSpec) -> ArchSpec:
 
 
 def list_archs() -> list[str]:
-    """The registered names (torchvision's other models register on first use)."""
+    """The registered names (torchvision's other models and `timm/<name>` register on first use).
+
+    Examples:
+        >>> import refiner
+        >>> {"tiny_vgg", "resnet18"} <= set(refiner.list_archs())
+        True
+    """
     return sorted(_REGISTRY)
 
 
@@ -236,7 +249,14 @@ def _timm(name: str) -> Callable[[int, int], nn.Module]:
 
 
 def create_model(name: str, num_classes: int, in_chans: int = 3) -> nn.Module:
-    """Build an untrained classifier of the named architecture."""
+    """Build an untrained classifier of the named architecture (`list_archs()`, any torchvision classifier, or `timm/<name>`).
+
+    Examples:
+        >>> import refiner, torch
+        >>> net = refiner.create_model("tiny_vgg", num_classes=4)
+        >>> tuple(net(torch.randn(2, 3, 16, 16)).shape)
+        (2, 4)
+    """
     spec = get_arch(name)
     if num_classes < 2:
         raise ConfigError(f"num_classes must be at least 2, got {num_classes}")

@@ -68,6 +68,12 @@ class Classifier:
 
     `sha256` identifies the net in g files, reports and the feature cache: the file's hash
     for a loaded checkpoint, the weights' hash (`weights_sha256`) for a module handed in.
+
+    Examples:
+        >>> import refiner
+        >>> net = refiner.Classifier.of(refiner.create_model("tiny_vgg", 3), class_names=["cat", "dog", "owl"])
+        >>> net.arch, net.class_names, net.default_layer
+        ('tiny_vgg', ['cat', 'dog', 'owl'], 'features.4')
     """
 
     model: nn.Module
@@ -76,6 +82,7 @@ class Classifier:
     path: Path
     preprocess_from: str = "the record in the checkpoint"  # where meta.preprocess came from, said to the user
     preprocess_guessed: bool = False  # a bare state_dict fed as its architecture's pretrained weights expect
+    preprocess_known: bool = True  # False: a plain module, whose normalisation nobody recorded (only its input size is known)
 
     @property
     def class_names(self) -> list[str]:
@@ -121,12 +128,14 @@ class Classifier:
         """`model` as a Classifier, without copying it: its architecture recognised when a registered one fits its weights.
 
         A Classifier is returned as it is (with `class_names`/`preprocess` replaced when given).
-        `preprocess` defaults to a plain 3x224x224 one, to be replaced by the caller's input size.
+        Without `preprocess` its normalisation is unknown (`preprocess_known` False): the input
+        size is taken from the caller's batches, and an export asks for the real preprocessing.
         """
         if isinstance(model, Classifier):
             clf = _named(model, class_names, "the net")
             if preprocess is not None:
                 clf.meta = clf.meta.model_copy(update={"preprocess": preprocess})
+                clf.preprocess_known = True
             return clf
         if not isinstance(model, nn.Module):
             raise ConfigError(f"expected a torch.nn.Module or a refiner Classifier, got {type(model).__name__}")
@@ -137,7 +146,10 @@ class Classifier:
             arch=arch, num_classes=num_classes, class_names=list(class_names or [str(i) for i in range(num_classes)]),
             preprocess=preprocess or Preprocess(input_size=(3, 224, 224)), info={"module": type(model).__qualname__},
         )  # fmt: skip
-        clf = cls(model=model, meta=meta, sha256="", path=Path(name or f"<{type(model).__name__}>"), preprocess_from="the caller's data")
+        clf = cls(
+            model=model, meta=meta, sha256="", path=Path(name or f"<{type(model).__name__}>"), preprocess_from="the caller's data",
+            preprocess_known=preprocess is not None,
+        )  # fmt: skip
         clf.sha256 = clf.weights_sha256
         return clf
 

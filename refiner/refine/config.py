@@ -27,7 +27,14 @@ def default_head(protocol: Protocol) -> HeadConfig:
 
 
 class BuildConfig(BaseModel):
-    """Everything `refiner build` does besides choosing its inputs."""
+    """Everything `refiner build` does besides choosing its inputs.
+
+    Examples:
+        >>> import refiner
+        >>> config = refiner.BuildConfig(name="pets-refined", protocol="paper", seeds=5)
+        >>> config.head.lr_end  # the paper protocol's head schedule: Adam 1e-5 -> 1e-7
+        1e-07
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

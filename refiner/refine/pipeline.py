@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import statistics
 import tempfile
 import time
 import warnings
@@ -27,7 +28,7 @@ from refiner.refine.quantize import format_quantization
 from refiner.refine.refined import NetCut, OutputSlice, RefinedModel, RefinedSpec, replace_classifier
 from refiner.refine.predictions import FILE as PREDICTIONS, save_predictions, stack_runs
 from refiner.refine.report import BuildReport, GFit, format_accuracy_table, format_noise_budget, seed_varies, write_build_report
-from refiner.refine.results import CONTROL, REFINED, VariantResult, headline, paired_tests, worse_than_baselines
+from refiner.refine.results import CONTROL, REFINED, PairedTest, VariantResult, headline, paired_tests, worse_than_baselines
 from refiner.data.tasks import SplitOptions, get_task, load_task
 from refiner.engine import distributed as dist
 from refiner.engine.comparison import CompareConfig, ComparisonReport, compare, load_fitted_g
@@ -50,9 +51,26 @@ METRICS = {"sound": ("acc_target",), "paper": ("acc_target", "acc")}
 
 @dataclass
 class BuildResult:
+    """A finished build: its report.json as a typed object, the version folder it published, and the refined model."""
+
     report: BuildReport
     path: Path  # models/<name>/<version>
-    model: RefinedModel
+    model: RefinedModel  # carries .spec: refiner.export(result.model, ...) publishes it again
+
+    @property
+    def verdict(self) -> str:
+        """One line: does Δ removal help, hurt, or sit within noise (seeds, test images, g fits)?"""
+        return self.report.verdict
+
+    @property
+    def accuracies(self) -> dict[str, float]:
+        """Variant name -> mean test accuracy over its runs (target classes, at the validation-chosen epoch)."""
+        return {v.name: statistics.fmean(c / v.test_images for c in v.test_correct_target) for v in self.report.variants}
+
+    @property
+    def paired(self) -> list[PairedTest]:
+        """refined − each baseline, run by run, with the primary test's noise budget."""
+        return self.report.paired
 
     def summary(self) -> str:
         r = self.report
@@ -158,6 +176,7 @@ def build(
     val_images, test = export_images(data, clf_a.meta.preprocess, config.export)
     paired = paired_tests(results, predictions, labels["test"], METRICS[config.protocol], config.seeds, config.resamples, config.bootstrap_seed)
     spec = _spec(config, data.classes, clf_a, clf_b, comparison, g, heads["B"].target)
+    model.spec = spec  # what refiner.export needs to publish this model again
     g_fits = [GFit.of(fit, t["test"]) for (_, fit), t in zip(fits, tables)]
     try:
         with publish(models, config.name, model, spec, config.export, val_images, test) as out:

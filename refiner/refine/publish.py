@@ -34,7 +34,13 @@ RANDOM_VALIDATION = 8  # seeded N(0, 1) inputs check an export when no task imag
 
 
 class ExportOptions(BaseModel):
-    """How a refined model becomes an artifact."""
+    """How a refined model becomes an artifact.
+
+    Examples:
+        >>> import refiner
+        >>> refiner.ExportOptions(fp16=True, max_batch_size=64).atol
+        0.0001
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
