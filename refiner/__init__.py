@@ -22,9 +22,9 @@ __version__ = "0.1.0"
 _PUBLIC = {
     # nets
     "load": "refiner.api.nets", "net": "refiner.api.nets", "layers": "refiner.api.nets", "Layer": "refiner.api.nets", "features": "refiner.api.nets",
-    "Classifier": "refiner.models.checkpoints", "Preprocess": "refiner.data.datasets",
-    "create_model": "refiner.models.architectures", "register_arch": "refiner.models.architectures",
-    "list_archs": "refiner.models.architectures", "ArchSpec": "refiner.models.architectures",
+    "Classifier": "refiner.models.checkpoints", "Preprocess": "refiner.data.samples",
+    "create_model": "refiner.models.architectures", "register_arch": "refiner.models.registry",
+    "list_archs": "refiner.models.registry", "ArchSpec": "refiner.models.registry",
     "register_task": "refiner.data.tasks", "list_tasks": "refiner.data.tasks", "TaskSpec": "refiner.data.tasks",
     "load_task": "refiner.data.tasks", "loader": "refiner.api.data",
     # comparing

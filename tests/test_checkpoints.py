@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from refiner.data.datasets import Preprocess
+from refiner.data.samples import Preprocess
 from refiner.errors import CheckpointError, UnsafeCheckpointError
 from refiner.models.architectures import create_model
 from refiner.models.checkpoints import CheckpointMeta, load_checkpoint, save_checkpoint

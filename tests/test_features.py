@@ -11,7 +11,7 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 
 from refiner.atomic import atomic_dir
-from refiner.data.datasets import ArraySample, fingerprint
+from refiner.data.samples import ArraySample, fingerprint
 from refiner.data.tasks import load_task
 from refiner.engine.comparison import CompareConfig, compare
 from refiner.engine.features import cached_features, iter_batches

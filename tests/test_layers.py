@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -189,3 +192,10 @@ def test_layer_shapes_on_the_meta_device_match_the_trunks_real_output():
         assert shapes[layer] == feature_shape(split_model(model, layer)[0], (3, 20, 20))
     assert shapes["fc"] == (3,) and shapes["x"] == (3, 20, 20)
 
+
+
+def test_the_builtin_names_the_command_line_shows_are_the_registered_ones():
+    """refiner.models.registry lists the built-in names without torch; they are exactly what architectures registers."""
+    code = ("import sys; from refiner.models import registry; names = registry.list_archs(); assert 'torch' not in sys.modules; "
+            "from refiner.models import architectures; print(sorted(registry._REGISTRY) == sorted(registry.BUILTIN_ARCHS) == names)")  # fmt: skip
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "True"

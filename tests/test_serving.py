@@ -114,11 +114,11 @@ def _varied_images(served: Served) -> list[Image.Image]:
 
 def test_refiner_and_the_server_share_one_artifact_schema(served):
     """One definition of the format: refiner's datasets and artifacts use serving.schema's classes and transform."""
-    from refiner.data import datasets
+    from refiner.data import samples
     from refiner.refine.repository import ArtifactMetadata
     from serving import schema
 
-    assert datasets.Preprocess is schema.Preprocess and datasets.preprocess_image is schema.preprocess_image
+    assert samples.Preprocess is schema.Preprocess and samples.preprocess_image is schema.preprocess_image
     assert issubclass(ArtifactMetadata, schema.ArtifactMeta)
     written = ArtifactMetadata.model_validate(served.metadata)  # what refiner wrote reads back under its own rules
     assert schema.ArtifactMeta.model_validate(served.metadata) == schema.ArtifactMeta.model_validate(written.model_dump())
@@ -193,7 +193,7 @@ def test_v2_binary_tensor_extension(client, served):
 
 def test_classify_equals_refined_model_on_refiners_preprocessing(client, served):
     """Served prediction == the refined PyTorch model and the ONNX session on refiner's preprocessing."""
-    from refiner.data.datasets import Preprocess, preprocess_image
+    from refiner.data.samples import Preprocess, preprocess_image
 
     pre = Preprocess.model_validate(served.metadata["preprocess"])
     k = len(served.class_names)

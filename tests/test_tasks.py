@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from refiner.data.datasets import ImageDataset, Preprocess
+from refiner.data.datasets import ImageDataset
+
+from refiner.data.samples import Preprocess
 from refiner.data.tasks import CIFAR10_CLASSES, SplitOptions, _target_classes, get_task, load_task
 from refiner.errors import ConfigError, DataError, DataLayoutError
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from refiner import reporting
 from refiner.analyses.measure import AnalysisConfig, ChannelShare, DataRecord
-from refiner.data.datasets import Preprocess, Sample
+from refiner.data.samples import Preprocess, Sample
 from refiner.engine.device import Runtime
 from refiner.engine.features import FeatureSet
 from refiner.engine.isomorphism import IsomorphismNet

@@ -6,7 +6,9 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-from refiner.data.datasets import ImageDataset, Preprocess
+from refiner.data.datasets import ImageDataset
+
+from refiner.data.samples import Preprocess
 from refiner.data.tasks import SplitOptions, get_task, load_task
 
 __all__ = ["loader"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from refiner.data.datasets import Preprocess
+from refiner.data.samples import Preprocess
 from refiner.errors import ConfigError, RefinerError
 from refiner.layermap.stream import _clean_cuts
 from refiner.models.architectures import ArchSpec, create_model, get_arch, list_archs

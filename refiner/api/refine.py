@@ -19,7 +19,7 @@ from torch import nn
 from refiner.api.fit import Fitted
 from refiner.engine.isomorphism import IsomorphismNet
 from refiner.errors import ConfigError
-from refiner.data.datasets import Preprocess
+from refiner.data.samples import Preprocess
 from refiner.data.tasks import get_task
 from refiner.models.checkpoints import Classifier
 from refiner.models.layers import kept_modes

@@ -16,7 +16,7 @@ def register(sub) -> None:
         "List the layer names of an architecture (or a checkpoint's) usable as --layer-a/--layer-b, with the default marked.",
         "  refiner layers --arch resnet18\n  refiner layers --arch timm/vit_small_patch16_224\n  refiner layers --checkpoint a.pt\n",
     )
-    p.add_argument("--arch", help="an architecture name: small_vgg, any torchvision model (resnet18, ...) or timm/<name> (timm/convnext_atto, ...); with --checkpoint, what a bare state_dict holds")
+    p.add_argument("--arch", help=f"an architecture: {options.arch_names()}; with --checkpoint, what a bare state_dict holds")
     p.add_argument("--checkpoint", type=Path, help="a checkpoint (its architecture is read from it)")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow a checkpoint that needs arbitrary unpickling (runs code from the file!)")
     p.add_argument("--img-size", type=int, help="input height and width the output shapes are given for (default: the checkpoint's recorded input size, else the architecture's)")

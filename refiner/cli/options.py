@@ -17,8 +17,22 @@ def command(sub, name: str, help: str, examples: str) -> argparse.ArgumentParser
     return p
 
 
+def task_names() -> str:
+    """The registered tasks, for --help (the registry is read without importing torch)."""
+    from refiner.data.tasks import list_tasks
+
+    return ", ".join(list_tasks())
+
+
+def arch_names() -> str:
+    """The registered architectures and the families named on first use, for --help (no torch)."""
+    from refiner.models.registry import TIMM_PREFIX, list_archs
+
+    return f"{', '.join(list_archs())}, any torchvision classification model, or {TIMM_PREFIX}<name> for a timm model"
+
+
 def add_task(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, help="task name (digits, cifar10, cifar-animal, voc-animal, cub200, mix-cub, mix-dogs, imagefolder)")
+    p.add_argument("--task", required=True, help=f"a registered task: {task_names()}")
     p.add_argument("--data", type=Path, help="dataset folder in the task's standard layout (not needed for digits)")
     p.add_argument("--classes", help="comma-separated class subset (overrides the task's default classes)")
     p.add_argument("--cache", type=Path, help="feature cache folder (default: $REFINER_CACHE or ~/.cache/refiner/features)")
@@ -43,7 +57,7 @@ def add_preprocess(p: argparse.ArgumentParser) -> None:
 
 def preprocess(args, pre):
     """`pre` with the --img-size/--crop-pct/--mean/--std/--interpolation overrides applied."""
-    from refiner.data.datasets import with_overrides
+    from refiner.data.samples import with_overrides
 
     return with_overrides(
         pre, img_size=args.img_size, crop_pct=args.crop_pct, mean=tuple(args.mean) if args.mean else None,
@@ -113,7 +127,7 @@ def _flag(kind: str, suffix: str) -> str:
 
 def add_net_names(p, suffix: str, which: str) -> None:
     """--arch-SUFFIX and --labels-SUFFIX (--arch, --labels without a suffix) for a net given as a bare state_dict."""
-    p.add_argument(_flag("arch", suffix), help=f"architecture of {which} when it is a bare state_dict whose keys do not say it")
+    p.add_argument(_flag("arch", suffix), help=f"architecture of {which} when it is a bare state_dict whose keys do not say it: {arch_names()}")
     p.add_argument(
         _flag("labels", suffix), metavar="NAMES",
         help=f"class names of {which}'s outputs in order: comma-separated, or a file with one name per line (a bare state_dict has none: 0, 1, ...)",

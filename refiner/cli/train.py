@@ -18,7 +18,7 @@ def register(sub) -> None:
         "  refiner train --arch small_vgg --task cifar10 --data cifar10/ --seed 1 --subset half-b --out b.pt\n"
         "  refiner train --arch small_vgg --task cifar-animal --data cifar10/ --regime paper --train-per-class 200 --imbalance 4 --out a.pt\n",
     )
-    p.add_argument("--arch", required=True, help="architecture name: small_vgg, cifar_resnet20, any torchvision model (resnet18, vgg16, ...) or timm/<name>")
+    p.add_argument("--arch", required=True, help=f"architecture: {options.arch_names()}")
     p.add_argument("--seed", type=int, default=0, help="random seed (A and B: different seeds)")
     p.add_argument("--subset", choices=["half-a", "half-b"], help="train on one of two disjoint halves of the training data")
     p.add_argument(

@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from refiner.data.datasets import ArraySample, FileSample, Preprocess, Sample
+from refiner.data.samples import ArraySample, FileSample, Preprocess, Sample
 from refiner.errors import ConfigError, DataError, DataLayoutError
 
 __all__ = ["TaskSpec", "TaskData", "SplitOptions", "register_task", "get_task", "list_tasks", "load_task", "same_dataset"]

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from refiner.data.datasets import Preprocess
+from refiner.data.samples import Preprocess
 from refiner.data.tasks import TaskData, get_task, same_dataset
 from refiner.engine import distributed as dist
 from refiner.engine.device import Runtime, RuntimeConfig

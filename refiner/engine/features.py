@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from tqdm import tqdm
 
 from refiner.atomic import atomic_dir
-from refiner.data.datasets import ImageDataset, fingerprint
+from refiner.data.datasets import ImageDataset
+from refiner.data.samples import fingerprint
 from refiner.data.tasks import TaskData
 from refiner.engine import distributed as dist
 from refiner.engine.device import Runtime

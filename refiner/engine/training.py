@@ -12,7 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from refiner.data.datasets import ImageDataset, Preprocess
+from refiner.data.datasets import ImageDataset
+
+from refiner.data.samples import Preprocess
 from refiner.data.tasks import SplitOptions, load_task
 from refiner.engine import distributed as dist
 from refiner.engine.device import Runtime, RuntimeConfig

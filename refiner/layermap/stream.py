@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from refiner.layermap.cka import MIN_BATCH, MinibatchCKA, PositionCKA, gram, position_key
-from refiner.data.datasets import ImageDataset, Preprocess, Sample
+from refiner.data.datasets import ImageDataset
+from refiner.data.samples import Preprocess, Sample
 from refiner.engine import distributed as dist
 from refiner.engine.device import Runtime
 from refiner.engine.features import check_in_order, images_of

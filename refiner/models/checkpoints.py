@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 from refiner.atomic import atomic_file
-from refiner.data.datasets import Preprocess
+from refiner.data.samples import Preprocess
 from refiner.errors import CheckpointError, ConfigError, UnsafeCheckpointError
 from refiner.models.architectures import TIMM_PREFIX, create_model, get_arch, guess_default_layer, list_archs
 from refiner.models.pretrained import is_pretrained_name, pretrained_source

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from refiner.data.datasets import Preprocess
+from refiner.data.samples import Preprocess
 from refiner.errors import CheckpointError
 from refiner.models.architectures import TIMM_PREFIX, get_arch, timm_preprocess
 from refiner.models.weights import load_weights

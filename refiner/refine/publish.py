@@ -23,7 +23,8 @@ from refiner.refine.export import INPUT_NAME, OUTPUT_NAME, ExportCheck, HalfPrec
 from refiner.refine.quantize import QuantCheck, check_quantized, quantize_int8
 from refiner.refine.refined import RefinedModel, RefinedSpec, save_refined
 from refiner.refine.repository import ArtifactMetadata, TensorSpec, new_version, now_iso, write_model_files
-from refiner.data.datasets import Preprocess, stack_images
+from refiner.data.datasets import stack_images
+from refiner.data.samples import Preprocess
 from refiner.data.tasks import SplitOptions, TaskData, load_task
 from refiner.errors import ConfigError
 from refiner.models.checkpoints import file_sha256

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
 from refiner.atomic import atomic_file
-from refiner.data.datasets import Preprocess
+from refiner.data.samples import Preprocess
 from refiner.engine.isomorphism import IsomorphismConfig, IsomorphismNet
 from refiner.errors import CheckpointError, ConfigError
 from refiner.models.architectures import create_model, get_arch
