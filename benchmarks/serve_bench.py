@@ -104,7 +104,7 @@ def _untrained_artifact(arch: str, models: Path) -> str:
     from refiner.refine.export import export_onnx, validate_onnx
     from refiner.refine.refined import RefinedModel
     from refiner.refine.repository import ArtifactMetadata, TensorSpec, new_version, now_iso, write_model_files
-    from refiner.data.datasets import Preprocess
+    from refiner.data.samples import Preprocess
     from refiner.engine.isomorphism import IsomorphismNet
     from refiner.models.architectures import create_model, get_arch
     from refiner.models.checkpoints import file_sha256

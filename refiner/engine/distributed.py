@@ -8,6 +8,7 @@ Rank 0 writes every file; the others compute and wait.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from collections.abc import Callable, Sequence
@@ -57,7 +58,15 @@ def init_from_env(device_spec: str) -> str:
     if use_cuda:
         torch.cuda.set_device(local)
     tdist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    # A group left to the interpreter's teardown can abort the process ("terminate called without an
+    # active exception") while gloo's threads still run: leave it explicitly.
+    atexit.register(_leave_group)
     return f"cuda:{local}" if use_cuda else ("cpu" if device_spec == "auto" else device_spec)
+
+
+def _leave_group() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 def is_distributed() -> bool:
