@@ -23,12 +23,12 @@ from starlette.types import Receive, Scope, Send
 
 from serving import routes_classify, routes_metrics, routes_repository, routes_v2
 from serving.connection import SETTINGS_KEY, GuardedHttpProtocol
-from serving.errors import PayloadTooLarge, RequestTimeout, ServingError
+from serving.errors import NotAllowed, PayloadTooLarge, RequestTimeout, ServingError, Unauthorized
 from serving.metrics import Metrics
 from serving.middleware import RequestMetricsMiddleware
 from serving.runtime import available_cores
 from serving.settings import ServeSettings
-from serving.state import ServerState, watch_shutdown_signals
+from serving.state import ServerState, StartupError, watch_shutdown_signals
 
 __all__ = ["create_app", "make_server", "serve", "app"]
 
@@ -43,8 +43,10 @@ async def _serving_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServingError)
     if exc.status_code >= 500:
         log.error("%s %s: %s", request.method, request.url.path, exc.message)
+    elif isinstance(exc, NotAllowed | Unauthorized):
+        request.app.state.server.refusals.note(f"{request.method} {request.url.path}: {exc.message}")
     response = _error(exc.status_code, exc.message)
-    if isinstance(exc, PayloadTooLarge | RequestTimeout):  # the rest of the body was not read: the connection cannot be reused
+    if isinstance(exc, PayloadTooLarge | RequestTimeout | Unauthorized):  # the body was not read: the connection cannot be reused
         response.headers["Connection"] = "close"
     if exc.status_code == 503:
         response.headers["Retry-After"] = str(request.app.state.server.settings.retry_after_s)
@@ -84,12 +86,17 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     _configure_logging()
 
     async def lifespan(scope: Scope, receive: Receive, send: Send) -> None:
-        """ASGI lifespan: a missing repository ends startup with its one-line reason, not a traceback."""
+        """ASGI lifespan: any start-up failure ends startup with its reason (a known one in one line, others with
+        their traceback); it is never left to uvicorn's "lifespan unsupported", which would serve nothing."""
         await receive()  # lifespan.startup
         try:
             await state.start()
-        except FileNotFoundError as e:  # uvicorn logs the message and, startup having failed, not the traceback
+        except (FileNotFoundError, StartupError, TimeoutError) as e:  # uvicorn logs the message, not the traceback
             await send({"type": "lifespan.startup.failed", "message": str(e)})
+            raise
+        except Exception as e:
+            log.exception("start-up failed")
+            await send({"type": "lifespan.startup.failed", "message": f"{type(e).__name__}: {e}"})
             raise
         watch_shutdown_signals(state)
         if "state" in scope:  # the connection guards read their limits from here
@@ -134,13 +141,24 @@ class _DrainingServer(uvicorn.Server):
             self._captured_signals.clear()  # the shutdown they asked for is done (past the hard deadline: exit 1)
 
 
+def _warn_if_exposed(settings: ServeSettings, host: str) -> None:
+    """Load and unload reachable from other machines by anyone: say so once, at start-up."""
+    loopback = host in ("localhost", "::1") or host.startswith("127.")
+    if settings.model_control == "explicit" and settings.api_key is None and not loopback:
+        log.warning(
+            "model control is explicit on %s without an API key: anyone who reaches the port can load and unload "
+            "models and read the repository index; set REFINER_SERVE_API_KEY (refiner serve --api-key-file)", host
+        )  # fmt: skip
+
+
 def make_server(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, **options: object) -> uvicorn.Server:
     """A uvicorn server of a new app with the connection guards; in-flight requests get `drain_timeout_s` at shutdown."""
+    _warn_if_exposed(settings, host)
     application = create_app(settings)
     config = uvicorn.Config(
         application, host=host, port=port, http=GuardedHttpProtocol,
         timeout_keep_alive=settings.keep_alive_timeout_s, limit_concurrency=settings.max_connections,
-        timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)), **options,
+        timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)), lifespan="on", **options,
     )  # fmt: skip
     return _DrainingServer(config, application.state.server)
 
@@ -154,13 +172,14 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) ->
     if settings.workers == 1:
         make_server(settings, host, port).run()
         return
+    _warn_if_exposed(settings, host)
     if settings.intra_op_threads == 0:
         settings = settings.model_copy(update={"intra_op_threads": max(1, available_cores() // settings.workers)})
     os.environ.update(settings.to_env())
     uvicorn.run(
         "serving.app:app", host=host, port=port, workers=settings.workers, http="serving.connection:GuardedHttpProtocol",
         timeout_keep_alive=settings.keep_alive_timeout_s, limit_concurrency=settings.max_connections,
-        timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
+        timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)), lifespan="on",
     )  # fmt: skip
 
 

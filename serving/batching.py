@@ -73,6 +73,9 @@ class DynamicBatcher:
         queue_size: most requests waiting; more are refused with Unavailable (503).
         coalesce: False runs every request alone (for comparison with batching on).
         on_batch: called with each run's BatchStats.
+
+    `on_broken`, if set, is called (with the reason) when a run returns other than one output row
+    per input row; that run's requests all fail, and none gets another's rows.
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class DynamicBatcher:
         self._queue_size = queue_size
         self._coalesce = coalesce
         self._on_batch = on_batch
+        self.on_broken: Callable[[str], None] | None = None
         self._queue: asyncio.Queue[_Pending] | None = None
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
@@ -192,15 +196,27 @@ class DynamicBatcher:
             y = await loop.run_in_executor(self._executor, self._infer, x)
         except Exception as e:
             log.exception("model %r: inference failed on a batch of %d rows", self.name, len(x))
-            for p in live:
-                if not p.future.done():
-                    p.future.set_exception(InferenceFailed(f"model {self.name!r}: inference failed: {e}"))
+            self._fail(live, f"model {self.name!r}: inference failed: {e}")
+            return
+        if not isinstance(y, np.ndarray) or y.ndim == 0 or len(y) != len(x):
+            shape = list(y.shape) if isinstance(y, np.ndarray) else type(y).__name__
+            reason = f"model {self.name!r} returned an output of shape {shape} for a batch of {len(x)} rows, not one row per input row"
+            log.error("%s; its requests fail and the version is taken out of service", reason)
+            self._fail(live, reason)
+            if self.on_broken:
+                self.on_broken(reason)
             return
         if self._on_batch:
             self._on_batch(BatchStats(len(x), [started - p.enqueued for p in live], loop.time() - started))
         offset = 0
-        for p in live:
+        for p in live:  # each request gets its own rows, checked above to be one per input row
             n = len(p.x)
             if not p.future.done():
                 p.future.set_result(y[offset : offset + n])
             offset += n
+
+    @staticmethod
+    def _fail(live: list[_Pending], message: str) -> None:
+        for p in live:
+            if not p.future.done():
+                p.future.set_exception(InferenceFailed(message))

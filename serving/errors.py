@@ -6,6 +6,8 @@ __all__ = [
     "ServingError",
     "BadRequest",
     "NotFound",
+    "NotAllowed",
+    "Unauthorized",
     "RequestTimeout",
     "PayloadTooLarge",
     "UnsupportedMediaType",
@@ -32,6 +34,18 @@ class BadRequest(ServingError):
 
 class NotFound(ServingError):
     status_code = 404
+
+
+class NotAllowed(ServingError):
+    """A control call the server's settings rule out (load / unload outside model control "explicit")."""
+
+    status_code = 400
+
+
+class Unauthorized(ServingError):
+    """A restricted API called without the key header, or with a wrong key."""
+
+    status_code = 401
 
 
 class RequestTimeout(ServingError):

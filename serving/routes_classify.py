@@ -9,14 +9,14 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
 
 from serving.body import multipart_file, read_body
-from serving.deps import ServerDep
+from serving.deps import ServerDep, restricted
 from serving.errors import BadRequest
 from serving.images import decode_image
 from serving.schema import Preprocess, preprocess_image
 
 __all__ = ["router", "Prediction", "Classification"]
 
-router = APIRouter(prefix="/v1", tags=["classify"])
+router = APIRouter(prefix="/v1", tags=["classify"], dependencies=[restricted("inference")])
 
 
 class Prediction(BaseModel):
@@ -51,6 +51,12 @@ def _image_array(data: bytes, pre: Preprocess, max_pixels: int) -> np.ndarray:
         return preprocess_image(image, pre)[None]
 
 
+def _top_k(classes: list[str], top_k: int | None, name: str) -> int | None:
+    if top_k is not None and top_k > len(classes):
+        raise BadRequest(f"top_k is {top_k}; model {name!r} has {len(classes)} classes, so expected 1 to {len(classes)}")
+    return top_k
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = np.exp(logits.astype(np.float64) - logits.max())
     return z / z.sum()
@@ -65,14 +71,13 @@ async def classify(
     top_k: Annotated[int | None, Query(ge=1, description="classes to return (default: the server's top_k)")] = None,
     version: str | None = None,
 ) -> Classification:
+    _top_k(server.repository.get(name, version).meta.class_names, top_k, name)  # 404, 503 or 400 before the body is read
+    body = await read_body(request, server.settings.max_image_bytes, server.settings.body_timeout_s)  # holding no version meanwhile
+    if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):  # media types are case-insensitive
+        body = await multipart_file(request, body)
     with server.repository.hold(name, version) as model:  # this version answers, even if a new one is swapped in
         classes = model.meta.class_names
-        if top_k is not None and top_k > len(classes):
-            raise BadRequest(f"top_k is {top_k}; model {name!r} has {len(classes)} classes, so expected 1 to {len(classes)}")
-        k = top_k or min(server.settings.top_k, len(classes))
-        body = await read_body(request, server.settings.max_image_bytes, server.settings.body_timeout_s)
-        if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):  # media types are case-insensitive
-            body = await multipart_file(request, body)
+        k = _top_k(classes, top_k, name) or min(server.settings.top_k, len(classes))
         with model.batcher.arrival() as arrival:  # announced once its body is in: a slow upload delays no one else
             x = await server.to_thread(_image_array, body, model.meta.preprocess, server.settings.max_image_pixels)
             probs = _softmax((await arrival.infer(x))[0])

@@ -8,12 +8,14 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from serving.body import read_body
-from serving.deps import ServerDep
+from serving.deps import ServerDep, restricted
 from serving.errors import BadRequest
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/v2/repository", tags=["v2 model repository (Triton's extension)"])
+router = APIRouter(
+    prefix="/v2/repository", tags=["v2 model repository (Triton's extension)"], dependencies=[restricted("model-repository")]
+)
 
 _SMALL_BODY = 4096  # these requests carry a few flags at most
 

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from serving.body import read_body
-from serving.deps import ServerDep
+from serving.deps import ServerDep, restricted
 from serving.protocol import BINARY_HEADER, decimal, encode_infer_response, model_config, model_metadata, parse_infer_request
 
 __all__ = ["router"]
@@ -57,15 +57,15 @@ async def server_metadata() -> dict[str, Any]:
     }
 
 
-@router.get(_MODEL, summary="Model metadata")
-@router.get(_VERSION, summary="Model metadata of one version")
+@router.get(_MODEL, summary="Model metadata", dependencies=[restricted("metadata")])
+@router.get(_VERSION, summary="Model metadata of one version", dependencies=[restricted("metadata")])
 async def metadata(name: str, server: ServerDep, version: str | None = None) -> dict[str, Any]:
     model = server.repository.get(name, version)
     return model_metadata(model.meta, model.runtime.provider)
 
 
-@router.get(_MODEL + "/config", summary="Model configuration (Triton's, as JSON)")
-@router.get(_VERSION + "/config", summary="Model configuration of one version")
+@router.get(_MODEL + "/config", summary="Model configuration (Triton's, as JSON)", dependencies=[restricted("metadata")])
+@router.get(_VERSION + "/config", summary="Model configuration of one version", dependencies=[restricted("metadata")])
 async def config(name: str, server: ServerDep, version: str | None = None) -> dict[str, Any]:
     model = server.repository.get(name, version)
     s = server.settings
@@ -94,11 +94,12 @@ _INFER_DOC: dict[str, Any] = {
 }
 
 
-@router.post(_MODEL + "/infer", summary="Inference", openapi_extra=_INFER_DOC)
-@router.post(_VERSION + "/infer", summary="Inference on one version", openapi_extra=_INFER_DOC)
+@router.post(_MODEL + "/infer", summary="Inference", openapi_extra=_INFER_DOC, dependencies=[restricted("inference")])
+@router.post(_VERSION + "/infer", summary="Inference on one version", openapi_extra=_INFER_DOC, dependencies=[restricted("inference")])
 async def infer(name: str, request: Request, server: ServerDep, version: str | None = None) -> Response:
+    server.repository.get(name, version)  # 404 or 503 before the body is read
+    body = await read_body(request, server.body_limit, server.settings.body_timeout_s)  # holding no version meanwhile
     with server.repository.hold(name, version) as model:  # this version answers, even if a new one is swapped in
-        body = await read_body(request, server.body_limit, server.settings.body_timeout_s)
         with model.batcher.arrival() as arrival:  # announced once its body is in: a slow upload delays no one else
             header_length = request.headers.get(BINARY_HEADER)
             json_bytes = decimal(header_length)

@@ -65,6 +65,7 @@ class ModelRuntime:
         import onnxruntime as ort
 
         self.meta: ArtifactMeta = artifact.meta
+        self._where = f"{self.meta.name}/{self.meta.version}"  # how messages name it: relative to the repository
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # One batch runs at a time per model (see batching.py): parallelism comes from intra-op threads.
@@ -77,26 +78,30 @@ class ModelRuntime:
         try:
             self.session = ort.InferenceSession(artifact.onnx, sess_options=options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for unreadable models
-            raise ArtifactError(f"{artifact.path}: onnxruntime cannot load model.onnx: {e}") from e
+            raise ArtifactError(f"{self._where}/model.onnx: onnxruntime cannot load it: {str(e)[:500]}") from e
         self.provider = self.session.get_providers()[0]
         if self.provider != providers[0]:
             log.warning(
                 "model %s version %d: requested %s but onnxruntime runs it on %s",
                 self.meta.name, self.meta.version, providers[0], self.provider,
             )
-        self._check_signature(artifact)
+        self._check_signature()
         self.input_name = self.meta.input.name
         self.output_name = self.meta.output.name
 
-    def _check_signature(self, artifact: Artifact) -> None:
-        inputs = [(i.name, list(i.shape[1:])) for i in self.session.get_inputs()]
-        outputs = [o.name for o in self.session.get_outputs()]
-        expected = [(self.meta.input.name, self.meta.input.shape)]
-        if inputs != expected or self.meta.output.name not in outputs:
+    def _check_signature(self) -> None:
+        inputs = [(i.name, list(i.shape[1:]), i.type) for i in self.session.get_inputs()]
+        outputs = {o.name: o.type for o in self.session.get_outputs()}
+        expected = [(self.meta.input.name, self.meta.input.shape, "tensor(float)")]
+        if inputs != expected or outputs.get(self.meta.output.name) != "tensor(float)":
             raise ArtifactError(
-                f"{artifact.path}: model.onnx takes {inputs} (name, shape without batch) and returns {outputs}; "
-                f"metadata.json says {expected} -> {self.meta.output.name!r}"
+                f"{self._where}/model.onnx takes {inputs} (name, shape without batch, type) and returns {outputs}; "
+                f"metadata.json says {expected} -> {self.meta.output.name!r} (tensor(float))"
             )
+
+    def close(self) -> None:
+        """Free the session (its weights): called once no request can reach this version any more."""
+        self.session = None  # type: ignore[assignment]
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Logits for a float32 batch (N, *input shape)."""

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["PILLOW_MAX_IMAGE_PIXELS", "ServeSettings", "settings_error"]
@@ -44,6 +44,16 @@ class ServeSettings(BaseSettings):
     shutdown_grace_s: float = Field(0.5, ge=0)  # idle keep-alive connections stay open this long at shutdown for requests in transit
     retry_after_s: int = Field(1, ge=0)  # Retry-After of every 503
     top_k: int = Field(5, ge=1)  # classes returned by /classify when the request does not say
+    # What the repository may ask of the server (it is not trusted): versions over these limits are refused.
+    max_batch_size: int = Field(256, ge=1)  # most rows an artifact may declare as its max_batch_size
+    max_batch_bytes: int = Field(256 * 1024 * 1024, ge=1)  # max_batch_size x input bytes of one artifact
+    load_timeout_s: float = Field(60.0, gt=0)  # reading, opening and warming up one version; past it the version is refused
+    exit_on_error: bool = False  # as Triton's --exit-on-error: any model refused at start-up fails the start
+    strict_readiness: bool = False  # as Triton's --strict-readiness: ready only while every model found is served
+    # The restricted API (as Triton's --http-restricted-api): with a key set, the APIs listed need the header.
+    api_key: SecretStr | None = None  # the value the header must carry (compared in constant time); None: nothing restricted
+    api_key_header: str = Field("x-refiner-key", pattern=r"^[a-z0-9-]+$")  # a lower-case header name
+    restricted_apis: list[Literal["model-repository", "inference", "metadata", "metrics"]] = ["model-repository"]
 
     @model_validator(mode="after")
     def _explicit_needs_one_worker(self) -> ServeSettings:
@@ -58,6 +68,8 @@ class ServeSettings(BaseSettings):
         """These settings as REFINER_SERVE_* variables, for worker processes that build their app from the environment."""
         out = {}
         for key, value in self.model_dump(mode="json").items():
+            if isinstance(getattr(self, key), SecretStr):
+                value = getattr(self, key).get_secret_value()
             if value is not None:
                 out[f"REFINER_SERVE_{key.upper()}"] = json.dumps(value) if isinstance(value, dict | list) else str(value)
         return out

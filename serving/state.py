@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -20,7 +21,7 @@ from serving.repository import ModelRepository
 from serving.runtime import choose_providers
 from serving.settings import ServeSettings
 
-__all__ = ["ServerState", "watch_shutdown_signals"]
+__all__ = ["ServerState", "StartupError", "watch_shutdown_signals"]
 
 _JSON_OVERHEAD = 64 * 1024  # bytes of an infer request's JSON beside its tensor data
 
@@ -28,8 +29,36 @@ log = logging.getLogger("serving.state")
 T = TypeVar("T")
 
 
+class RefusalLog:
+    """Refused control calls, logged at most once per `every_s` (with how many came since), so that a caller
+    hammering a restricted API cannot flood the log."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._last = -math.inf
+        self._since = 0
+
+    def note(self, what: str) -> None:
+        now = time.monotonic()
+        self._since += 1
+        if now - self._last >= self.every_s:
+            more = f" ({self._since - 1} more refused since the last line)" if self._since > 1 else ""
+            log.warning("refused %s%s", what, more)
+            self._last, self._since = now, 0
+
+
+class StartupError(RuntimeError):
+    """The server cannot start as its settings ask (exit_on_error with a model refused)."""
+
+
 class ServerState:
-    """Settings, metrics and models of one app; ready once every model loaded and answered a warm-up."""
+    """Settings, metrics and models of one app, and its readiness.
+
+    Ready means: started, not draining, and serving at least one model; with strict_readiness, also
+    serving every model the repository holds (none refused, unreadable or loading; models unloaded on
+    request do not count). The default lets the good models serve beside a broken one, which the
+    repository index lists UNAVAILABLE with its reason.
+    """
 
     def __init__(self, settings: ServeSettings, metrics: Metrics) -> None:
         self.settings = settings
@@ -39,11 +68,16 @@ class ServerState:
         self.started = False
         self.draining = False  # set on the first shutdown signal: no longer ready
         self.in_flight = 0  # HTTP requests being answered (see middleware.py)
+        self.refusals = RefusalLog(60.0)  # refused control calls (restricted APIs, load / unload not allowed)
         self._limiter: anyio.CapacityLimiter | None = None
+        self.exit_timer: threading.Timer | None = None  # the hard deadline's last resort (watch_shutdown_signals)
 
     @property
     def ready(self) -> bool:
-        return self.started and not self.draining and bool(self.repository.models)
+        r = self.repository
+        if not self.started or self.draining or not r.models:
+            return False
+        return not self.settings.strict_readiness or not (set(r.refused) - set(r.models) or r.unreadable or r.loading)
 
     @property
     def body_limit(self) -> int:
@@ -68,7 +102,10 @@ class ServerState:
             "model repository %s, providers %s, batching %s, model control %s",
             s.models.resolve(), providers, s.batching, s.model_control,
         )  # fmt: skip
-        await self.control.start(providers)
+        refused = await self.control.start(providers)
+        if refused and self.settings.exit_on_error:
+            await self.control.close(0)
+            raise StartupError(f"{len(refused)} model(s) refused and exit_on_error is set: " + "; ".join(refused))
         if not self.repository.models:
             log.error("no model could be loaded from %s; the server stays not ready", s.models)
         self.started = True
@@ -91,6 +128,8 @@ class ServerState:
         if self.in_flight:
             log.warning("shutdown: %d requests still in flight after %.1f s", self.in_flight, self.settings.drain_timeout_s)
         await self.control.close(max(0.0, deadline - loop.time()))
+        if self.exit_timer is not None:
+            self.exit_timer.cancel()
         log.info("shutdown complete")
 
 
@@ -99,7 +138,9 @@ def watch_shutdown_signals(state: ServerState) -> None:
 
     The first signal makes the server not ready before connections drain, and
     arms a hard deadline: past `hard_deadline_s` the server's handler is called
-    again (uvicorn: force exit), and 2 s later the process exits regardless.
+    again (uvicorn: force exit), and 2 s later the process exits regardless, from
+    a timer thread that needs neither the event loop nor the other threads (a read
+    blocked for good cannot hold the process). A shutdown that completes disarms it.
     Signal handlers live in the main thread only; elsewhere this does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
@@ -119,6 +160,9 @@ def watch_shutdown_signals(state: ServerState) -> None:
             if not state.draining:
                 state.begin_drain()
                 loop.call_soon_threadsafe(loop.call_later, state.settings.hard_deadline_s, deadline, previous)
+                state.exit_timer = threading.Timer(state.settings.hard_deadline_s + 2.0, os._exit, (1,))
+                state.exit_timer.daemon = True
+                state.exit_timer.start()
             if callable(previous):
                 previous(signum, frame)
 

@@ -251,11 +251,11 @@ def test_metrics_count_requests_latency_queue_and_batches(served):
     assert _metric(text, "refiner_http_requests_total", route="/v2/models/{name}", status="404") == 1
     assert _metric(text, "refiner_http_request_duration_seconds_count", route=infer_route) == 3
     assert _metric(text, "refiner_http_request_duration_seconds_bucket", route=infer_route, le="+Inf") == 3
-    # 3 requests of 2 rows, plus the warm-up's single row
-    assert _metric(text, "refiner_batch_size_count", model=served.name) == 4
-    assert _metric(text, "refiner_batch_size_sum", model=served.name) == 7
-    assert _metric(text, "refiner_queue_wait_seconds_count", model=served.name) == 4
-    assert _metric(text, "refiner_inference_duration_seconds_count", model=served.name) == 4
+    # 3 requests of 2 rows, plus the warm-up's runs at batch 1, 2 and max_batch_size
+    assert _metric(text, "refiner_batch_size_count", model=served.name) == 6
+    assert _metric(text, "refiner_batch_size_sum", model=served.name) == 6 + 1 + 2 + served.max_batch_size
+    assert _metric(text, "refiner_queue_wait_seconds_count", model=served.name) == 6
+    assert _metric(text, "refiner_inference_duration_seconds_count", model=served.name) == 6
     assert _metric(text, "refiner_model_loaded", model=served.name, version=str(served.version)) == 1
 
 
@@ -283,13 +283,18 @@ def test_corrupted_versions_are_refused_while_others_serve(mixed_repo, served, c
     caplog.set_level(logging.INFO, logger="serving")
     with TestClient(create_app(ServeSettings(models=mixed_repo))) as client:
         assert client.get("/v2/health/ready").status_code == 200
-        versions = {name: client.get(f"/v2/models/{name}").json().get("versions") for name in discover(mixed_repo)}
+        versions = {name: client.get(f"/v2/models/{name}").json().get("versions") for name in discover(mixed_repo).versions}
         assert versions == {"fallback": ["1"], "good": ["1"], "nometa": None, "twice": ["2"], "unreadable": None}
-        # the client hears which version was refused; why (with server paths and hashes) stays in the log
+        # the client hears which version was refused; why (with hashes) is in the repository index, never a server path
         r = client.get("/v2/models/fallback/versions/2")
-        assert r.status_code == 404 and "version '2' loaded (refused at load; the server log says why)" in r.json()["error"]
+        assert r.status_code == 404 and "version '2' loaded (refused at load; the repository index says why)" in r.json()["error"]
         r = client.get("/v2/models/unreadable")
-        assert r.json()["error"] == "model 'unreadable' could not be loaded (version 1 refused; the server log says why)"
+        assert r.json()["error"] == "model 'unreadable' could not be loaded (version 1 refused; the repository index and the server log say why)"
+        reasons = {(row["name"], row["version"]): row.get("reason") for row in client.post("/v2/repository/index").json()}
+        assert reasons[("fallback", "2")].startswith("fallback/2/model.onnx sha256 is ")
+        assert reasons[("unreadable", "1")].startswith("unreadable/1/model.onnx is not an ONNX model")
+        assert reasons[("nometa", "1")] == "nometa/1/metadata.json is missing"
+        assert str(mixed_repo) not in str(reasons)
         r = client.get("/v2/models/nometa/ready")
         assert r.status_code == 404 and "nometa" in r.json()["error"]
         for path in ("/v2/models/fallback/versions/2", "/v2/models/unreadable", "/v2/models/nometa"):
@@ -534,7 +539,7 @@ BAD_INPUTS: dict[str, _Case] = {
     "top_k 0": ("POST", C + "?top_k=0", lambda s: {"content": b"x"}, 422, "top_k: Input should be greater than or equal to 1"),
     "top_k not a number": ("POST", C + "?top_k=many", lambda s: {"content": b"x"}, 422, "top_k: Input should be a valid integer"),
     "top_k over classes": ("POST", C + "?top_k=99", lambda s: {"content": b"x"}, 400, r"top_k is 99; model .* has \d+ classes"),
-    "classify unknown model": ("POST", "/v1/models/nope/classify", lambda s: {"content": b"x"}, 404, "unknown model 'nope'; available models: "),
+    "classify unknown model": ("POST", "/v1/models/nope/classify", lambda s: {"content": b"x"}, 404, r"unknown model 'nope'; the repository index \(POST /v2/repository/index\) lists the models"),
     "classify unknown version": ("POST", "/v1/models/{m}/versions/7/classify", lambda s: {"content": b"x"}, 404, "no version '7' loaded"),
     "multipart without file": ("POST", C, lambda s: {"files": {"text": (None, "hello")}}, 400, "0 file parts"),
     "multipart with two files": ("POST", C, lambda s: {"files": [("a", ("a.png", b"1")), ("b", ("b.png", b"2"))]}, 400, "malformed multipart.*Too many files"),
