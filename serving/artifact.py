@@ -57,7 +57,7 @@ def discover(models: Path) -> Found:
         if model_dir.name.startswith("."):
             continue
         try:
-            if not model_dir.is_dir():
+            if not stat.S_ISDIR(os.stat(model_dir).st_mode):  # os.stat, not is_dir(): a symlink loop raises, is not skipped
                 continue
             versions = [int(p.name) for p in model_dir.iterdir() if _VERSION_DIR.fullmatch(p.name) and p.is_dir()]
         except OSError as e:

@@ -345,17 +345,22 @@ class ModelControl:
 
 
 async def _warm_up(model: LoadedModel) -> None:
-    """Inference at batch 1, 2 and max_batch_size on fixed random inputs: one float32 row of the declared classes per
-    input row, and each row the answer to its input alone (a model mixing rows would mix clients' answers)."""
+    """Inference at batch 1, 2 and max_batch_size on fixed random inputs, on the session itself (not counted as
+    traffic): one float32 row of the declared classes per input row, and each row the answer to its input alone
+    (a model mixing rows would mix clients' answers)."""
     meta = model.meta
     sizes = sorted({1, min(2, meta.max_batch_size), meta.max_batch_size})
     x = np.random.default_rng(0).standard_normal((sizes[-1], *meta.input.shape), dtype=np.float32)
     answers = {}
     for n in sizes:
-        y = await model.batcher.infer(x[:n])
+        try:
+            y = await asyncio.shield(_on_daemon_thread(model.runtime.run, x[:n]))
+        except Exception as e:  # onnxruntime's own errors: a graph that cannot take this batch
+            raise ValueError(f"at batch {n} inference failed: {str(e)[:300]}") from e
         expected = (n, len(meta.class_names))
-        if y.dtype != np.float32 or y.shape != expected:
-            raise ValueError(f"at batch {n} the model returns {y.dtype} of shape {list(y.shape)}, expected float32 of shape {list(expected)}")
+        if not isinstance(y, np.ndarray) or y.dtype != np.float32 or y.shape != expected:
+            got = f"{y.dtype} of shape {list(y.shape)}" if isinstance(y, np.ndarray) else type(y).__name__
+            raise ValueError(f"at batch {n} the model returns {got}, expected float32 of shape {list(expected)}")
         answers[n] = y
     alone = answers[1][0]
     for n in sizes[1:]:

@@ -125,3 +125,54 @@ class Live:
         self.sock.close()
 
 
+
+
+def crafted_artifact(
+    repo: Path, name: str, version: int = 1, *, kind: str = "good", classes: int = 3, max_batch_size: int = 8,
+    padding_bytes: int = 0, external: str = "secret.txt",
+) -> Path:  # fmt: skip
+    """A hand-made ONNX artifact of (N, 3, 4, 4) -> (N, classes) logits, honest or lying about what it serves.
+
+    kind: "good" (a linear layer); "batch1" (the graph's batch axis is fixed to 1); "mean" (one row, the batch
+    mean, whatever the batch); "mix" (each row minus the batch mean: the right shape, rows mixing clients);
+    "external" (its weights are external data at `external`, resolved against the server's working folder).
+    padding_bytes: an unused initializer of that size, for a model of a given weight.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(version).standard_normal((48, classes)).astype(np.float32)
+    batch_axis = 1 if kind == "batch1" else "N"
+    nodes = [helper.make_node("Flatten", ["input"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["z"])]
+    if kind == "mean":
+        nodes.append(helper.make_node("ReduceMean", ["z"], ["logits"], axes=[0], keepdims=1))
+    elif kind == "mix":
+        nodes += [helper.make_node("ReduceMean", ["z"], ["m"], axes=[0], keepdims=1), helper.make_node("Sub", ["z", "m"], ["logits"])]
+    else:
+        nodes.append(helper.make_node("Identity", ["z"], ["logits"]))
+    weights = numpy_helper.from_array(w, "w")
+    if kind == "external":
+        weights = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=w.shape)
+        weights.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", external), ("offset", "0"), ("length", str(w.nbytes))):
+            weights.external_data.add(key=key, value=value)
+    initializers = [weights]
+    if padding_bytes:
+        initializers.append(numpy_helper.from_array(np.ones(padding_bytes // 4, np.float32), "padding"))
+    graph = helper.make_graph(
+        nodes, "crafted", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch_axis, 3, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch_axis if kind != "mean" else 1, classes])], initializers,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    data = model.SerializeToString()
+    folder = repo / name / str(version)
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(data)
+    meta = {
+        "format": "refiner-artifact/1", "name": name, "version": version, "class_names": [f"c{i}" for i in range(classes)],
+        "input": {"name": "input", "datatype": "FP32", "shape": [3, 4, 4]},
+        "output": {"name": "logits", "datatype": "FP32", "shape": [classes]},
+        "preprocess": {"input_size": [3, 4, 4]}, "max_batch_size": max_batch_size, "onnx_sha256": hashlib.sha256(data).hexdigest(),
+    }  # fmt: skip
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    return folder

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 
 from refiner.cli import analyze, atlas, build, export, fit, layers, options, serve, train
 from refiner.errors import RefinerError
@@ -31,12 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         options.check(args)  # the arguments alone, before torch is imported: a bad value answers at once
-        _show_progress(getattr(args, "quiet", False))
-        if hasattr(args, "device") and "WORLD_SIZE" in os.environ:
-            from refiner.engine.distributed import init_from_env
+        with _command_line_output(getattr(args, "quiet", False)):
+            if hasattr(args, "device") and "WORLD_SIZE" in os.environ:
+                from refiner.engine.distributed import init_from_env
 
-            args.device = init_from_env(args.device)  # under torchrun: join the group, one GPU per process
-        args.run(args)
+                args.device = init_from_env(args.device)  # under torchrun: join the group, one GPU per process
+            args.run(args)
     except (RefinerError, ValidationError) as e:
         print(f"refiner {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -49,16 +51,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _show_progress(quiet: bool) -> None:
-    """Bars on unless --quiet; the `refiner` logger's records on stderr ("== stage"), only warnings and above with --quiet."""
+@contextlib.contextmanager
+def _command_line_output(quiet: bool) -> Iterator[None]:
+    """While a command runs: bars on unless --quiet, the `refiner` logger's records on stderr ("== stage"), only
+    warnings and above with --quiet. Put back as they were after, so a command run from Python leaves no handler."""
     import logging
 
-    from refiner.progress import LOGGER, CommandLineHandler, set_quiet
+    from refiner import progress
 
-    set_quiet(quiet)
-    handler = next((h for h in LOGGER.handlers if isinstance(h, CommandLineHandler)), None)
-    if handler is None:
-        handler = CommandLineHandler()
-        LOGGER.addHandler(handler)
-    LOGGER.setLevel(logging.INFO)
+    was_quiet, level = progress._quiet, progress.LOGGER.level
+    handler = progress.CommandLineHandler()
     handler.setLevel(logging.WARNING if quiet else logging.INFO)
+    progress.set_quiet(quiet)
+    progress.LOGGER.addHandler(handler)
+    progress.LOGGER.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        progress.LOGGER.removeHandler(handler)
+        progress.LOGGER.setLevel(level)
+        progress.set_quiet(was_quiet)
