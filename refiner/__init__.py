@@ -32,7 +32,7 @@ _PUBLIC = {
     "fit": "refiner.api.fit", "fit_features": "refiner.api.fit", "Fitted": "refiner.api.fit",
     # refined models
     "refined_model": "refiner.api.refine", "build": "refiner.api.refine", "export": "refiner.api.refine",
-    "serve": "refiner.api.refine", "Server": "refiner.api.refine",
+    "serve": "refiner.api.serving", "Server": "refiner.api.serving",
     "BuildConfig": "refiner.refine.config", "ExportOptions": "refiner.refine.publish",
     "IsomorphismConfig": "refiner.engine.isomorphism", "FitConfig": "refiner.engine.fitting",
     # the paper's other applications

@@ -60,7 +60,9 @@ def test_kubernetes_probes_ports_and_autoscaler():
     assert container["args"][-2:] == ["--port", "8000"] and container["args"][:3] == ["python", "-m", "serving"]
     assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    key = next(e for e in container["env"] if e["name"] == "REFINER_SERVE_API_KEY")  # the restricted API's key, from a Secret
+    assert key["valueFrom"]["secretKeyRef"]["name"] == "refiner-serve-key"
     assert env["REFINER_SERVE_MODELS"] == container["volumeMounts"][0]["mountPath"] == "/models"
     # Kubernetes kills after the grace period: the server's own hard deadline must come first
     settings = ServeSettings(drain_timeout_s=float(env["REFINER_SERVE_DRAIN_TIMEOUT_S"]))

@@ -371,3 +371,27 @@ def test_the_key_reaches_worker_processes_and_stays_out_of_the_settings_repr():
     settings = ServeSettings(api_key="s3cret")
     assert settings.to_env()["REFINER_SERVE_API_KEY"] == "s3cret"
     assert "s3cret" not in repr(settings) and "s3cret" not in textwrap.shorten(str(settings.model_dump()), 500)
+
+
+def test_python_m_serving_reads_the_key_from_a_file_and_refuses_an_empty_one(tmp_path):
+    repo = tmp_path / "models"
+    crafted_artifact(repo, "m")
+    (tmp_path / "empty").write_text("\n")
+    done = subprocess.run([sys.executable, "-m", "serving", "--models", str(repo), "--api-key-file", str(tmp_path / "empty")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)  # fmt: skip
+    assert done.returncode == 2 and "is empty; expected the key on its first line" in done.stderr
+    (tmp_path / "key").write_text("from-a-file\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "serving", "--models", str(repo), "--port", str(port), "--model-control", "explicit",
+           "--api-key-file", str(tmp_path / "key"), "--device", "cpu"]  # fmt: skip
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait(lambda: _ready(url), "the server", timeout=60)
+        assert httpx.post(f"{url}/v2/repository/models/m/unload").status_code == 401
+        assert httpx.post(f"{url}/v2/repository/models/m/unload", headers={"x-refiner-key": "from-a-file"}).status_code == 200
+    finally:
+        process.terminate()
+        process.wait(30)

@@ -4,15 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 from torch import nn
 
@@ -30,7 +22,7 @@ from refiner.refine.pipeline import build as _build
 from refiner.refine.publish import ExportOptions, Published, export_artifact
 from refiner.refine.refined import RefinedModel, RefinedSpec, load_refined, refined_from_parts
 
-__all__ = ["refined_model", "build", "export", "serve", "Server"]
+__all__ = ["refined_model", "build", "export"]
 
 
 def refined_model(
@@ -155,79 +147,3 @@ def export(
             "with refiner.net(module, preprocess=...)"
         )
     return export_artifact(model, spec, Path(models), name, options or ExportOptions(), task, Path(data) if data is not None else None, split)
-
-
-@dataclass
-class Server:
-    """A model server running in its own process (`serve(..., block=False)`, which has an example): its URL, and how to stop it."""
-
-    url: str
-    process: subprocess.Popen
-    log: IO[bytes]  # its stdout and stderr
-
-    def log_tail(self, chars: int = 2000) -> str:
-        """The end of the server's log."""
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")[-chars:]
-
-    def stop(self) -> None:
-        """SIGTERM: requests in flight finish, then the process exits."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=30)
-        self.log.close()
-
-    def __enter__(self) -> Server:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def serve(
-    models: str | Path = "models", host: str = "127.0.0.1", port: int = 8000, *, workers: int = 1, device: str = "auto",
-    model_control: str = "none", block: bool = True, ready_timeout_s: float = 60.0,
-) -> Server | None:  # fmt: skip
-    """Serve a model repository over HTTP (KServe v2 and `/v1/models/NAME/classify`), as `refiner serve` does.
-
-    `block=True` serves in this process until interrupted. `block=False` starts `python -m serving`
-    in a child process, waits until it is ready, and returns a `Server` (a context manager) to stop it.
-
-    Examples:
-        >>> import json, refiner, socket, tempfile, torch, urllib.request
-        >>> a, b = refiner.create_model("tiny_vgg", 4), refiner.create_model("tiny_vgg", 4)
-        >>> fitted = refiner.fit(a, b, [torch.randn(16, 3, 16, 16) for _ in range(2)], steps=20)
-        >>> repo = tempfile.mkdtemp()
-        >>> _ = refiner.export(refiner.refined_model(a, fitted, b), "tiny", models=repo, preprocess=refiner.Preprocess(input_size=(3, 16, 16)))
-        >>> with socket.socket() as s:
-        ...     _ = s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
-        >>> with refiner.serve(repo, port=port, block=False) as server:
-        ...     json.load(urllib.request.urlopen(f"{server.url}/v2/models/tiny"))["versions"]
-        ['1']
-    """
-    from serving.settings import ServeSettings
-
-    if not Path(models).is_dir():
-        raise ConfigError(f"model repository {str(models)!r} is not a folder; export a model into it first")
-    if block:
-        from serving.app import serve as run
-
-        run(ServeSettings(models=Path(models), workers=workers, device=device, model_control=model_control), host, port)
-        return None
-    cmd = [sys.executable, "-m", "serving", "--models", str(models), "--host", host, "--port", str(port),
-           "--workers", str(workers), "--device", device, "--model-control", model_control]  # fmt: skip
-    log = tempfile.TemporaryFile()  # the server's log: a pipe nobody reads would fill and stall it
-    process = subprocess.Popen(cmd, env={**os.environ}, stdout=log, stderr=subprocess.STDOUT)
-    server = Server(f"http://{host}:{port}", process, log)
-    deadline = time.monotonic() + ready_timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise ConfigError(f"the server exited with code {process.returncode}: {server.log_tail()}")
-        try:
-            with urllib.request.urlopen(f"{server.url}/v2/health/ready", timeout=1) as response:
-                if response.status == 200:
-                    return server
-        except OSError:
-            time.sleep(0.2)
-    server.stop()
-    raise ConfigError(f"the server did not become ready at {server.url} within {ready_timeout_s:g} s")
