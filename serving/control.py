@@ -34,7 +34,7 @@ from serving.batching import DynamicBatcher
 from serving.errors import ArtifactError, BadRequest, NotAllowed, NotFound, ServingError
 from serving.metrics import Metrics
 from serving.repository import LoadedModel, ModelRepository
-from serving.runtime import ModelRuntime
+from serving.runtime import ModelRuntime, release_memory
 from serving.settings import ServeSettings
 
 __all__ = ["ModelControl"]
@@ -62,7 +62,10 @@ def _open(settings: ServeSettings, name: str, version: int, providers: list[str]
             f"{name}/{version}: a full batch ({meta.max_batch_size} x {meta.input.shape} FP32) is {batch_bytes} bytes, over the "
             f"server's limit of {settings.max_batch_bytes} (REFINER_SERVE_MAX_BATCH_BYTES)"
         )
-    return ModelRuntime(artifact, providers, settings.intra_op_threads), files
+    runtime = ModelRuntime(artifact, providers, settings.intra_op_threads)
+    del artifact  # the checked bytes: the session has its own copy of the weights
+    release_memory()  # and the transient copies of checking and opening go back to the system
+    return runtime, files
 
 
 def _on_daemon_thread(func: Callable[..., T], *args: object) -> asyncio.Future[T]:

@@ -17,7 +17,7 @@ from serving.artifact import Artifact
 from serving.errors import ArtifactError, DeviceError
 from serving.schema import ArtifactMeta
 
-__all__ = ["CPU", "CUDA", "cuda_device_count", "choose_providers", "ModelRuntime"]
+__all__ = ["CPU", "CUDA", "cuda_device_count", "choose_providers", "release_memory", "ModelRuntime"]
 
 log = logging.getLogger("serving.runtime")
 
@@ -54,6 +54,15 @@ def choose_providers(device: str) -> list[str]:
     return [CPU]
 
 
+def release_memory() -> None:
+    """Hand freed heap back to the system (glibc's malloc_trim): a model's weights are freed in many pieces,
+    which would otherwise stay in the process's heap and add up across versions. A no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -79,6 +88,10 @@ class ModelRuntime:
             self.session = ort.InferenceSession(artifact.onnx, sess_options=options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for unreadable models
             raise ArtifactError(f"{self._where}/model.onnx: onnxruntime cannot load it: {str(e)[:500]}") from e
+        # onnxruntime keeps the model's bytes to rebuild the session on a provider fallback (its own TODO says
+        # "holding the memory indefinitely"): with fallback off, drop them, or each version holds its model twice.
+        self.session.disable_fallback()
+        self.session._model_bytes = None
         self.provider = self.session.get_providers()[0]
         if self.provider != providers[0]:
             log.warning(
@@ -102,6 +115,7 @@ class ModelRuntime:
     def close(self) -> None:
         """Free the session (its weights): called once no request can reach this version any more."""
         self.session = None  # type: ignore[assignment]
+        release_memory()
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Logits for a float32 batch (N, *input shape)."""

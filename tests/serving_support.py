@@ -129,20 +129,27 @@ class Live:
 
 def crafted_artifact(
     repo: Path, name: str, version: int = 1, *, kind: str = "good", classes: int = 3, max_batch_size: int = 8,
-    padding_bytes: int = 0, external: str = "secret.txt",
+    hidden: int = 0, external: str = "secret.txt",
 ) -> Path:  # fmt: skip
     """A hand-made ONNX artifact of (N, 3, 4, 4) -> (N, classes) logits, honest or lying about what it serves.
 
     kind: "good" (a linear layer); "batch1" (the graph's batch axis is fixed to 1); "mean" (one row, the batch
     mean, whatever the batch); "mix" (each row minus the batch mean: the right shape, rows mixing clients);
     "external" (its weights are external data at `external`, resolved against the server's working folder).
-    padding_bytes: an unused initializer of that size, for a model of a given weight.
+    hidden: with kind "good", a hidden layer of this width (48 x hidden + hidden x classes weights): a model of a
+    given weight, all of it used.
     """
     from onnx import TensorProto, helper, numpy_helper
 
-    w = np.random.default_rng(version).standard_normal((48, classes)).astype(np.float32)
+    rng = np.random.default_rng(version)
+    w = rng.standard_normal((48, classes)).astype(np.float32)
     batch_axis = 1 if kind == "batch1" else "N"
     nodes = [helper.make_node("Flatten", ["input"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["z"])]
+    extra = []
+    if hidden:
+        nodes[1:] = [helper.make_node("MatMul", ["flat", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["z"])]
+        w = (rng.standard_normal((hidden, classes)) / np.sqrt(hidden)).astype(np.float32)
+        extra.append(numpy_helper.from_array((rng.random((48, hidden), dtype=np.float32) - 0.5), "w1"))
     if kind == "mean":
         nodes.append(helper.make_node("ReduceMean", ["z"], ["logits"], axes=[0], keepdims=1))
     elif kind == "mix":
@@ -155,9 +162,7 @@ def crafted_artifact(
         weights.data_location = TensorProto.EXTERNAL
         for key, value in (("location", external), ("offset", "0"), ("length", str(w.nbytes))):
             weights.external_data.add(key=key, value=value)
-    initializers = [weights]
-    if padding_bytes:
-        initializers.append(numpy_helper.from_array(np.ones(padding_bytes // 4, np.float32), "padding"))
+    initializers = [weights, *extra]
     graph = helper.make_graph(
         nodes, "crafted", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch_axis, 3, 4, 4])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch_axis if kind != "mean" else 1, classes])], initializers,

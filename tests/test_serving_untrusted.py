@@ -395,3 +395,60 @@ def test_python_m_serving_reads_the_key_from_a_file_and_refuses_an_empty_one(tmp
     finally:
         process.terminate()
         process.wait(30)
+
+
+# --- bounded memory across versions ---------------------------------------------------------------
+
+
+def _rss_mib(pid: int) -> float:
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def _trickle(port: int, stop: threading.Event) -> None:
+    """An infer request whose body never completes: it waits for its body, holding no version meanwhile."""
+    while not stop.is_set():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                s.sendall(b"POST /v2/models/big/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+                while not stop.is_set():
+                    s.sendall(b" ")
+                    time.sleep(0.2)
+        except OSError:
+            time.sleep(0.05)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the server's RSS from /proc")
+def test_memory_stays_bounded_across_load_unload_cycles_with_slow_clients(tmp_path):
+    """20 cycles of a 24 MB model with 6 stalled uploads: the server stays within about two copies of the model
+    above its unloaded self (benchmarks/serve_memory.py runs 50 cycles of 100 MB; docs/benchmarks.md)."""
+    repo = tmp_path / "models"
+    folder = crafted_artifact(repo, "big", hidden=24 * 2**20 // 4 // 51, max_batch_size=2)
+    model_mib = (folder / "model.onnx").stat().st_size / 2**20
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "serving", "--models", str(repo), "--port", str(port), "--model-control", "explicit", "--device", "cpu"]
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "REFINER_SERVE_INTRA_OP_THREADS": "1"})  # fmt: skip
+    stop = threading.Event()
+    url = f"http://127.0.0.1:{port}/v2/repository/models/big"
+    try:
+        _wait(lambda: _ready(f"http://127.0.0.1:{port}"), "the server", timeout=60)
+        for _ in range(6):
+            threading.Thread(target=_trickle, args=(port, stop), daemon=True).start()
+        time.sleep(0.5)
+        assert httpx.post(f"{url}/unload").status_code == 200
+        time.sleep(0.5)
+        unloaded = _rss_mib(process.pid)
+        rss = []
+        for _ in range(20):
+            assert httpx.post(f"{url}/load", timeout=60).status_code == 200
+            rss.append(_rss_mib(process.pid))
+            assert httpx.post(f"{url}/unload").status_code == 200
+        over = (max(rss) - unloaded) / model_mib
+        assert over < 2.5, f"RSS {unloaded:.0f} MiB unloaded, {[round(r) for r in rss]} MiB loaded: {over:.1f} models"
+    finally:
+        stop.set()
+        process.terminate()
+        process.wait(30)
