@@ -9,6 +9,7 @@ keep-alive timeouts, a connection limit and a shutdown grace.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -89,9 +90,15 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         """ASGI lifespan: any start-up failure ends startup with its reason (a known one in one line, others with
         their traceback); it is never left to uvicorn's "lifespan unsupported", which would serve nothing."""
         await receive()  # lifespan.startup
+        grpc_server = None
         try:
             await state.start()
-        except (FileNotFoundError, StartupError, TimeoutError) as e:  # uvicorn logs the message, not the traceback
+            if state.settings.grpc_port is not None:
+                from serving.grpc_server import GrpcServer  # grpcio is imported only when asked for
+
+                grpc_server = state.grpc = GrpcServer(state)
+                await grpc_server.start()
+        except (OSError, StartupError, TimeoutError) as e:  # uvicorn logs the message, not the traceback
             await send({"type": "lifespan.startup.failed", "message": str(e)})
             raise
         except Exception as e:
@@ -103,7 +110,10 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
             scope["state"][SETTINGS_KEY] = state.settings
         await send({"type": "lifespan.startup.complete"})
         await receive()  # lifespan.shutdown
-        await state.stop()
+        if grpc_server is not None:  # no new calls; those in flight are counted in state.in_flight, which stop() waits for
+            await asyncio.gather(grpc_server.stop(state.settings.drain_timeout_s), state.stop())
+        else:
+            await state.stop()
         await send({"type": "lifespan.shutdown.complete"})
 
     application = FastAPI(

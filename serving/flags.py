@@ -46,6 +46,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         "explicit adds POST /v2/repository/models/NAME/load and /unload (one worker) (default: none)",
     )  # fmt: skip
     p.add_argument("--poll-s", type=float, help="seconds between repository scans with --model-control poll (default: 15)")
+    p.add_argument("--grpc-port", type=int, help="also serve the protocol's gRPC half (KServe v2 / Triton) on this port, on --host (default: off)")
     p.add_argument("--api-key-file", type=Path, help="file holding the key of the restricted API (its first line); see below")
     p.add_argument("--restricted-api", metavar="APIS",
                    help="comma-separated APIs that need the key: model-repository, inference, metadata, metrics (default: model-repository)")  # fmt: skip
@@ -64,7 +65,8 @@ def settings_from_flags(args: argparse.Namespace) -> ServeSettings:
     flags = {
         "models": args.models, "workers": args.workers, "device": args.serve_device, "model_control": args.model_control,
         "poll_s": args.poll_s, "exit_on_error": args.exit_on_error, "strict_readiness": args.strict_readiness,
-        "max_batch_size": args.max_batch_size, "load_timeout_s": args.load_timeout_s,
+        "max_batch_size": args.max_batch_size, "load_timeout_s": args.load_timeout_s, "grpc_port": args.grpc_port,
+        "grpc_host": args.host if args.grpc_port is not None else None,
     }  # fmt: skip
     if args.api_key_file is not None:
         try:

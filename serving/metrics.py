@@ -25,6 +25,10 @@ class Metrics:
             "refiner_http_request_duration_seconds", "HTTP request latency", ["method", "route"],
             buckets=_LATENCY_BUCKETS, registry=r,
         )
+        self.grpc_requests = Counter("refiner_grpc_requests", "gRPC calls by method and status code", ["method", "code"], registry=r)
+        self.grpc_latency = Histogram(
+            "refiner_grpc_request_duration_seconds", "gRPC call latency", ["method"], buckets=_LATENCY_BUCKETS, registry=r
+        )
         self.in_flight = Gauge("refiner_http_requests_in_flight", "HTTP requests being answered", registry=r)
         self.queue_wait = Histogram(
             "refiner_queue_wait_seconds", "Time a request waited for its batch to start", ["model"],

@@ -24,12 +24,16 @@ __all__ = [
     "InferRequest",
     "parse_infer_request",
     "encode_infer_response",
+    "server_metadata",
     "model_metadata",
     "model_config",
+    "check_input",
+    "finite_batch",
+    "FP32",
 ]
 
 BINARY_HEADER = "Inference-Header-Content-Length"
-_DTYPE = np.dtype("<f4")  # FP32, the only datatype refiner artifacts use
+FP32 = _DTYPE = np.dtype("<f4")  # FP32, the only datatype refiner artifacts use
 
 
 class _TensorParams(BaseModel):
@@ -147,15 +151,8 @@ def parse_infer_request(body: bytes, header_length: str | None, meta: ArtifactMe
 def _input_array(inp: _Input, binary: bytes, meta: ArtifactMeta) -> np.ndarray:
     where = f"input {inp.name!r}"
     _unsupported(inp.parameters, where)
-    if inp.datatype != meta.input.datatype:
-        raise BadRequest(f"{where} has datatype {inp.datatype!r}; expected {meta.input.datatype}")
     shape = inp.shape
-    if len(shape) != 1 + len(meta.input.shape) or shape[1:] != meta.input.shape or not 1 <= shape[0] <= meta.max_batch_size:
-        raise BadRequest(
-            f"{where} has shape {shape}; expected [N, {', '.join(map(str, meta.input.shape))}] "
-            f"with 1 <= N <= {meta.max_batch_size} (the model's max batch size)"
-        )
-    count = math.prod(shape)
+    count = check_input(where, inp.datatype, shape, meta)
     size = inp.parameters.binary_data_size
     if size is not None:
         if inp.data is not None:
@@ -174,9 +171,27 @@ def _input_array(inp: _Input, binary: bytes, meta: ArtifactMeta) -> np.ndarray:
         x = _json_array(inp.data, where)
         if x.size != count:
             raise BadRequest(f"{where} has {x.size} values; shape {shape} needs {count}")
+    return finite_batch(x, shape, where)
+
+
+def check_input(where: str, datatype: str, shape: list[int], meta: ArtifactMeta) -> int:
+    """The input's datatype and shape against the model's ([N, *input shape], 1 <= N <= max batch); its value count.
+    Shared by HTTP and gRPC, so both refuse the same requests with the same words."""
+    if datatype != meta.input.datatype:
+        raise BadRequest(f"{where} has datatype {datatype!r}; expected {meta.input.datatype}")
+    if len(shape) != 1 + len(meta.input.shape) or list(shape[1:]) != meta.input.shape or not 1 <= shape[0] <= meta.max_batch_size:
+        raise BadRequest(
+            f"{where} has shape {list(shape)}; expected [N, {', '.join(map(str, meta.input.shape))}] "
+            f"with 1 <= N <= {meta.max_batch_size} (the model's max batch size)"
+        )
+    return math.prod(shape)
+
+
+def finite_batch(x: np.ndarray, shape: list[int], where: str) -> np.ndarray:
+    """`x` as the float32 batch of `shape`; BadRequest if it holds NaN or infinities."""
     x = x.reshape(shape).astype(np.float32, copy=False)
     if not np.isfinite(x).all():
-        raise BadRequest(f"{where} contains NaN or infinite values; expected finite {inp.datatype} numbers")
+        raise BadRequest(f"{where} contains NaN or infinite values; expected finite FP32 numbers")
     return x
 
 
@@ -216,6 +231,17 @@ def encode_infer_response(request: InferRequest, meta: ArtifactMeta, y: np.ndarr
     if not request.binary_output:
         return header, {"content-type": "application/json"}
     return header + y.tobytes(), {"content-type": "application/octet-stream", BINARY_HEADER: str(len(header))}
+
+
+def server_metadata() -> dict[str, Any]:
+    """GET /v2 (and gRPC ServerMetadata): the server's name, version and protocol extensions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        number = version("refiner")
+    except PackageNotFoundError:
+        number = "unknown"
+    return {"name": "refiner-serving", "version": number, "extensions": ["binary_tensor_data", "model_configuration", "model_repository"]}
 
 
 def model_metadata(meta: ArtifactMeta, provider: str) -> dict[str, Any]:

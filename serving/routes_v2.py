@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as package_version
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
 from serving.body import read_body
 from serving.deps import ServerDep, restricted
-from serving.protocol import BINARY_HEADER, decimal, encode_infer_response, model_config, model_metadata, parse_infer_request
+from serving.protocol import (
+    BINARY_HEADER, decimal, encode_infer_response, model_config, model_metadata, parse_infer_request, server_metadata,
+)  # fmt: skip
 
 __all__ = ["router"]
 
@@ -24,13 +24,6 @@ _INFER_EXAMPLE = {
     "inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [0.0, "... 3072 numbers"]}],
     "outputs": [{"name": "logits", "parameters": {"binary_data": False}}],
 }
-
-
-def _server_version() -> str:
-    try:
-        return package_version("refiner")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _health(ok: bool) -> Response:
@@ -49,12 +42,8 @@ async def ready(server: ServerDep) -> Response:
 
 
 @router.get("", summary="Server metadata")
-async def server_metadata() -> dict[str, Any]:
-    return {
-        "name": "refiner-serving",
-        "version": _server_version(),
-        "extensions": ["binary_tensor_data", "model_configuration", "model_repository"],
-    }
+async def server_metadata_route() -> dict[str, Any]:
+    return server_metadata()
 
 
 @router.get(_MODEL, summary="Model metadata", dependencies=[restricted("metadata")])

@@ -54,6 +54,9 @@ class ServeSettings(BaseSettings):
     api_key: SecretStr | None = None  # the value the header must carry (compared in constant time); None: nothing restricted
     api_key_header: str = Field("x-refiner-key", pattern=r"^[a-z0-9-]+$")  # a lower-case header name
     restricted_apis: list[Literal["model-repository", "inference", "metadata", "metrics"]] = ["model-repository"]
+    # The gRPC half of the protocol, on its own port: off unless asked for (one more open port is a choice to make).
+    grpc_port: int | None = Field(None, ge=0, le=65535)  # None: no gRPC; 0: any free port
+    grpc_host: str = "127.0.0.1"  # the address it listens on (the command line sets it to --host)
 
     @model_validator(mode="after")
     def _explicit_needs_one_worker(self) -> ServeSettings:

@@ -71,6 +71,7 @@ class ServerState:
         self.refusals = RefusalLog(60.0)  # refused control calls (restricted APIs, load / unload not allowed)
         self._limiter: anyio.CapacityLimiter | None = None
         self.exit_timer: threading.Timer | None = None  # the hard deadline's last resort (watch_shutdown_signals)
+        self.grpc: object | None = None  # the gRPC service when settings.grpc_port is set (serving/grpc_server.py)
 
     @property
     def ready(self) -> bool:

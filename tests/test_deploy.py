@@ -46,7 +46,7 @@ def test_dockerfile_installs_what_serving_imports():
         modules |= set(re.findall(r"^\s*(?:from|import) ([a-z_]+)", path.read_text(), re.M))
     third_party = modules - set(sys.stdlib_module_names) - {"serving", "__future__"}
     package = {"PIL": "pillow", "onnxruntime": "${onnxruntime}", "pydantic_settings": "pydantic-settings", "prometheus_client": "prometheus-client",
-               "multipart": "python-multipart", "starlette": "fastapi", "anyio": "fastapi"}  # fmt: skip
+               "multipart": "python-multipart", "starlette": "fastapi", "anyio": "fastapi", "grpc": "grpcio", "google": "protobuf"}  # fmt: skip
     missing = [m for m in sorted(third_party) if package.get(m, m).lower() not in installs]
     assert not missing, f"imported by serving/ but not installed in deploy/Dockerfile: {missing}"
 
