@@ -48,8 +48,10 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--grpc-port", type=int, help="also serve KServe's gRPC v2 server on this port (default: off)")
     args = p.parse_args()
-    server = kserve.ModelServer(http_port=args.port, workers=args.workers, enable_grpc=False, enable_latency_logging=False)
+    grpc = {"enable_grpc": True, "grpc_port": args.grpc_port} if args.grpc_port else {"enable_grpc": False}
+    server = kserve.ModelServer(http_port=args.port, workers=args.workers, enable_latency_logging=False, **grpc)
     for quiet in ("uvicorn.access", "kserve.trace"):  # no per-request logging, as refiner's server under the benchmark
         logging.getLogger(quiet).setLevel(logging.WARNING)
     server.start([OnnxModel(args.name, args.onnx, args.threads)])

@@ -10,7 +10,10 @@
 Setups, each a server in a subprocess on the same ONNX file over the same v2
 protocol: `refiner-1` (python -m serving, one worker), `refiner-N` (--workers
 processes), `kserve` (KServe's own Python model server, benchmarks/kserve_server.py,
-run by a Python that has the `kserve` package: a benchmark-only dependency).
+run by a Python that has the `kserve` package: a benchmark-only dependency), and
+the gRPC half: `refiner-grpc` (python -m serving --grpc-port, one worker) and
+`kserve-grpc` (KServe's gRPC server), driven by a grpc.aio client sending
+ModelInferRequests with raw_input_contents (what tritonclient.grpc sends).
 Each gets a bounded number of v2 infer requests (binary tensors, so the client
 spends little CPU) from `concurrency` asyncio workers, at 1 and --batch images
 per request: requests/s, images/s, p50/p95/p99 latency, errors, and the CPU time
@@ -83,7 +86,7 @@ def _cpu_seconds(pid: int | None = None) -> float:
 
 def _raw_session(models: Path, name: str, rows: int, seconds: float, device: str, threads: int) -> Result:
     """The same session the server builds (same options), called back to back on one thread."""
-    artifact = read_artifact(models, name, discover(models)[name][0])
+    artifact = read_artifact(models, name, discover(models).versions[name][0])
     runtime = ModelRuntime(artifact, choose_providers(device), threads)
     x = np.random.default_rng(0).standard_normal((rows, *runtime.meta.input.shape)).astype(np.float32)
     for _ in range(20):
@@ -158,13 +161,15 @@ class _Server:
         self.port = _free_port()
         env = {**os.environ, "REFINER_SERVE_MODELS": str(models), "REFINER_SERVE_MAX_QUEUE_DELAY_MS": str(args.delay_ms),
                "REFINER_SERVE_QUEUE_SIZE": "1024", "REFINER_SERVE_DEVICE": args.device, "REFINER_SERVE_INTRA_OP_THREADS": str(args.threads)}  # fmt: skip
-        if setup == "kserve":
-            onnx = models / name / str(discover(models)[name][0]) / "model.onnx"
+        self.grpc_port = _free_port() if setup.endswith("-grpc") else None
+        grpc = ["--grpc-port", str(self.grpc_port)] if self.grpc_port else []
+        if setup.startswith("kserve"):
+            onnx = models / name / str(discover(models).versions[name][0]) / "model.onnx"
             cmd = [args.kserve_python, str(Path(__file__).with_name("kserve_server.py")), "--onnx", str(onnx), "--name", name,
-                   "--port", str(self.port), "--threads", str(args.threads or 1)]  # fmt: skip
+                   "--port", str(self.port), "--threads", str(args.threads or 1), *grpc]  # fmt: skip
         else:
-            workers = "1" if setup == "refiner-1" else str(args.workers)
-            cmd = [sys.executable, "-m", "serving", "--port", str(self.port), "--workers", workers]
+            workers = str(args.workers) if setup == "refiner-N" else "1"
+            cmd = [sys.executable, "-m", "serving", "--port", str(self.port), "--workers", workers, *grpc]
         if args.server_cores:
             cmd = ["taskset", "-c", args.server_cores, *cmd]
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -194,6 +199,46 @@ def _binary_request(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
         "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
     }).encode()  # fmt: skip
     return header + x.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
+
+
+def _grpc_request(name: str, x: np.ndarray):
+    from tritonclient.grpc import service_pb2 as pb
+
+    request = pb.ModelInferRequest(model_name=name)
+    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    request.outputs.add(name="logits")
+    request.raw_input_contents.append(x.tobytes())
+    return request
+
+
+async def _load_grpc(target: str, request, concurrency: int, total: int) -> tuple[list[float], int, float]:
+    """`total` ModelInfer calls from `concurrency` workers on one channel (HTTP/2 multiplexes them), as _load."""
+    import grpc
+    from tritonclient.grpc import service_pb2_grpc
+
+    latencies: list[float] = []
+    errors = 0
+    remaining = total
+    async with grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", 1 << 30)]) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for _ in range(min(20, total)):
+            await stub.ModelInfer(request, timeout=30)
+
+        async def worker() -> None:
+            nonlocal remaining, errors
+            while remaining > 0:
+                remaining -= 1
+                t0 = time.perf_counter()
+                try:
+                    await stub.ModelInfer(request, timeout=30)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                else:
+                    latencies.append((time.perf_counter() - t0) * 1000)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return latencies, errors, time.perf_counter() - start
 
 
 async def _load(url: str, body: bytes, headers: dict[str, str], concurrency: int, total: int) -> tuple[list[float], int, float]:
@@ -232,7 +277,7 @@ def main() -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="model name in the repository --models")
     which.add_argument("--untrained", metavar="ARCH", help="benchmark an untrained refined model of this architecture")
-    p.add_argument("--setups", default="refiner-1,refiner-N,kserve", help="comma-separated: refiner-1, refiner-N, kserve")
+    p.add_argument("--setups", default="refiner-1,refiner-N,kserve", help="comma-separated: refiner-1, refiner-N, kserve, refiner-grpc, kserve-grpc")
     p.add_argument("--workers", type=int, default=2, help="processes of the refiner-N setup (default: 2)")
     p.add_argument("--kserve-python", help="a Python with the kserve package (needed by the kserve setup)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
@@ -245,7 +290,7 @@ def main() -> None:
     p.add_argument("--client-cores", help="core list for this load generator, e.g. 1")
     args = p.parse_args()
     setups = args.setups.split(",")
-    if "kserve" in setups and not args.kserve_python:
+    if any(s.startswith("kserve") for s in setups) and not args.kserve_python:
         p.error("the kserve setup needs --kserve-python (a Python with the kserve package)")
     if args.client_cores:
         os.sched_setaffinity(0, {int(c) for c in args.client_cores.split(",")})
@@ -256,7 +301,7 @@ def main() -> None:
         args.model = _untrained_artifact(args.untrained, models)
     else:
         (models / args.model).symlink_to((args.models / args.model).resolve())
-    shape = read_artifact(models, args.model, discover(models)[args.model][0]).meta.input.shape
+    shape = read_artifact(models, args.model, discover(models).versions[args.model][0]).meta.input.shape
     rng = np.random.default_rng(0)
     results = [_raw_session(models, args.model, rows, 3.0, args.device, args.threads) for rows in (1, args.batch)]
     for setup in setups:
@@ -264,10 +309,15 @@ def main() -> None:
         with _Server(setup, models, args.model, args) as server:
             url = f"{server.url}/v2/models/{args.model}/infer"
             for rows in (1, args.batch):
-                body, headers = _binary_request(rng.standard_normal((rows, *shape)).astype(np.float32))
+                x = rng.standard_normal((rows, *shape)).astype(np.float32)
+                body, headers = _binary_request(x)
                 for c in args.concurrency:
                     server_cpu, client_cpu = _tree_cpu_seconds(server.proc.pid), _cpu_seconds()
-                    latencies, errors, seconds = asyncio.run(_load(url, body, headers, c, args.requests))
+                    if server.grpc_port:
+                        target = f"127.0.0.1:{server.grpc_port}"
+                        latencies, errors, seconds = asyncio.run(_load_grpc(target, _grpc_request(args.model, x), c, args.requests))
+                    else:
+                        latencies, errors, seconds = asyncio.run(_load(url, body, headers, c, args.requests))
                     server_cpu, client_cpu = _tree_cpu_seconds(server.proc.pid) - server_cpu, _cpu_seconds() - client_cpu
                     results.append(Result(label, c, rows, args.requests, errors, seconds, latencies, server_cpu, client_cpu))
                     print(results[-1].row(), flush=True)
@@ -288,7 +338,7 @@ def _ratios(results: list[Result]) -> None:
     for (label, c, rows), v in ips.items():
         if label.startswith("raw"):
             continue
-        k = ips.get(("kserve", c, rows))
+        k = ips.get(("kserve-grpc" if label.endswith("-grpc") else "kserve", c, rows))
         print(f"| {label} | {c} | {rows} | {v / raw[rows]:.2f} | {v / k:.2f} |" if k else f"| {label} | {c} | {rows} | {v / raw[rows]:.2f} | - |")
 
 
