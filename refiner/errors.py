@@ -10,6 +10,7 @@ __all__ = [
     "DataLayoutError",
     "ExportValidationError",
     "DivergedError",
+    "Interrupted",
 ]
 
 
@@ -56,3 +57,7 @@ class ExportValidationError(RefinerError, ValueError):
 
 class DivergedError(RefinerError, RuntimeError):
     """Training produced non-finite losses wherever it could have produced the result asked for."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGINT) stopped a long run; the message says what was kept and how to go on (still a KeyboardInterrupt)."""

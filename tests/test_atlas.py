@@ -279,3 +279,103 @@ def test_two_processes_shard_the_images_and_sum_the_same_grid(tmp_path, capsys):
     assert np.abs(np.array(two["cka"], dtype=float) - np.array(one["cka"], dtype=float)).max() <= 1e-6
     pos_one, pos_two = (np.array(r["cka_positions"], dtype=float) for r in (one, two))
     assert np.isfinite(pos_two).any() and np.allclose(pos_one, pos_two, atol=1e-6, equal_nan=True)
+
+
+# ---------------------------------------------------------------- a long atlas: kept, resumed, shown
+
+
+def _long_argv(tmp_path, out) -> list[str]:
+    a, b = _bare(tmp_path, "a.pt", "small_vgg", 0), _bare(tmp_path, "b.pt", "small_vgg", 1)
+    return ["atlas", "--a", a, "--arch-a", "small_vgg", "--b", b, "--arch-b", "small_vgg", "--task", "digits", "--images", "40",
+            "--batch-size", "10", "--max-layers", "3", "--consistency", "matched", "--g-steps", "15", "--train-per-class", "8",
+            "--test-per-class", "4", "--threads", "1", "--quiet", "--out", str(out)]  # fmt: skip
+
+
+def test_an_interrupted_atlas_keeps_the_grid_and_the_pairs_done_and_resumes_to_the_same_atlas(tmp_path, capsys, monkeypatch):
+    import refiner.layermap.pipeline as pipeline
+
+    whole = tmp_path / "whole"
+    assert main(_long_argv(tmp_path, whole)) == 0
+    expected = json.loads((whole / "atlas.json").read_text())
+    real, calls = pipeline.compare, []
+
+    def interrupted_at_the_second_pair(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "compare", interrupted_at_the_second_pair)
+    out = tmp_path / "stopped"
+    capsys.readouterr()
+    assert main(_long_argv(tmp_path, out)) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f"refiner atlas: interrupted; kept in {str(out)!r}: the CKA grid (cka.png) and 1 of {expected['pairs_total']} pairs "
+        "(atlas.json, marked partial); the same command resumes from there"
+    )
+    partial = json.loads((out / "atlas.json").read_text())
+    assert partial["complete"] is False and len(partial["consistency"]) == 1 and partial["cka"] == expected["cka"]
+    assert (out / "cka.png").stat().st_size > 1000 and "partial" in (out / "report.html").read_text()
+
+    monkeypatch.setattr(pipeline, "compare", real)
+    calls.clear()
+    assert main(_long_argv(tmp_path, out)) == 0  # the same command: resumes
+    resumed = json.loads((out / "atlas.json").read_text())
+    assert resumed["complete"] is True
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(resumed["consistency"]) == strip(expected["consistency"])  # the pairs fitted after the resume, as in one run
+    assert main(_long_argv(tmp_path, out)) == 2
+    assert "already holds a complete atlas" in capsys.readouterr().err
+
+
+def test_a_partial_atlas_of_other_arguments_is_not_resumed(tmp_path, capsys, monkeypatch):
+    import refiner.layermap.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "compare", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    out = tmp_path / "stopped"
+    assert main(_long_argv(tmp_path, out)) == 130
+    monkeypatch.undo()
+    argv = _long_argv(tmp_path, out)
+    argv[argv.index("--g-steps") + 1] = "16"
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "holds a partial atlas of other nets, data, layers or settings" in capsys.readouterr().err
+    assert json.loads((out / "atlas.json").read_text())["complete"] is False  # left as it was
+
+
+def test_the_overall_progress_and_the_estimate_appear_in_a_logged_run(tmp_path, capsys, monkeypatch):
+    import functools
+
+    from tqdm import tqdm
+
+    import refiner.progress as progress
+
+    monkeypatch.setattr(tqdm, "__init__", functools.partialmethod(tqdm.__dict__["__init__"].func, disable=False))  # conftest's off
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)  # a plain line at every step
+    monkeypatch.setattr(progress, "ESTIMATE_AFTER_S", 0.0)  # estimate after the first pair
+    monkeypatch.setattr(progress, "LONG_S", 0.0)  # and call it long
+    argv = [a for a in _long_argv(tmp_path, tmp_path / "logged") if a != "--quiet"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "g fits: 1/" in err and "pairs, " in err and "ETA" in err, err
+    assert "g fits: " in err and "will take about" in err and "--consistency none" in err and "the same command resumes" in err
+
+
+def test_cka_intervals_cover_the_value_and_narrow_with_more_images():
+    from refiner.layermap.cka import bootstrap_interval
+
+    samples, pre = _digits(240)
+    a, b = create_model("small_vgg", 10).eval(), create_model("cifar_resnet20", 10).eval()
+    runtime = Runtime.resolve()
+    widths = []
+    for n in (60, 240):
+        batches = task_batches(samples[:n], pre, pre, runtime, 20)
+        result = stream_cka(capture_model(a, ["features.6"], runtime), capture_model(b, ["layer2"], runtime), ["features.6"], ["layer2"],
+                            paired_batches(batches[0]), runtime, positions=False)  # fmt: skip
+        low, high = result.cka_interval
+        assert low[0, 0] <= result.cka[0, 0] <= high[0, 0]
+        widths.append(high[0, 0] - low[0, 0])
+    assert widths[1] < widths[0]  # four times the images: a narrower interval
+    one = [(np.ones((1, 1)), np.ones(1), np.ones(1))] * 5
+    assert bootstrap_interval(one)[0][0, 0] == bootstrap_interval(one)[1][0, 0] == 1.0  # identical batches: no spread

@@ -15,9 +15,9 @@ from refiner.data.tasks import TaskData
 from refiner.engine.features import Batches
 from refiner.engine.fitting import FitConfig
 from refiner.engine.isomorphism import IsomorphismConfig
-from refiner.errors import LayerError
+from refiner.errors import ConfigError, Interrupted, LayerError
 from refiner.layermap.pipeline import AtlasConfig, AtlasReport, ConsistencyRow, run_atlas
-from refiner.layermap.report import format_atlas, heatmap_figure, write_atlas
+from refiner.layermap.report import format_atlas, heatmap_figure, read_atlas, update_atlas, write_atlas
 from refiner.models.checkpoints import Classifier
 from refiner.models.layers import kept_modes
 
@@ -123,6 +123,7 @@ def atlas(
     threads: int | None = None,
     workers: int | None = None,
     cache_dir: str | Path | None = None,
+    out: str | Path | None = None,
 ) -> Atlas:
     """Map two nets layer by layer: minibatch CKA between every chosen layer of A and of B, in one pass over `data`.
 
@@ -152,6 +153,9 @@ def atlas(
         threads: CPU threads (default: torch's).
         workers: data-loading processes for a task's images.
         cache_dir: the feature cache of a task's splits (`train` as task data).
+        out: a report folder written as the run goes (atlas.json marked partial, cka.png, report.html after the CKA
+            pass and after each pair) and resumed: a partial atlas there of the same nets, data and settings goes
+            on from its last pair. Ctrl-C then raises `refiner.errors.Interrupted` saying what was kept.
 
     Examples:
         >>> import refiner, torch
@@ -173,6 +177,45 @@ def atlas(
     )  # fmt: skip
     train_sources = train if isinstance(train, TaskData) or train is None else {"train": (train, train_b)}
     clf_a, clf_b = Classifier.of(model_a), Classifier.of(model_b)
-    with kept_modes(clf_a.model, clf_b.model):
-        report = run_atlas(clf_a, clf_b, data, config, data_b=data_b, train=train_sources, task=task, cache_dir=Path(cache_dir) if cache_dir is not None else None)
+    resume, kept = _resumable(out), []
+
+    def checkpoint(report: AtlasReport) -> None:
+        update_atlas(Path(out), report)
+        kept[:] = [report]
+
+    cache = Path(cache_dir) if cache_dir is not None else None
+    try:
+        with kept_modes(clf_a.model, clf_b.model):
+            report = run_atlas(
+                clf_a, clf_b, data, config, data_b=data_b, train=train_sources, task=task, cache_dir=cache,
+                checkpoint=checkpoint if out is not None else None, resume=resume,
+            )  # fmt: skip
+    except KeyboardInterrupt:
+        if out is None:
+            raise
+        if not kept:
+            raise Interrupted(f"stopped before the CKA pass ended: nothing was written to {str(out)!r}") from None
+        r = kept[0]
+        raise Interrupted(
+            f"kept in {str(out)!r}: the CKA grid (cka.png) and {len(r.consistency)} of {r.pairs_total} pairs (atlas.json, marked "
+            "partial); the same command resumes from there"
+        ) from None
+    except ConfigError as e:
+        if resume is not None and "partial atlas to resume" in str(e):
+            raise ConfigError(f"{str(out)!r} holds a partial atlas of other nets, data, layers or settings; choose another --out or remove it") from None
+        raise
     return Atlas(report)
+
+
+def _resumable(out: str | Path | None) -> AtlasReport | None:
+    """The partial atlas in `out` to go on from; ConfigError if `out` holds a complete one or something else."""
+    if out is None:
+        return None
+    prior = read_atlas(Path(out))
+    if prior is None:
+        if Path(out).exists():
+            raise ConfigError(f"report folder {str(out)!r} already exists and holds no atlas; choose another --out or remove it")
+        return None
+    if prior.complete:
+        raise ConfigError(f"report folder {str(out)!r} already holds a complete atlas; choose another --out or remove it")
+    return prior

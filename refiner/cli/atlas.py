@@ -40,7 +40,7 @@ def register(sub) -> None:
         "on 2 CPU cores, longer on large maps) (default: matched)",
     )  # fmt: skip
     p.add_argument("--test-per-class", type=int, help="with --consistency, measure each g on the first N images per class of --split (default: all)")
-    p.add_argument("--out", required=True, type=Path, help="report folder to create (atlas.json, cka.png, report.html)")
+    p.add_argument("--out", required=True, type=Path, help="report folder (atlas.json, cka.png, report.html), written after the CKA pass and after each pair; a partial atlas there of the same arguments is resumed")
     p.set_defaults(run=run)
 
 
@@ -51,11 +51,8 @@ def run(args) -> None:
     from refiner.data.tasks import load_task
     from refiner.engine import distributed as dist
     from refiner.engine.device import Runtime
-    from refiner.errors import ConfigError
     from refiner.layermap.stream import task_batches
 
-    if args.out.exists():
-        raise ConfigError(f"report folder {str(args.out)!r} already exists; choose another --out or remove it")
     layers_a, layers_b = _layers(args.layers_a), _layers(args.layers_b)
     g, fit = options.g_configs(args)
     a, b = options.load_pair(args, args.task)
@@ -69,9 +66,8 @@ def run(args) -> None:
         a, b, batches_a, layers_a, layers_b, data_b=batches_b, train=data if args.consistency != "none" else None,
         consistency=args.consistency, max_layers=args.max_layers, positions=args.position_cka == "on", seed=args.seed,
         g_config=g, fit_config=fit, split=args.split, task=args.task, device=runtime.device, amp=runtime.amp,
-        threads=runtime.threads, workers=runtime.workers, cache_dir=args.cache,
+        threads=runtime.threads, workers=runtime.workers, cache_dir=args.cache, out=args.out,
     )  # fmt: skip
-    result.save(args.out)
     if not dist.is_main():
         return
     if args.json:

@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     except (RefinerError, ValidationError) as e:
         print(f"refiner {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"refiner {args.command}: interrupted; no partial output was written", file=sys.stderr)
+    except KeyboardInterrupt as e:  # refiner.errors.Interrupted says what a long run kept
+        print(f"refiner {args.command}: interrupted; {e or 'no partial output was written'}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # stdout closed early (`refiner layers ... | head`): not an error of the command
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit does not fail again

@@ -10,12 +10,15 @@ Position CKA treats each (image, position) as a sample and channels as features
 
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
 import torch
 from torch import Tensor
 
 from refiner.errors import ConfigError
 
-__all__ = ["MIN_BATCH", "gram", "hsic1", "MinibatchCKA", "position_key", "PositionCKA"]
+__all__ = ["MIN_BATCH", "gram", "hsic1", "MinibatchCKA", "bootstrap_interval", "position_key", "PositionCKA"]
 
 MIN_BATCH = 4  # HSIC_1 divides by n (n - 3): it needs at least 4 images per batch
 
@@ -63,6 +66,7 @@ class MinibatchCKA:
 
     def __init__(self) -> None:
         self.sums: dict[str, Tensor] = {}  # "ab" (La, Lb), "aa" (La,), "bb" (Lb,), "count" (batches, images)
+        self.per_batch: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # each batch's (ab, aa, bb), for the bootstrap
 
     def add(self, grams_a: Tensor, grams_b: Tensor) -> None:
         """One batch: the stacked Gram matrices (La, n, n) of A's layers and (Lb, n, n) of B's, of the same images."""
@@ -71,6 +75,7 @@ class MinibatchCKA:
             "aa": torch.stack([hsic1(g[None], g[None])[0, 0] for g in grams_a]),
             "bb": torch.stack([hsic1(g[None], g[None])[0, 0] for g in grams_b]),
         }
+        self.per_batch.append(tuple(parts[k].double().cpu().numpy() for k in ("ab", "aa", "bb")))
         parts["count"] = torch.tensor([1.0, grams_a.shape[-1]], dtype=torch.float64, device=parts["ab"].device)
         for key, value in parts.items():
             self.sums[key] = self.sums[key] + value if key in self.sums else value
@@ -94,6 +99,28 @@ class MinibatchCKA:
         s = self.sums
         denom = torch.sqrt(torch.outer(s["aa"].clamp_min(0), s["bb"].clamp_min(0)))
         return torch.where(denom > 0, s["ab"] / denom, torch.full_like(denom, float("nan"))).cpu()
+
+
+def bootstrap_interval(
+    per_batch: list[tuple[np.ndarray, np.ndarray, np.ndarray]], resamples: int = 1000, level: float = 0.95, seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Percentile interval of each cell of the minibatch CKA, resampling the batches with replacement.
+
+    The batches are the estimator's units (its HSIC terms are sums over batches), so this is a cluster
+    bootstrap over the images, batch by batch: it covers which images were measured, not the nets' seeds
+    nor the batching itself. Pointwise: each cell's own interval, not simultaneous over the grid.
+    """
+    ab, aa, bb = (np.stack([b[k] for b in per_batch]) for k in range(3))  # (batches, La, Lb), (batches, La), (batches, Lb)
+    weights = np.random.default_rng(seed).multinomial(len(per_batch), np.full(len(per_batch), 1 / len(per_batch)), size=resamples)
+    s_ab = np.einsum("rn,nij->rij", weights, ab)
+    s_aa, s_bb = weights @ aa, weights @ bb
+    denom = np.sqrt(np.clip(s_aa, 0, None)[:, :, None] * np.clip(s_bb, 0, None)[:, None, :])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        values = np.where(denom > 0, s_ab / denom, np.nan)
+    tail = (1 - level) / 2 * 100
+    with warnings.catch_warnings():  # a constant layer's cells are NaN in every resample
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanpercentile(values, tail, axis=0), np.nanpercentile(values, 100 - tail, axis=0)
 
 
 def position_key(x: Tensor) -> tuple | None:

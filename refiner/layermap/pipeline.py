@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import numpy as np
@@ -21,7 +23,7 @@ from refiner.engine.fitting import FitConfig
 from refiner.engine.isomorphism import IsomorphismConfig
 from refiner.errors import ConfigError, LayerError, RefinerError
 from refiner.models.checkpoints import Classifier
-from refiner.progress import stage
+from refiner.progress import bar, stage
 
 __all__ = ["AtlasConfig", "ConsistencyRow", "AtlasReport", "plan_layers", "estimate", "run_atlas"]
 
@@ -82,12 +84,17 @@ class AtlasReport(BaseModel):
     shapes_a: list[list[int]]
     shapes_b: list[list[int]]
     cka: list[list[float | None]]  # minibatch unbiased CKA, rows = A's layers (None: a constant layer)
+    cka_low: list[list[float | None]] | None = None  # its 95 % bootstrap interval over the batches (None: one batch)
+    cka_high: list[list[float | None]] | None = None
     cka_positions: list[list[float | None]] | None = None  # refiner's (image, position) CKA; None where positions differ
     default_pair: list[str]  # the layers `refiner build` uses by default
     consistency_mode: str
     consistency: list[ConsistencyRow] = []
     seconds: dict[str, float]
     runtime: dict[str, object]
+    complete: bool = True  # False while pairs are still being fitted (written after the CKA pass and after each pair)
+    pairs_total: int = 0  # the pairs that get a g; len(consistency) of them are done
+    run_key: str = ""  # digest of what was asked (nets, data, layers, settings): a re-run with the same key resumes
 
 
 def plan_layers(clf: Classifier, asked: list[str] | None, max_layers: int) -> list[LayerInfo]:
@@ -132,6 +139,7 @@ def _duration(seconds: float) -> str:
 def run_atlas(
     clf_a: Classifier, clf_b: Classifier, data: Batches, config: AtlasConfig, *, data_b: Batches | None = None,
     train: TaskData | Sources | None = None, task: str | None = None, cache_dir=None,
+    checkpoint: Callable[[AtlasReport], None] | None = None, resume: AtlasReport | None = None,
 ) -> AtlasReport:  # fmt: skip
     """Measure the CKA grid between every chosen layer of A and of B over `data`, then fit g on the pairs `config.consistency` names.
 
@@ -139,6 +147,9 @@ def run_atlas(
     minibatches of the estimator as they come; the nets' input sizes are those of the first
     batch. `train`: where g is fitted for the consistency rows (a task's splits, whose
     `config.split` is then the measured one, or the caller's batches by split name); None: no rows.
+    `checkpoint` is called with the report so far (complete=False) after the CKA pass and after each
+    pair, and with the whole report at the end; `resume`, a partial report of the same run (same
+    run_key), skips the CKA pass and the pairs it holds.
     """
     runtime = Runtime.resolve(config.runtime)
     t_start = time.perf_counter()
@@ -150,27 +161,62 @@ def run_atlas(
     infos_a = plan_layers(clf_a, config.layers_a, config.max_layers)
     infos_b = plan_layers(clf_b, config.layers_b, config.max_layers)
     names_a, names_b = [i.name for i in infos_a], [i.name for i in infos_b]
-    net_a, net_b = capture_model(clf_a.model, names_a, runtime), capture_model(clf_b.model, names_b, runtime)
-    batch = len(first_a)
-    stage(estimate(infos_a, infos_b, config, _images(data, batch), batch, _seconds_per_image(net_a, net_b, first_a, first_b, runtime)))
-    stage(f"CKA of {len(names_a)} x {len(names_b)} layers on {config.split} images")
-    result = stream_cka(net_a, net_b, names_a, names_b, paired_batches(data, data_b), runtime, positions=config.positions, total=_length(data))
-    del net_a, net_b
-    grid = result.cka
-    positions = None
-    if config.positions:
-        positions = [[_num(result.position_cka.get((i, j))) for j in range(len(names_b))] for i in range(len(names_a))]
     default_pair = [_default_or_none(clf_a) or "", _default_or_none(clf_b) or ""]
     measured = train if isinstance(train, TaskData) else None if train is None else {**train, config.split: (data, data_b)}
-    rows = _consistency(clf_a, clf_b, measured, config, grid, names_a, names_b, default_pair, cache_dir) if measured is not None else []
-    seconds = {**result.seconds, "total": time.perf_counter() - t_start}
-    return AtlasReport(
-        a=_record(clf_a), b=_record(clf_b), task=task if task is not None else train.task if isinstance(train, TaskData) else None,
-        split=config.split, images=result.images, batches=result.batches, seed=config.seed, method=METHOD,
-        layers_a=names_a, layers_b=names_b, shapes_a=[list(i.shape) for i in infos_a], shapes_b=[list(i.shape) for i in infos_b],
-        cka=[[_num(v) for v in row] for row in grid], cka_positions=positions, default_pair=default_pair,
-        consistency_mode=config.consistency if measured is not None else "none", consistency=rows, seconds=seconds, runtime=runtime.record(),
-    )  # fmt: skip
+    task = task if task is not None else train.task if isinstance(train, TaskData) else None
+    key = run_key(clf_a, clf_b, config, names_a, names_b, task, first_a, first_b, _length(data), measured is not None)
+    if resume is not None and resume.run_key != key:
+        raise ConfigError("the partial atlas to resume was measured with other nets, data, layers or settings; start it afresh")
+    if resume is not None:
+        stage(f"resuming: the CKA grid and {len(resume.consistency)} of {resume.pairs_total} pairs are done")
+        report = resume.model_copy(update={"runtime": runtime.record()})
+    else:
+        net_a, net_b = capture_model(clf_a.model, names_a, runtime), capture_model(clf_b.model, names_b, runtime)
+        batch = len(first_a)
+        stage(estimate(infos_a, infos_b, config, _images(data, batch), batch, _seconds_per_image(net_a, net_b, first_a, first_b, runtime)))
+        stage(f"CKA of {len(names_a)} x {len(names_b)} layers on {config.split} images")
+        result = stream_cka(net_a, net_b, names_a, names_b, paired_batches(data, data_b), runtime, positions=config.positions, total=_length(data))
+        del net_a, net_b
+        positions = None
+        if config.positions:
+            positions = [[_num(result.position_cka.get((i, j))) for j in range(len(names_b))] for i in range(len(names_a))]
+        low, high = result.cka_interval or (None, None)
+        report = AtlasReport(
+            a=_record(clf_a), b=_record(clf_b), task=task, split=config.split, images=result.images, batches=result.batches,
+            seed=config.seed, method=METHOD, layers_a=names_a, layers_b=names_b, shapes_a=[list(i.shape) for i in infos_a],
+            shapes_b=[list(i.shape) for i in infos_b], cka=_grid(result.cka), cka_low=_grid(low), cka_high=_grid(high),
+            cka_positions=positions, default_pair=default_pair, consistency_mode=config.consistency if measured is not None else "none",
+            seconds=result.seconds, runtime=runtime.record(), complete=measured is None, run_key=key,
+        )  # fmt: skip
+    if measured is not None:
+        pairs = _pairs(config, np.array(report.cka, dtype=float), names_a, names_b, default_pair)
+        report = report.model_copy(update={"pairs_total": len(pairs), "complete": False})
+        if checkpoint is not None:
+            checkpoint(report)
+        report = _consistency(clf_a, clf_b, measured, config, report, pairs, cache_dir, checkpoint)
+    seconds = {**report.seconds, "total": report.seconds.get("total", 0.0) * (resume is not None) + time.perf_counter() - t_start}
+    report = report.model_copy(update={"complete": True, "seconds": seconds})
+    if checkpoint is not None:
+        checkpoint(report)
+    return report
+
+
+def run_key(
+    clf_a: Classifier, clf_b: Classifier, config: AtlasConfig, names_a: list[str], names_b: list[str], task: str | None,
+    first_a: Tensor, first_b: Tensor, batches: int | None, consistency: bool,
+) -> str:  # fmt: skip
+    """What decides the atlas's numbers: both nets' weights, the settings (not the device), the layers, and the data
+    (its first batch and length, the task): a re-run with the same key measures the same thing, so it may resume."""
+    settings = config.model_dump(mode="json", exclude={"runtime"})
+    parts = [_record(clf_a), _record(clf_b), settings, names_a, names_b, task, batches, consistency, list(first_a.shape), list(first_b.shape)]
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+    for x in (first_a, first_b):
+        digest.update(x.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _grid(values: np.ndarray | None) -> list[list[float | None]] | None:
+    return None if values is None else [[_num(v) for v in row] for row in values]
 
 
 def _record(clf: Classifier) -> dict[str, str]:
@@ -247,41 +293,59 @@ def _num(v: float | None) -> float | None:
     return None if v is None or not np.isfinite(v) else float(v)
 
 
-def _pairs(config: AtlasConfig, grid: np.ndarray) -> list[tuple[int, int]]:
+def _pairs(config: AtlasConfig, grid: np.ndarray, names_a: list[str], names_b: list[str], default_pair: list[str]) -> list[tuple[int, int]]:
+    """The (row, column) pairs that get a g, with `refiner build`'s default pair added for comparison."""
     if config.consistency == "diagonal":
-        return [(i, i) for i in range(min(grid.shape))]
-    if config.consistency == "matched":
-        return [(i, int(np.nanargmax(row))) for i, row in enumerate(grid) if np.isfinite(row).any()]
-    return []
+        pairs = [(i, i) for i in range(min(grid.shape))]
+    elif config.consistency == "matched":
+        pairs = [(i, int(np.nanargmax(row))) for i, row in enumerate(grid) if np.isfinite(row).any()]
+    else:
+        return []
+    la, lb = default_pair
+    if pairs and la in names_a and lb in names_b and (names_a.index(la), names_b.index(lb)) not in pairs:
+        pairs.append((names_a.index(la), names_b.index(lb)))
+    return pairs
 
 
 def _consistency(
-    clf_a: Classifier, clf_b: Classifier, data: TaskData | Sources, config: AtlasConfig, grid: np.ndarray,
-    names_a: list[str], names_b: list[str], default_pair: list[str], cache_dir,
-) -> list[ConsistencyRow]:  # fmt: skip
-    """A g per pair, with a bounded budget; a pair g cannot join (token map against image map, not a clean cut) is kept, with why."""
-    pairs = _pairs(config, grid)
-    la, lb = default_pair
-    if pairs and la in names_a and lb in names_b and (names_a.index(la), names_b.index(lb)) not in pairs:
-        pairs.append((names_a.index(la), names_b.index(lb)))  # the pair `refiner build` uses, for comparison
-    rows = []
-    for n, (i, j) in enumerate(pairs, 1):
-        la, lb = names_a[i], names_b[j]
-        row = {"layer_a": la, "layer_b": lb, "cka": float(grid[i, j]), "default": [la, lb] == default_pair, "flags": f"--layer-a {la} --layer-b {lb}"}
-        stage(f"g {n}/{len(pairs)}: {la} -> {lb}, up to {config.fit.max_steps} steps")
-        compare_config = CompareConfig(layer_a=la, layer_b=lb, g=config.g, fit=config.fit.model_copy(update={"seed": config.seed}), runtime=config.runtime)
-        try:
-            _, report, _ = compare(clf_a, clf_b, data, compare_config, cache_dir, measure=(config.split,))
-        except RefinerError as e:
-            rows.append(ConsistencyRow(**row, skipped=str(e)))
-            continue
-        table, fit = report.tables[config.split], report.fit
-        rows.append(
-            ConsistencyRow(
-                **row, cka_positions=_num(table.cka), instability=_num(table.instability), var_orders=table.var_orders,
-                var_delta=_num(table.var_delta), holdout_mse=_num(min(fit.holdout_mse)) if fit.holdout_mse else None,
-                steps=fit.total_steps, stop=fit.stop, seconds=report.seconds.get("fit"),
-            )  # fmt: skip
-        )
-    return rows
-
+    clf_a: Classifier, clf_b: Classifier, data: TaskData | Sources, config: AtlasConfig, report: AtlasReport,
+    pairs: list[tuple[int, int]], cache_dir, checkpoint: Callable[[AtlasReport], None] | None,
+) -> AtlasReport:  # fmt: skip
+    """A g per pair, with a bounded budget, skipping the pairs `report` already holds; a pair g cannot join (token map
+    against image map, not a clean cut) is kept, with why. One overall progress over the pairs, and once the first fit
+    says the whole will take over 10 minutes, the estimate and the options that shorten it (refiner.progress.bar)."""
+    names_a, names_b = report.layers_a, report.layers_b
+    done = {(r.layer_a, r.layer_b) for r in report.consistency}
+    todo = [(i, j) for i, j in pairs if (names_a[i], names_b[j]) not in done]
+    rows = list(report.consistency)
+    advice = (
+        "to shorten: --consistency none (the CKA grid only), --max-layers N (fewer pairs), --g-steps N (a smaller budget per g), "
+        "--train-per-class N (fewer training images); Ctrl-C keeps the pairs done, and the same command resumes"
+    )  # fmt: skip
+    overall = bar(total=len(pairs), initial=len(pairs) - len(todo), desc="g fits", unit="pair", advice=advice)
+    try:
+        for i, j in todo:
+            la, lb = names_a[i], names_b[j]
+            row = {"layer_a": la, "layer_b": lb, "cka": float(report.cka[i][j]), "default": [la, lb] == report.default_pair, "flags": f"--layer-a {la} --layer-b {lb}"}
+            stage(f"g {len(rows) + 1}/{len(pairs)}: {la} -> {lb}, up to {config.fit.max_steps} steps")
+            compare_config = CompareConfig(layer_a=la, layer_b=lb, g=config.g, fit=config.fit.model_copy(update={"seed": config.seed}), runtime=config.runtime)
+            try:
+                _, compared, _ = compare(clf_a, clf_b, data, compare_config, cache_dir, measure=(config.split,))
+            except RefinerError as e:
+                rows.append(ConsistencyRow(**row, skipped=str(e)))
+            else:
+                table, fit = compared.tables[config.split], compared.fit
+                rows.append(
+                    ConsistencyRow(
+                        **row, cka_positions=_num(table.cka), instability=_num(table.instability), var_orders=table.var_orders,
+                        var_delta=_num(table.var_delta), holdout_mse=_num(min(fit.holdout_mse)) if fit.holdout_mse else None,
+                        steps=fit.total_steps, stop=fit.stop, seconds=compared.seconds.get("fit"),
+                    )  # fmt: skip
+                )
+            overall.update(1)
+            report = report.model_copy(update={"consistency": list(rows)})
+            if checkpoint is not None:
+                checkpoint(report)
+    finally:
+        overall.close()
+    return report

@@ -26,7 +26,7 @@ from torch.fx import GraphModule
 from torch.utils.data import DataLoader, Dataset
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from refiner.layermap.cka import MIN_BATCH, MinibatchCKA, PositionCKA, gram, position_key
+from refiner.layermap.cka import MIN_BATCH, MinibatchCKA, PositionCKA, bootstrap_interval, gram, position_key
 from refiner.data.datasets import ImageDataset
 from refiner.data.samples import Preprocess, Sample
 from refiner.engine import distributed as dist
@@ -220,6 +220,7 @@ class StreamResult:
     images: int
     batches: int
     seconds: dict[str, float] = field(default_factory=dict)  # forward passes, CKA, total
+    cka_interval: tuple[np.ndarray, np.ndarray] | None = None  # 95 % bootstrap over the batches (None: a single batch)
 
 
 @torch.no_grad()
@@ -249,6 +250,7 @@ def stream_cka(
         seconds["cka"] += time.perf_counter() - t1
     for t in minibatch.state() + (position.state() if position is not None else []):
         _sum_over_processes(t)
+    per_batch = [b for rank in dist.gather(minibatch.per_batch) for b in rank]  # every process's batches
     images, n_batches = minibatch.images, minibatch.batches
     seconds["total"] = time.perf_counter() - t_start
     return StreamResult(
@@ -257,6 +259,7 @@ def stream_cka(
         images=images,
         batches=n_batches,
         seconds=seconds,
+        cka_interval=bootstrap_interval(per_batch) if len(per_batch) > 1 else None,
     )
 
 
