@@ -231,7 +231,7 @@ def test_unknown_torchvision_architecture_suggests_close_names(capsys):
     """Issue 17, 7b: `resnet81` names resnet18 among torchvision's and refiner's registered names."""
     assert main(["layers", "--arch", "resnet81"]) == 2
     err = capsys.readouterr().err
-    assert "unknown architecture 'resnet81'; similar names: resnet18" in err and len(err.strip().splitlines()) == 1
+    assert "unknown architecture 'resnet81' (--arch); similar names: resnet18" in err and len(err.strip().splitlines()) == 1
     assert main(["layers", "--arch", "smal_vgg"]) == 2
     assert "similar names: small_vgg" in capsys.readouterr().err
 
@@ -346,3 +346,41 @@ def test_analyze_refuses_an_empty_class_entry_as_every_command_does(tmp_path, ca
         args.run(args)  # without main's check first: the run parses --classes as options.classes does
     assert str(error.value) == expected
     assert not list(tmp_path.iterdir())
+
+
+def test_bad_files_names_folders_and_classes_are_refused_before_torch_and_write_nothing(tmp_path):
+    """Issue 26, point 2: each error that needs no tensor answers without importing torch (benchmarks/cli_errors.py times them)."""
+    import subprocess
+    import sys
+
+    for name in ("a.pt", "b.pt"):  # the files exist: their contents are read after torch loads
+        (tmp_path / name).write_bytes(b"weights")
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            (tmp_path / "photos" / split / c).mkdir(parents=True)
+    cases = {
+        "net A: --a 'nope.pt' does not exist": ["build", "--a", "nope.pt", "--b", "b.pt", "--task", "digits", "--models", "m"],
+        "--b 'bb.pt' does not exist (did you mean 'b.pt'": ["fit", "--a", "a.pt", "--b", "bb.pt", "--task", "digits", "--out", "g.pt"],
+        "unknown task 'digitz' (did you mean 'digits'?)": ["build", "--a", "a.pt", "--b", "b.pt", "--task", "digitz", "--models", "m"],
+        "unknown architecture 'resnet81' (--arch-a); similar names: resnet18": [
+            "atlas", "--a", "a.pt", "--arch-a", "resnet81", "--b", "b.pt", "--task", "digits", "--out", "atlas"],
+        "expected the CIFAR-10 class folder train/airplane/": ["build", "--a", "a.pt", "--b", "b.pt", "--task", "cifar10", "--data", "photos", "--models", "m"],
+        "classes ['dgo'] are not in the 'imagefolder' training data (did you mean": [
+            "fit", "--a", "a.pt", "--b", "b.pt", "--task", "imagefolder", "--data", "photos", "--classes", "cat,dgo", "--out", "g.pt"],
+        "data folder 'nowhere' does not exist": ["train", "--arch", "tiny_vgg", "--task", "imagefolder", "--data", "nowhere", "--out", "n.pt"],
+    }  # fmt: skip
+    script = (
+        "import sys\nfrom refiner.cli import main\n"
+        f"for argv in {list(cases.values())!r}:\n"
+        "    code = main(argv)\n"
+        "    print('RESULT', code, 'torch' in sys.modules, file=sys.stderr)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    lines = out.stderr.splitlines()
+    results = [line.split() for line in lines if line.startswith("RESULT ")]
+    assert [r[1:] for r in results] == [["2", "False"]] * len(cases), out.stderr[-3000:]
+    errors = [line for line in lines if ": error: " in line]
+    for needle, error in zip(cases, errors):
+        assert needle in error, (needle, error)
+    assert len(errors) == len(cases) and not any(line.startswith("==") for line in lines)  # no preprocessing line before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt", "photos"]  # nothing written

@@ -47,8 +47,11 @@ def test_a_fitted_g_records_its_seed(digits_g, digit_nets):
 
 def test_export_refuses_a_g_fitted_on_another_dataset(digits_g, digit_nets, tmp_path, capsys):
     a, b = digit_nets
+    for c in "0123456789":  # an imagefolder of the nets' classes: the folder passes the early checks
+        (tmp_path / "photos" / c).mkdir(parents=True)
+    names = ",".join("0123456789")
     argv = ["export", "--a", str(a.path), "--b", str(b.path), "--g", str(digits_g), "--name", "t", "--models", str(tmp_path / "m"),
-            "--task", "imagefolder", "--data", str(tmp_path), "--quiet"]  # fmt: skip
+            "--task", "imagefolder", "--data", str(tmp_path / "photos"), "--labels-a", names, "--labels-b", names, "--quiet"]  # fmt: skip
     assert main(argv) == 2
     err = _error_line(capsys)
     assert "g.pt was fitted on task 'digits', another dataset than task 'imagefolder'; pass --task digits" in err

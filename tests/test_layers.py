@@ -199,3 +199,12 @@ def test_the_builtin_names_the_command_line_shows_are_the_registered_ones():
     code = ("import sys; from refiner.models import registry; names = registry.list_archs(); assert 'torch' not in sys.modules; "
             "from refiner.models import architectures; print(sorted(registry._REGISTRY) == sorted(registry.BUILTIN_ARCHS) == names)")  # fmt: skip
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "True"
+
+
+def test_the_torchvision_names_checked_without_torch_are_the_installed_torchvisions():
+    """registry.TORCHVISION_CLASSIFIERS lets a misspelt --arch fail before torch loads; it must list what torchvision offers."""
+    import torchvision
+
+    from refiner.models.registry import TORCHVISION_CLASSIFIERS
+
+    assert sorted(TORCHVISION_CLASSIFIERS) == sorted(torchvision.models.list_models(module=torchvision.models))

@@ -332,12 +332,15 @@ def add_export(p: argparse.ArgumentParser, fp16: bool) -> None:
 
 def check(args) -> None:
     """Refuse argument values that are wrong whatever the data and nets, before torch is imported (then the command's own check)."""
+    from refiner.cli import preflight
+
     if getattr(args, "classes", None) is not None:
         classes(args)
     if hasattr(args, "opset"):
         _check_export(args)
     if hasattr(args, "check"):
         args.check(args)
+    preflight.check(args)  # then the files, names and folders the flags point at
 
 
 def _check_export(args) -> None:

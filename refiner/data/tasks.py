@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from refiner.data.samples import ArraySample, FileSample, Preprocess, Sample
 from refiner.errors import ConfigError, DataError, DataLayoutError
 
-__all__ = ["TaskSpec", "TaskData", "SplitOptions", "register_task", "get_task", "list_tasks", "load_task", "same_dataset"]
+__all__ = ["TaskSpec", "TaskData", "SplitOptions", "register_task", "get_task", "list_tasks", "load_task", "check_task", "same_dataset", "did_you_mean"]
 
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 CIFAR = dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
@@ -140,8 +140,66 @@ def list_tasks() -> list[str]:
 
 def get_task(name: str) -> TaskSpec:
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown task {name!r}; valid tasks: {', '.join(list_tasks())}")
+        raise ConfigError(f"unknown task {name!r}{did_you_mean(name, list_tasks())}; valid tasks: {', '.join(list_tasks())}")
     return _REGISTRY[name]
+
+
+def did_you_mean(name: str, choices: list[str] | tuple[str, ...]) -> str:
+    """' (did you mean 'x'?)' for the closest names, or ''."""
+    import difflib
+
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+
+
+def check_task(name: str, data: Path | None, classes: list[str] | None = None) -> None:
+    """What can be checked of a task's arguments without reading its images (milliseconds, no torch): the name, the data
+    folder and its layout (the folders the task's loader needs), and `classes` against the class names the layout shows."""
+    spec = get_task(name)
+    if spec.needs_data and data is None:
+        raise ConfigError(f"task {name!r} reads a dataset from disk: pass --data DIR ({spec.description})")
+    if data is not None and not Path(data).is_dir():
+        raise DataLayoutError(f"data folder {str(data)!r} does not exist" if not Path(data).exists() else f"--data {str(data)!r} is a file, not a folder")
+    quick = _QUICK_CLASSES.get(spec.load)
+    found = quick(Path(data) if data is not None else None) if quick is not None else None
+    if classes and found is not None:
+        missing = [c for c in classes if c not in found]
+        if missing:
+            hints = "".join(did_you_mean(c, found) for c in missing[:3])
+            shown = ", ".join(found[:30]) + (f", ... ({len(found)} in all)" if len(found) > 30 else "")
+            raise DataError(f"classes {missing} are not in the {name!r} training data{hints}; found {len(found)} classes: {shown}")
+
+
+def _class_dirs(root: Path) -> list[str]:
+    found = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not found:
+        raise DataLayoutError(f"expected one sub-folder per class in {str(root)!r}, found none")
+    return found
+
+
+def _quick_imagefolder(data: Path | None) -> list[str]:
+    assert data is not None
+    if (data / "train").is_dir():
+        _require(data / "test", "a test/ folder beside train/")
+        return _class_dirs(data / "train")
+    return _class_dirs(data)
+
+
+def _quick_cifar10(data: Path | None) -> list[str]:
+    assert data is not None
+    root = data / "cifar10" if (data / "cifar10").is_dir() else data
+    for split in ("train", "test"):
+        folder = _require(root / split, f"CIFAR-10's {split}/<class>/ folders")
+        for c in CIFAR10_CLASSES:
+            _require(folder / c, f"the CIFAR-10 class folder {split}/{c}/")
+    return list(CIFAR10_CLASSES)
+
+
+def _quick_voc(data: Path | None) -> list[str]:
+    assert data is not None
+    root = next((p for p in (data / "VOCdevkit" / "VOC2012", data / "VOC2012", data) if (p / "Annotations").is_dir()), data)
+    _require(root / "Annotations", "VOC2012's Annotations/ folder")
+    return list(VOC_CLASSES)
 
 
 def same_dataset(a: str, b: str) -> bool:
@@ -416,6 +474,13 @@ def _cub_classes(found: list[str]) -> list[str]:
 def _dog_classes(found: list[str]) -> list[str]:
     return [c for c in found if c.startswith("n") and "-" in c]  # "n02085620-Chihuahua"
 
+
+_QUICK_CLASSES: dict[Loader, Callable[[Path | None], list[str]]] = {  # the class names of a layout, read without its images
+    _load_digits: lambda _: [str(i) for i in range(10)],
+    _load_imagefolder: _quick_imagefolder,
+    _load_cifar10: _quick_cifar10,
+    _load_voc: _quick_voc,
+}
 
 _224 = Preprocess(input_size=(3, 224, 224), **IMAGENET)
 register_task(TaskSpec("digits", "scikit-learn's bundled 8x8 handwritten digits (no download); target: digits 0-5",

@@ -17,13 +17,29 @@ from refiner.errors import ConfigError
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["ArchSpec", "BUILTIN_ARCHS", "TIMM_PREFIX", "register_arch", "list_archs"]
+__all__ = ["ArchSpec", "BUILTIN_ARCHS", "TIMM_PREFIX", "TORCHVISION_CLASSIFIERS", "register_arch", "list_archs", "check_arch"]
 
 BUILTIN_ARCHS = (
     "alexnet", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "resnet18", "resnet34", "resnet50",
     "small_vgg", "cifar_resnet20", "tiny_vgg", "tiny_resnet",
 )  # fmt: skip
 TIMM_PREFIX = "timm/"  # "timm/convnext_atto": a timm model by its timm name
+# torchvision's classification models (torchvision.models.list_models(module=torchvision.models)), named here so that
+# a misspelt --arch is refused before torch loads; a test keeps the tuple equal to the installed torchvision's list.
+TORCHVISION_CLASSIFIERS = (
+    "alexnet", "convnext_base", "convnext_large", "convnext_small", "convnext_tiny", "densenet121", "densenet161",
+    "densenet169", "densenet201", "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3",
+    "efficientnet_b4", "efficientnet_b5", "efficientnet_b6", "efficientnet_b7", "efficientnet_v2_l", "efficientnet_v2_m",
+    "efficientnet_v2_s", "googlenet", "inception_v3", "maxvit_t", "mnasnet0_5", "mnasnet0_75", "mnasnet1_0", "mnasnet1_3",
+    "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "regnet_x_16gf", "regnet_x_1_6gf", "regnet_x_32gf",
+    "regnet_x_3_2gf", "regnet_x_400mf", "regnet_x_800mf", "regnet_x_8gf", "regnet_y_128gf", "regnet_y_16gf",
+    "regnet_y_1_6gf", "regnet_y_32gf", "regnet_y_3_2gf", "regnet_y_400mf", "regnet_y_800mf", "regnet_y_8gf", "resnet101",
+    "resnet152", "resnet18", "resnet34", "resnet50", "resnext101_32x8d", "resnext101_64x4d", "resnext50_32x4d",
+    "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5", "shufflenet_v2_x2_0", "squeezenet1_0",
+    "squeezenet1_1", "swin_b", "swin_s", "swin_t", "swin_v2_b", "swin_v2_s", "swin_v2_t", "vgg11", "vgg11_bn", "vgg13",
+    "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "vit_b_16", "vit_b_32", "vit_h_14", "vit_l_16", "vit_l_32",
+    "wide_resnet101_2", "wide_resnet50_2",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -75,3 +91,17 @@ def list_archs() -> list[str]:
         True
     """
     return sorted({*BUILTIN_ARCHS, *_REGISTRY})
+
+
+def check_arch(name: str, flag: str = "--arch") -> None:
+    """Refuse (before torch loads) a name that is no registered architecture, torchvision classification model or
+    timm/<name> (timm's own names are checked when timm loads), in the words `create_model` would use."""
+    if name.startswith(TIMM_PREFIX) or name in _REGISTRY or name in BUILTIN_ARCHS or name in TORCHVISION_CLASSIFIERS:
+        return
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted({*BUILTIN_ARCHS, *_REGISTRY, *TORCHVISION_CLASSIFIERS}), n=5, cutoff=0.6)
+    raise ConfigError(
+        f"unknown architecture {name!r} ({flag}); similar names: {', '.join(close) or 'none'}; valid names: {', '.join(list_archs())}, "
+        f"any torchvision classification model, or {TIMM_PREFIX}<name> for any timm model"
+    )
