@@ -126,8 +126,20 @@ def test_artifact_layout_and_metadata(tiny_build, digit_nets):
     assert report["comparison"]["fit"]["stop"] == "epochs" and len(report["comparison"]["fit"]["steps"]) == 3
     assert report["comparison"]["fit"]["seed"] == report["g_fits"][0]["seed"] == 0
     assert report["seed_varies"].startswith("the new target classifier's initialisation")  # sound protocol: a new classifier
-    assert "<table>" in (folder / "report.html").read_text() and "fit.png" in (folder / "report.html").read_text()
+    page = (folder / "report.html").read_text()
+    assert "<table>" in page and "fit.png" in page
+    assert report["comparison"]["val_from"] == "train"  # digits carve validation from train/, which the base nets saw
+    assert "Validation: carved from the training data, which base nets trained on this task have seen" in page and "--val-from test" in page
     assert (model_dir / "labels.txt").read_text().split() == list("012345")
+
+
+def test_each_validation_source_says_whether_base_nets_saw_it():
+    from refiner.data.tasks import SplitOptions, load_task
+
+    lines = {v: load_task("digits", target=True, options=SplitOptions(val_from=v)).validation_line() for v in ("train", "test")}
+    assert lines["train"].startswith("validation: carved from the training data, which base nets trained on this task have seen")
+    assert "--val-from test" in lines["train"]
+    assert lines["test"] == "validation: a seeded half of the test split (unseen by the base nets; the other half is scored)"
 
 
 def test_config_pbtxt_is_a_valid_triton_config(tiny_build):

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from refiner.data.samples import ArraySample, FileSample, Preprocess, Sample
 from refiner.errors import ConfigError, DataError, DataLayoutError
 
-__all__ = ["TaskSpec", "TaskData", "SplitOptions", "register_task", "get_task", "list_tasks", "load_task", "check_task", "same_dataset", "did_you_mean"]
+__all__ = ["TaskSpec", "TaskData", "SplitOptions", "register_task", "get_task", "list_tasks", "load_task", "check_task", "same_dataset", "did_you_mean", "validation_source"]
 
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 CIFAR = dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
@@ -89,6 +89,10 @@ class TaskData:
     def split(self, name: str) -> list[Sample]:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
 
+    def validation_line(self) -> str:
+        """Where validation (which picks epochs and the exported run) came from, and whether base nets saw it, in one line."""
+        return validation_source(self.val_from)
+
     def overlap_warning(self, val_acc: list[float], test_acc: list[float], what: str) -> str | None:
         """A warning when `what`'s mean validation accuracy is more than VAL_GAP_POINTS above its mean test accuracy, else None.
 
@@ -106,6 +110,21 @@ class TaskData:
             "give the dataset a val/ folder of images the nets never saw (imagefolder: DIR/val/<class>/), or pass "
             "--val-from test (half of the test split, disjoint from the half scored)"
         )
+
+
+def validation_source(val_from: str | None) -> str:
+    """One line on a validation source: what it is, whether base nets trained on the task saw it, the flag that avoids it."""
+    if val_from == "train":
+        return (
+            "validation: carved from the training data, which base nets trained on this task have seen (validation accuracy "
+            "then reads high and picks epochs badly); --val-from test takes half of the test split instead, or give the "
+            "dataset a val/ folder of unseen images"
+        )
+    if val_from == "val":
+        return "validation: the dataset's val/ folder (unseen by base nets trained on its train/ only)"
+    if val_from == "test":
+        return "validation: a seeded half of the test split (unseen by the base nets; the other half is scored)"
+    return "validation: not recorded (an older report)"
 
 
 _REGISTRY: dict[str, TaskSpec] = {}

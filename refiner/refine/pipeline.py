@@ -132,6 +132,7 @@ def build(
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     data = load_task(task, data_dir, target=True, classes=classes, options=split)
+    stage(data.validation_line())
     fit = config.compare.fit
     how = f"from {Path(g_file).name}" if g_file else f"fitted until converged, at most {fit.max_steps} steps" if fit.epochs is None else f"fitted for {fit.epochs} epochs"
     stage(f"features of A and B, then g ({how})")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from refiner.data.tasks import validation_source
 from refiner.refine.config import BuildConfig
 from refiner.refine.export import ExportCheck
 from refiner.refine.quantize import QuantCheck
@@ -169,6 +170,7 @@ def write_build_report(folder: Path, report: BuildReport) -> None:
         f"<p>Task <b>{html.escape(report.task)}</b>, classes: {html.escape(', '.join(report.classes))}.<br>"
         f"A: {html.escape(c.a.arch)} at {html.escape(c.a.layer)} ({html.escape(c.a.path)}); "
         f"B: {html.escape(c.b.arch)} at {html.escape(c.b.layer)} ({html.escape(c.b.path)}); K = {c.g.orders}, λ = {c.g.lam}.<br>"
+        f"{html.escape(validation_source(c.val_from)).capitalize()}.<br>"
         f"ONNX export: max |logit diff| {report.export.max_abs_diff:.2e} at batch {report.export.batch_size}.</p>"
     )
     sections = [
