@@ -84,7 +84,7 @@ class _Estimated(tqdm):
                 advice, self.advice = self.advice, None
                 if whole > LONG_S:
                     self.note(
-                        f"{self.desc}: {self.total} {self.unit}s will take about {self.format_interval(whole)} at the rate of "
+                        f"{self.desc}: {self.total} {plural(self.unit)} will take about {self.format_interval(whole)} at the rate of "
                         f"the first {done} ({self.format_interval(elapsed)}); {advice}"
                     )
         return shown
@@ -115,8 +115,13 @@ class _PlainLines(_Estimated):
         eta = ""
         if d["total"]:
             eta = f", ETA {self.format_interval(d['elapsed'] * (d['total'] - self.n) / (self.n - self.initial))}"
-        self.fp.write(f"{self.desc}: {self.n}{total} {self.unit}s, {self.format_interval(d['elapsed'])} elapsed{eta}\n")
+        self.fp.write(f"{self.desc}: {self.n}{total} {plural(self.unit)}, {self.format_interval(d['elapsed'])} elapsed{eta}\n")
         self.fp.flush()
+
+
+def plural(unit: str) -> str:
+    """"batch" -> "batches", "epoch" -> "epochs" (the units refiner's bars count)."""
+    return {"batch": "batches", "image": "images"}.get(unit, unit + "s")
 
 
 def _terminal() -> bool:

@@ -384,3 +384,13 @@ def test_bad_files_names_folders_and_classes_are_refused_before_torch_and_write_
         assert needle in error, (needle, error)
     assert len(errors) == len(cases) and not any(line.startswith("==") for line in lines)  # no preprocessing line before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt", "photos"]  # nothing written
+
+
+def test_warnings_show_as_one_plain_line_on_the_command_line():
+    """Issue 26: `warning: ...`, not Python's `file.py:266: UserWarning:` followed by the source line."""
+    import subprocess
+    import sys
+
+    code = "import warnings\nfrom refiner.cli.main import _command_line_output\nwith _command_line_output(False):\n    warnings.warn('plain words')\n"
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert err == "warning: plain words\n", err

@@ -208,3 +208,25 @@ def test_the_torchvision_names_checked_without_torch_are_the_installed_torchvisi
     from refiner.models.registry import TORCHVISION_CLASSIFIERS
 
     assert sorted(TORCHVISION_CLASSIFIERS) == sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def test_channels_last_nodes_are_marked_under_the_c_h_w_header(capsys):
+    """Issue 26: inside a ConvNeXt block the map is permuted to H x W x C; the listing says so instead of reading it as C x H x W."""
+    from refiner.cli.main import main
+
+    assert main(["layers", "--arch", "convnext_tiny", "--img-size", "64"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert lines["features.1.0.block.0"].split()[1:] == ["96x16x16"]  # the depthwise conv: C x H x W
+    assert lines["features.1.0.block.1"].split()[1:] == ["16x16x96", "(H", "x", "W", "x", "C)"]  # the permute
+    assert lines["features.1.0.block.3"].split()[1:] == ["16x16x384", "(H", "x", "W", "x", "C)"]  # the Linear, channels last
+    assert lines["features.1.0.block.6"].split()[1:] == ["96x16x16"]  # permuted back
+    assert not any("(H x W x C)" in line for name, line in lines.items() if name.startswith("features.0"))
+
+
+def test_layers_of_a_bare_checkpoint_names_its_own_arch_flag(tmp_path, capsys):
+    from refiner.cli.main import main
+
+    torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)).state_dict(), tmp_path / "bare.pt")
+    assert main(["layers", "--checkpoint", str(tmp_path / "bare.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "with --arch NAME" in err and "--arch-a" not in err and "--arch-b" not in err

@@ -78,3 +78,9 @@ def test_short_loops_give_no_advice_and_paused_time_is_not_in_the_eta(bars_on, m
     shown.update(1)
     assert shown.format_dict["elapsed"] < 0.3
     shown.close()
+
+
+def test_units_are_plural_in_plain_lines():
+    from refiner.progress import plural
+
+    assert [plural(u) for u in ("batch", "epoch", "pair", "step")] == ["batches", "epochs", "pairs", "steps"]  # not "29 batchs"

@@ -35,7 +35,7 @@ def run(args) -> None:
     from refiner.api.nets import layers, load
 
     if args.checkpoint is not None:
-        source = load(args.checkpoint, arch=args.arch, trust=args.trust_checkpoint)
+        source = load(args.checkpoint, arch=args.arch, trust=args.trust_checkpoint, who="the checkpoint", arch_flag="--arch")
         size, arch = source.preprocess.input_size, source.arch
     else:
         from refiner.models.architectures import get_arch
@@ -50,8 +50,26 @@ def run(args) -> None:
     if args.json:
         print(json.dumps({"arch": arch, "default": default, "input_size": list(size), "layers": [x.name for x in listed], "shapes": {x.name: x.shape for x in listed}}))
         return
-    shown = {x.name: "x".join(map(str, x.shape)) if x.shape is not None else "-" for x in listed}
+    shown = _shapes(listed)
     width, shape_width = max(map(len, shown)), max(map(len, shown.values()))
-    print(f"output shapes for {size[1]}x{size[2]} inputs (C x H x W; tokens: L x C)")
+    print(f"output shapes for {size[1]}x{size[2]} inputs (C x H x W, or H x W x C where marked; tokens: L x C)")
     for name in shown:
         print(f"{name:<{width}}  {shown[name]:<{shape_width}}  <- default" if name == default else f"{name:<{width}}  {shown[name]}")
+
+
+def _shapes(listed) -> dict[str, str]:
+    """Each layer's shape as text. Outputs permuted to channels-last (inside a ConvNeXt block, from the permute that
+    moves the last C x H x W map's channels last until the one that moves them back) are marked H x W x C."""
+    out, last, permuted = {}, None, False
+    for x in listed:
+        if x.shape is None:
+            out[x.name] = "-"
+            continue
+        shape, text = tuple(x.shape), "x".join(map(str, x.shape))
+        if len(shape) == 3:
+            if last is not None and shape[1:] != last[1:] and shape[:2] == last[1:] and (permuted or shape[2] == last[0]):
+                permuted, text = True, text + " (H x W x C)"
+            else:
+                permuted, last = False, shape
+        out[x.name] = text
+    return out

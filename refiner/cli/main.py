@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 
 from refiner.cli import analyze, atlas, build, export, fit, layers, options, serve, train
@@ -59,15 +60,18 @@ def _command_line_output(quiet: bool) -> Iterator[None]:
 
     from refiner import progress
 
-    was_quiet, level = progress._quiet, progress.LOGGER.level
+    was_quiet, level, show = progress._quiet, progress.LOGGER.level, warnings.showwarning
     handler = progress.CommandLineHandler()
     handler.setLevel(logging.WARNING if quiet else logging.INFO)
     progress.set_quiet(quiet)
     progress.LOGGER.addHandler(handler)
     progress.LOGGER.setLevel(logging.INFO)
+    # the library's warnings as one plain line each ("warning: ..."), not Python's "file.py:266: UserWarning:" and a source line
+    warnings.showwarning = lambda message, *_: progress.LOGGER.warning("warning: %s", message)
     try:
         yield
     finally:
+        warnings.showwarning = show
         progress.LOGGER.removeHandler(handler)
         progress.LOGGER.setLevel(level)
         progress.set_quiet(was_quiet)

@@ -361,10 +361,10 @@ def _finetune_all(
     mine: dict[int, dict[str, torch.Tensor]] = {}  # this rank's refined heads (state dicts)
     track_test = config.protocol == "paper"
     runs_here = len(range(dist.rank(), len(jobs), dist.world_size()))  # run_split's share of this rank
-    cpu = ", --device cuda" if runtime.device.type == "cpu" else ""
+    options = ["--seeds N", "--head-epochs N", *(["--no-ablations"] if config.ablations else []), *(["--device cuda"] if runtime.device.type == "cpu" else [])]
     shown = bar(
         total=runs_here * config.head.epochs, desc=f"fine-tuning (0/{runs_here} runs done)", unit="epoch",
-        advice=f"to shorten it: --seeds N, --head-epochs N, --no-ablations{cpu}",
+        advice=f"to shorten it: {', '.join(options)}",
     )  # fmt: skip
 
     def run(index: int) -> HeadResult:
