@@ -60,18 +60,18 @@ def _command_line_output(quiet: bool) -> Iterator[None]:
 
     from refiner import progress
 
-    was_quiet, level, show = progress._quiet, progress.LOGGER.level, warnings.showwarning
+    was_quiet, level, shape = progress._quiet, progress.LOGGER.level, warnings.formatwarning
     handler = progress.CommandLineHandler()
     handler.setLevel(logging.WARNING if quiet else logging.INFO)
     progress.set_quiet(quiet)
     progress.LOGGER.addHandler(handler)
     progress.LOGGER.setLevel(logging.INFO)
     # the library's warnings as one plain line each ("warning: ..."), not Python's "file.py:266: UserWarning:" and a source line
-    warnings.showwarning = lambda message, *_: progress.LOGGER.warning("warning: %s", message)
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
     try:
         yield
     finally:
-        warnings.showwarning = show
+        warnings.formatwarning = shape
         progress.LOGGER.removeHandler(handler)
         progress.LOGGER.setLevel(level)
         progress.set_quiet(was_quiet)
