@@ -394,3 +394,22 @@ def test_warnings_show_as_one_plain_line_on_the_command_line():
     code = "import warnings\nfrom refiner.cli.main import _command_line_output\nwith _command_line_output(False):\n    warnings.warn('plain words')\n"
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
     assert err == "warning: plain words\n", err
+
+
+def test_per_net_preprocessing_flags_reach_their_own_net(digit_nets, tmp_path, capsys):
+    """Issue 26, point 4: --mean-b sets B's alone, the plain --img-size both; said in the stage lines and recorded in g."""
+    from refiner.engine.comparison import fitted_report
+
+    a, b = digit_nets
+    out = tmp_path / "g.pt"
+    argv = ["fit", "--a", str(a.path), "--b", str(b.path), "--task", "digits", "--img-size", "20", "--mean-b", "0.5", "0.5", "0.5",
+            "--std-a", "0.4", "0.4", "0.4", "--g-steps", "5", "--train-per-class", "8", "--cache", str(tmp_path / "c"), "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    line_a = next(x for x in err.splitlines() if x.startswith("== preprocessing of net A"))
+    line_b = next(x for x in err.splitlines() if x.startswith("== preprocessing of net B"))
+    assert "resized to 20x20" in line_a and "mean 0.3,0.3,0.3, std 0.4,0.4,0.4" in line_a and "from --img-size --std-a on the command line" in line_a
+    assert "resized to 20x20" in line_b and "mean 0.5,0.5,0.5, std 0.37,0.37,0.37" in line_b and "from --img-size --mean-b on the command line" in line_b
+    report = fitted_report(out)
+    assert report.a.preprocess.mean == (0.3, 0.3, 0.3) and report.a.preprocess.std == (0.4, 0.4, 0.4) and report.a.preprocess.input_size == (3, 20, 20)
+    assert report.b.preprocess.mean == (0.5, 0.5, 0.5) and report.b.preprocess.std == (0.37, 0.37, 0.37) and report.b.preprocess.input_size == (3, 20, 20)

@@ -35,6 +35,8 @@ def register(sub) -> None:
     p.add_argument("--channel", type=int, help="channel to picture (default: the one with the largest Δ share)")
     options.add_net_names(p, "weak", "the weak net")
     options.add_net_names(p, "strong", "the strong net")
+    options.add_net_preprocess(p, "weak", "the weak net")
+    options.add_net_preprocess(p, "strong", "the strong net")
     _add_images(p)
     _add_common(p)
     p.set_defaults(run=_run_diagnose)

@@ -34,6 +34,8 @@ def register(sub) -> None:
     p.add_argument("--skip-bad-images", action="store_true", help="leave out image files that do not decode (counted in a warning) instead of stopping")
     options.add_val_from(p)
     options.add_preprocess(p)
+    options.add_net_preprocess(p, "a", "A")
+    options.add_net_preprocess(p, "b", "B")
     options.add_export(p, fp16=True)
     p.set_defaults(run=run, check=check)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-__all__ = ["command", "add_task", "add_preprocess", "preprocess", "fed_as_asked", "labels", "load_net", "say_preprocess", "preprocess_from", "check_named", "add_net_names", "fed_from_g", "load_fed", "add_val_from", "add_runtime", "add_pair", "add_g", "g_configs", "load_pair", "compare_config", "runtime", "split", "classes", "add_export", "check", "export_options"]
+__all__ = ["command", "add_task", "add_preprocess", "add_net_preprocess", "preprocess", "fed_as_asked", "labels", "load_net", "say_preprocess", "preprocess_from", "check_named", "add_net_names", "fed_from_g", "load_fed", "add_val_from", "add_runtime", "add_pair", "add_g", "g_configs", "load_pair", "compare_config", "runtime", "split", "classes", "add_export", "check", "export_options"]
 
 
 def command(sub, name: str, help: str, examples: str) -> argparse.ArgumentParser:
@@ -55,23 +55,45 @@ def add_preprocess(p: argparse.ArgumentParser) -> None:
     group.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"], help="resize filter")
 
 
-def preprocess(args, pre):
-    """`pre` with the --img-size/--crop-pct/--mean/--std/--interpolation overrides applied."""
+_PREPROCESS = ("img_size", "crop_pct", "mean", "std", "interpolation")
+
+
+def add_net_preprocess(p: argparse.ArgumentParser, suffix: str, which: str) -> None:
+    """--img-size-SUFFIX, --crop-pct-SUFFIX, ...: one net's preprocessing, over the plain flags (which set every net's)."""
+    group = p.add_argument_group(f"preprocessing of {which} alone (over the plain flags, which set both nets)")
+    group.add_argument(_flag("img-size", suffix), type=int, metavar="N", help=f"{which}'s input height and width")
+    group.add_argument(_flag("crop-pct", suffix), type=float, metavar="PCT", help=f"{which}'s crop over resize size")
+    group.add_argument(_flag("mean", suffix), type=float, nargs=3, metavar=("R", "G", "B"), help=f"{which}'s per-channel mean")
+    group.add_argument(_flag("std", suffix), type=float, nargs=3, metavar=("R", "G", "B"), help=f"{which}'s per-channel std")
+    group.add_argument(_flag("interpolation", suffix), choices=["bilinear", "bicubic", "nearest"], help=f"{which}'s resize filter")
+
+
+def _preprocess_flag(args, field: str, suffix: str) -> tuple[str, object]:
+    """The flag that sets `field` for the net of `suffix` (its own, else the plain one) and its value (None: not given)."""
+    own = getattr(args, f"{field}_{suffix}", None) if suffix else None
+    if own is not None:
+        return f"--{field.replace('_', '-')}-{suffix}", own
+    return f"--{field.replace('_', '-')}", getattr(args, field, None)
+
+
+def preprocess(args, pre, suffix: str = ""):
+    """`pre` with the --img-size/--crop-pct/--mean/--std/--interpolation overrides applied (a net's own -SUFFIX ones first)."""
     from refiner.data.samples import with_overrides
 
+    v = {field: _preprocess_flag(args, field, suffix)[1] for field in _PREPROCESS}
     return with_overrides(
-        pre, img_size=args.img_size, crop_pct=args.crop_pct, mean=tuple(args.mean) if args.mean else None,
-        std=tuple(args.std) if args.std else None, interpolation=args.interpolation,
+        pre, img_size=v["img_size"], crop_pct=v["crop_pct"], mean=tuple(v["mean"]) if v["mean"] else None,
+        std=tuple(v["std"]) if v["std"] else None, interpolation=v["interpolation"],
     )  # fmt: skip
 
 
-def preprocess_from(args, source: str) -> str:
+def preprocess_from(args, source: str, suffix: str = "") -> str:
     """Where the preprocessing comes from: `source`, under the preprocessing options given on the command line."""
-    given = [f"--{f.replace('_', '-')}" for f in ("img_size", "crop_pct", "mean", "std", "interpolation") if getattr(args, f) is not None]
+    given = [flag for flag, value in (_preprocess_flag(args, field, suffix) for field in _PREPROCESS) if value is not None]
     return f"{' '.join(given)} on the command line, over {source}" if given else source
 
 
-def fed_as_asked(args, clf, who: str, fitted=None, g_name: str = ""):
+def fed_as_asked(args, clf, who: str, fitted=None, g_name: str = "", suffix: str = ""):
     """The loaded net `clf`, to be fed with its preprocessing plus the command line's overrides; says which and from where.
 
     `fitted`: the g file's record of this net (NetSide), whose preprocessing replaces the net's own.
@@ -83,7 +105,7 @@ def fed_as_asked(args, clf, who: str, fitted=None, g_name: str = ""):
     base, source = clf.meta.preprocess, clf.preprocess_from
     if fitted is not None and fitted.preprocess is not None:
         base, source = fitted.preprocess, f"the record in {g_name} (from `refiner fit`)"
-    told = preprocess_from(args, source)
+    told = preprocess_from(args, source, suffix)
     if clf.preprocess_guessed and told == clf.preprocess_from:
         warnings.warn(
             f"{who} ({clf.path.name}) is a bare state_dict, fed with {source}; that is right only if it was trained that "
@@ -91,7 +113,7 @@ def fed_as_asked(args, clf, who: str, fitted=None, g_name: str = ""):
             "--crop-pct, --mean, --std and --interpolation",
             stacklevel=2,
         )
-    clf.meta = clf.meta.model_copy(update={"preprocess": preprocess(args, base)})
+    clf.meta = clf.meta.model_copy(update={"preprocess": preprocess(args, base, suffix)})
     say_preprocess(f"{who} ({clf.path.name})", clf.meta.preprocess, told)
     return clf
 
@@ -150,7 +172,7 @@ def load_fed(args, path: Path, suffix: str, who: str):
     from refiner.data.tasks import get_task
 
     clf = load_net(args, path, suffix, who, get_task(args.task).preprocess, f"the default of task {args.task!r}")
-    return fed_as_asked(args, clf, who)
+    return fed_as_asked(args, clf, who, suffix=suffix)
 
 
 def _unnamed(clf) -> bool:
@@ -216,6 +238,8 @@ def add_pair(p: argparse.ArgumentParser, layers: bool = True) -> None:
     p.add_argument("--b", required=True, type=Path, help="checkpoint of net B (its features are the target of g), or torchvision/<model> or timm/<model> from the local cache")
     add_net_names(p, "a", "A")
     add_net_names(p, "b", "B")
+    add_net_preprocess(p, "a", "A")
+    add_net_preprocess(p, "b", "B")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need arbitrary unpickling (runs code from the file!)")
     if layers:
         p.add_argument("--layer-a", help="layer of A (default: the architecture's default, e.g. VGG-16 conv4-3)")
@@ -279,7 +303,7 @@ def fed_from_g(args, a, b, g_file: Path | None):
         if fitted is not None and fitted.class_names and getattr(args, f"labels_{side}") is None and _unnamed(clf):
             if len(fitted.class_names) == clf.meta.num_classes:
                 clf.meta = clf.meta.model_copy(update={"class_names": fitted.class_names})
-        fed_as_asked(args, clf, who, fitted, g_file.name if g_file is not None else "")
+        fed_as_asked(args, clf, who, fitted, g_file.name if g_file is not None else "", side)
     return a, b
 
 
