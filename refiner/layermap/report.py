@@ -65,11 +65,12 @@ def save_heatmap(path: Path, grid: list[list[float | None]], rows: list[str], co
     plt.close(fig)
 
 
-def consistency_rows(rows: list[ConsistencyRow]) -> tuple[list[str], list[list[str]]]:
+def consistency_rows(report: AtlasReport) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the consistency table (text and HTML)."""
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    rows = report.consistency
     orders = max((len(r.var_orders) for r in rows), default=0)
-    head = ["A's layer", "B's layer", "CKA", "position CKA", "instability", *(f"Var(x^({k}))" for k in range(orders)), "held-out MSE", "g steps", "note"]
+    head = ["A's layer", "B's layer", "CKA", "95 % interval", "position CKA", "instability", *(f"Var(x^({k}))" for k in range(orders)), "held-out MSE", "g steps", "note"]
     out = []
     for r in rows:
         note = "default of build" if r.default else ""
@@ -77,7 +78,8 @@ def consistency_rows(rows: list[ConsistencyRow]) -> tuple[list[str], list[list[s
             note = (note + "; " if note else "") + "no g: " + r.skipped.split(";")[0].split(":")[-1].strip()[:60]
         vo = [fmt(v) for v in r.var_orders] + ["-"] * (orders - len(r.var_orders))
         steps = "-" if r.steps is None else f"{r.steps}, converged" if r.stop == "converged" else f"{r.steps}, budget reached: not converged" if r.stop == "budget" else f"{r.steps} ({r.stop})"
-        out.append([r.layer_a, r.layer_b, fmt(r.cka), fmt(r.cka_positions), fmt(r.instability), *vo, fmt(r.holdout_mse), steps, note])
+        interval = _interval(report, report.layers_a.index(r.layer_a), report.layers_b.index(r.layer_b))
+        out.append([r.layer_a, r.layer_b, fmt(r.cka), interval, fmt(r.cka_positions), fmt(r.instability), *vo, fmt(r.holdout_mse), steps, note])
     return head, out
 
 
@@ -88,7 +90,7 @@ def format_atlas(report: AtlasReport) -> str:
         lines += [f"PARTIAL: {_progress_line(report)}"]
     lines += [_interval_line(report), _default_line(report)]
     if report.consistency:
-        lines += ["", _convergence_line(report), format_rows(*consistency_rows(report.consistency)), "", "flags to build or fit on another pair:"]
+        lines += ["", _convergence_line(report), format_rows(*consistency_rows(report)), "", "flags to build or fit on another pair:"]
         lines += [f"  {r.flags}" + ("  (default)" if r.default else "") for r in report.consistency]
     else:
         lines += ["", format_rows(*best_matches(report))]
@@ -197,7 +199,7 @@ def _write_files(folder: Path, report: AtlasReport) -> None:
         flags = "<ul>" + "".join(f"<li><code>{html.escape(r.flags)}</code>{' (default)' if r.default else ''}</li>" for r in report.consistency) + "</ul>"
         sections.append((
             f"Knowledge consistency on the {report.consistency_mode} pairs (squares on the heatmap)",
-            f"<p>{html.escape(_convergence_line(report))}</p>" + html_table(*consistency_rows(report.consistency)) + flags,
+            f"<p>{html.escape(_convergence_line(report))}</p>" + html_table(*consistency_rows(report)) + flags,
         ))  # fmt: skip
     sections.append(("Glossary", ATLAS_GLOSSARY))
     (folder / "report.html").write_text(page("refiner atlas", sections))
