@@ -364,7 +364,7 @@ def check(args) -> None:
         _check_export(args)
     if hasattr(args, "check"):
         args.check(args)
-    preflight.check(args)  # then the files, names and folders the flags point at
+    preflight.check(args, classes(args) if getattr(args, "classes", None) is not None else None)  # then files, names, folders
 
 
 def _check_export(args) -> None:

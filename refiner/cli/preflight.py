@@ -21,9 +21,8 @@ _FILES = (
 _ARCHS = (("arch", "--arch"), ("arch_a", "--arch-a"), ("arch_b", "--arch-b"))
 
 
-def check(args) -> None:
-    """Every check that needs no tensor; raises the error the command would raise later, only sooner."""
-    from refiner.cli.options import classes
+def check(args, classes: list[str] | None) -> None:
+    """Every check that needs no tensor; raises the error the command would raise later, only sooner (`classes`: --classes parsed)."""
     from refiner.data.tasks import check_task
     from refiner.models.registry import check_arch
 
@@ -36,7 +35,7 @@ def check(args) -> None:
             check_arch(getattr(args, attr), flag)
     if isinstance(getattr(args, "task", None), str):
         data = getattr(args, "data", None)
-        check_task(args.task, Path(data) if data is not None else None, classes(args) if hasattr(args, "classes") else None)
+        check_task(args.task, Path(data) if data is not None else None, classes)
 
 
 def check_file(path: Path, flag: str, what: str) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 
 from refiner.engine import distributed as dist
 from refiner.errors import ConfigError
-from refiner.layermap.pipeline import AtlasReport, ConsistencyRow
+from refiner.layermap.pipeline import AtlasReport
 from refiner.reporting import GLOSSARY, format_rows, html_table, img, page, report_folder
 
 __all__ = ["write_atlas", "update_atlas", "read_atlas", "heatmap_figure", "save_heatmap", "consistency_rows", "best_matches", "format_atlas"]
