@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,6 +67,17 @@ if tool == "bare":
         for x, _ in loader:
             net_a(x)
             net_b(x)
+elif tool == "ort-bare":  # the floor of refiner's onnxruntime path: both captured trunks through onnxruntime, nothing else
+    from pathlib import Path
+    from refiner.engine.ortforward import choose_forward
+    from refiner.layermap.stream import capture_model
+    first = next(iter(loader))[0]
+    runs = [choose_forward(capture_model(n, layers, None), layers, first, torch.device("cpu"), "onnxruntime", Path(folder) / "onnx", "net", threads)
+            for n in (net_a, net_b)]  # exported (or read from the cache) before the clock starts
+    t0 = time.perf_counter()
+    for x, _ in loader:
+        runs[0](x)
+        runs[1](x)
 elif tool == "pytorch-cka":
     from cka import compute_cka
     cka = compute_cka(net_a, net_b, loader, layers=layers, model2_layers=layers, device="cpu", progress=False)[0]
@@ -104,7 +116,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--peers", type=Path, help="folder with pytorch-cka and torch-cka installed (pip --target); without it only refiner and the bare passes run")
-    p.add_argument("--tools", default="bare,refiner,refiner-positions,pytorch-cka,torch-cka", help="comma-separated runs, in order")
+    p.add_argument("--tools", default="bare,ort-bare,refiner,refiner-torch,refiner-positions,pytorch-cka,torch-cka", help="comma-separated runs, in order")
+    p.add_argument("--reps", type=int, default=1, help="rounds of every tool, alternating; min and median reported")
     p.add_argument("--out", required=True, type=Path, help="folder for the nets, the atlas reports and results.json")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -114,32 +127,16 @@ def main() -> None:
             torch.save(create_model("resnet18", 1000).state_dict(), args.out / name)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"}
     peer_env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(args.peers or ""), env.get("PYTHONPATH", "")]))}
-    results: dict[str, dict] = {}
-    for tool in args.tools.split(","):
-        if tool.startswith("refiner"):
-            folder = args.out / f"atlas-{tool}"
-            if folder.exists():
-                import shutil
-
-                shutil.rmtree(folder)
-            cmd = [sys.executable, "-m", "refiner", "atlas", "--a", str(args.out / "a.pt"), "--arch-a", "resnet18", "--b", str(args.out / "b.pt"),
-                   "--arch-b", "resnet18", "--task", "imagefolder", "--data", str(args.data), "--layers-a", ",".join(LAYERS),
-                   "--layers-b", ",".join(LAYERS), "--images", str(args.images), "--batch-size", str(args.batch_size), "--device", "cpu",
-                   "--threads", str(args.threads), "--consistency", "none", "--position-cka", "on" if tool == "refiner-positions" else "off",
-                   "--quiet", "--json", "--out", str(folder)]  # fmt: skip
-            stdout, wall, rss = _run(cmd, env)
-            report = json.loads(stdout)
-            results[tool] = {"wall_s": wall, "measured_s": report["seconds"]["total"], "forward_s": report["seconds"]["forward"],
-                             "cka_s": report["seconds"]["cka"], "peak_rss_mib": rss, "cka": report["cka"]}  # fmt: skip
-        else:
-            if tool != "bare" and args.peers is None:
-                print(f"skipping {tool}: no --peers folder", file=sys.stderr)
+    runs: dict[str, list[dict]] = {}
+    for rep in range(args.reps):  # every tool once per round, so that drift in the machine's load falls on all alike
+        for tool in args.tools.split(","):
+            if tool not in ("bare", "ort-bare") and not tool.startswith("refiner") and args.peers is None:
                 continue
-            cmd = [sys.executable, "-c", _CHILD, tool, str(args.out), str(args.data), str(args.images), str(args.batch_size), str(args.threads), json.dumps(LAYERS)]
-            stdout, wall, rss = _run(cmd, peer_env if tool != "bare" else env)
-            line = json.loads(stdout.strip().splitlines()[-1])
-            results[tool] = {"wall_s": wall, "measured_s": line["seconds"], "peak_rss_mib": rss, "cka": line["cka"]}
-        print(f"{tool}: {results[tool]['measured_s']:.1f} s measured, {results[tool]['wall_s']:.1f} s wall, {results[tool]['peak_rss_mib']:.0f} MiB peak RSS", file=sys.stderr)
+            runs.setdefault(tool, []).append(_one(tool, args, env, peer_env))
+            r = runs[tool][-1]
+            print(f"round {rep} {tool}: {r['measured_s']:.1f} s measured, {r['wall_s']:.1f} s wall, {r['peak_rss_mib']:.0f} MiB peak RSS", file=sys.stderr)
+    results = {tool: {**min(rs, key=lambda r: r["measured_s"]), "median_s": statistics.median(r["measured_s"] for r in rs),
+                      "reps": [r["measured_s"] for r in rs]} for tool, rs in runs.items()}  # fmt: skip
     reference = next((np.array(results[t]["cka"], dtype=float) for t in ("refiner", "refiner-positions") if t in results), None)
     bare = results.get("bare", {}).get("measured_s")
     for tool, r in results.items():
@@ -153,6 +150,30 @@ def main() -> None:
     print(_table(results))
 
 
+def _one(tool: str, args: argparse.Namespace, env: dict[str, str], peer_env: dict[str, str]) -> dict:
+    """One run of one tool in a fresh process: its measured and wall seconds, peak RSS and CKA grid."""
+    if tool.startswith("refiner"):
+        folder = args.out / f"atlas-{tool}"
+        if folder.exists():
+            import shutil
+
+            shutil.rmtree(folder)
+        cmd = [sys.executable, "-m", "refiner", "atlas", "--a", str(args.out / "a.pt"), "--arch-a", "resnet18", "--b", str(args.out / "b.pt"),
+               "--arch-b", "resnet18", "--task", "imagefolder", "--data", str(args.data), "--layers-a", ",".join(LAYERS),
+               "--layers-b", ",".join(LAYERS), "--images", str(args.images), "--batch-size", str(args.batch_size), "--device", "cpu",
+               "--threads", str(args.threads), "--consistency", "none", "--position-cka", "on" if tool == "refiner-positions" else "off",
+               "--forward", "torch" if tool == "refiner-torch" else "onnxruntime", "--cache", str(args.out / "cache"),
+               "--quiet", "--json", "--out", str(folder)]  # fmt: skip
+        stdout, wall, rss = _run(cmd, env)
+        report = json.loads(stdout)
+        return {"wall_s": wall, "measured_s": report["seconds"]["total"], "forward_s": report["seconds"]["forward"],
+                "cka_s": report["seconds"]["cka"], "peak_rss_mib": rss, "cka": report["cka"]}  # fmt: skip
+    cmd = [sys.executable, "-c", _CHILD, tool, str(args.out), str(args.data), str(args.images), str(args.batch_size), str(args.threads), json.dumps(LAYERS)]
+    stdout, wall, rss = _run(cmd, peer_env if tool not in ("bare", "ort-bare") else env)
+    line = json.loads(stdout.strip().splitlines()[-1])
+    return {"wall_s": wall, "measured_s": line["seconds"], "peak_rss_mib": rss, "cka": line["cka"]}
+
+
 def _cpu() -> str:
     from refiner.engine.device import Runtime
 
@@ -160,12 +181,13 @@ def _cpu() -> str:
 
 
 def _table(results: dict[str, dict]) -> str:
-    rows = ["| run | time (s) | of which forward / CKA (s) | × two bare passes | peak RSS (MiB) | max abs CKA diff to refiner |", "|---|---|---|---|---|---|"]
+    rows = ["| run | min time (s) | median (s) | of which forward / CKA (s) | × two bare passes | peak RSS (MiB) | max abs CKA diff to refiner |",
+            "|---|---|---|---|---|---|---|"]  # fmt: skip
     for tool, r in results.items():
         split = f"{r['forward_s']:.1f} / {r['cka_s']:.1f}" if "forward_s" in r else "-"
         ratio = f"{r['ratio_to_bare']:.2f}" if "ratio_to_bare" in r else "-"
         diff = f"{r['max_abs_diff_to_refiner']:.1e}" if "max_abs_diff_to_refiner" in r else "-"
-        rows.append(f"| {tool} | {r['measured_s']:.1f} | {split} | {ratio} | {r['peak_rss_mib']:.0f} | {diff} |")
+        rows.append(f"| {tool} | {r['measured_s']:.1f} | {r['median_s']:.1f} | {split} | {ratio} | {r['peak_rss_mib']:.0f} | {diff} |")
     return "\n".join(rows)
 
 

@@ -32,6 +32,11 @@ def register(sub) -> None:
     group.add_argument("--split", choices=["train", "val", "test"], default="test", help="split the CKA is measured on (default: test)")
     group.add_argument("--batch-size", type=int, default=64, help="images per minibatch of the CKA estimator, at least 4; memory grows with it, the CKA changes little (default: 64)")
     group.add_argument("--seed", type=int, default=0, help="draws the image subset and seeds g (default: 0)")
+    group.add_argument(
+        "--forward", choices=["auto", "torch", "onnxruntime"], default="auto",
+        help="the CKA pass's forward: torch, onnxruntime (each net exported to ONNX once, cached, checked against torch on "
+        "the first batch, torch if it differs), or auto: onnxruntime where measured faster on the first batch (default: auto)",
+    )  # fmt: skip
     group.add_argument("--position-cka", choices=["on", "off"], default="on", help="also refiner's (image, position) CKA for pairs with equal positions (default: on)")
     group.add_argument(
         "--consistency", choices=["none", "matched", "diagonal"], default="matched",
@@ -66,7 +71,7 @@ def run(args) -> None:
         a, b, batches_a, layers_a, layers_b, data_b=batches_b, train=data if args.consistency != "none" else None,
         consistency=args.consistency, max_layers=args.max_layers, positions=args.position_cka == "on", seed=args.seed,
         g_config=g, fit_config=fit, split=args.split, task=args.task, device=runtime.device, amp=runtime.amp,
-        threads=runtime.threads, workers=runtime.workers, cache_dir=args.cache, out=args.out,
+        threads=runtime.threads, workers=runtime.workers, cache_dir=args.cache, out=args.out, forward=args.forward,
     )  # fmt: skip
     if not dist.is_main():
         return

@@ -17,7 +17,8 @@ from torch import Tensor
 from refiner.layermap.stream import LayerInfo, capture_model, choose_layers, paired_batches, probe_layers, stream_cka
 from refiner.data.tasks import TaskData
 from refiner.engine.comparison import CompareConfig, Sources, compare, default_layer
-from refiner.engine.features import Batches, images_of
+from refiner.engine.features import Batches, default_cache_dir, images_of
+from refiner.engine.ortforward import choose_forward
 from refiner.engine.device import Runtime, RuntimeConfig
 from refiner.engine.fitting import FitConfig
 from refiner.engine.isomorphism import IsomorphismConfig
@@ -44,6 +45,7 @@ class AtlasConfig(BaseModel):
     seed: int = 0  # draws the image subset and g's initialisation
     positions: bool = True  # also refiner's (image, position) CKA for pairs with the same positions
     consistency: Literal["none", "matched", "diagonal"] = "matched"  # which pairs get a fitted g
+    forward: Literal["auto", "torch", "onnxruntime"] = "auto"  # the CKA pass's forward (auto: onnxruntime where measured faster)
     g: IsomorphismConfig = Field(default_factory=IsomorphismConfig)
     fit: FitConfig = Field(default_factory=lambda: FitConfig(max_steps=2000))  # a bounded budget per pair
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
@@ -110,8 +112,8 @@ def _default_or_none(clf: Classifier) -> str | None:
         return None
 
 
-def estimate(infos_a: list[LayerInfo], infos_b: list[LayerInfo], config: AtlasConfig, images: int | None, batch: int, seconds_per_image: float) -> str:
-    """One line: memory the pass holds per batch, and about how long the pass takes (when the image count is known)."""
+def estimate(infos_a: list[LayerInfo], infos_b: list[LayerInfo], config: AtlasConfig, images: int | None, batch: int) -> str:
+    """One line: memory the pass holds per batch (how long it takes is said after its first batch, measured)."""
     per_image = sum(4 * int(np.prod(i.shape)) for i in [*infos_a, *infos_b])
     grams = 8 * (len(infos_a) + len(infos_b)) * batch * batch * 3
     sums = 8 * sum(i.shape[0] * j.shape[0] for i in infos_a for j in infos_b if _same_positions(i, j)) if config.positions else 0
@@ -120,20 +122,15 @@ def estimate(infos_a: list[LayerInfo], infos_b: list[LayerInfo], config: AtlasCo
         f"; then a g per pair ({config.consistency}), up to {config.fit.max_steps} steps each, after its training features are cached"
     )  # fmt: skip
     count = f"{images} images in batches of {batch}" if images is not None else f"batches of {batch}"
-    took = f"; the pass takes about {_duration(seconds_per_image * images)}" if images is not None else ""
     return (
         f"{count}: about {mib:.0f} MiB held per batch (captured layers twice, Gram matrices, running sums) beside the nets' "
-        f"own activations{took}{fits}"
+        f"own activations{fits}"
     )
 
 
 def _same_positions(a: LayerInfo, b: LayerInfo) -> bool:
     key = lambda s: s[1:] if len(s) == 3 else s[:1] if len(s) == 2 else () if len(s) == 1 else None  # noqa: E731
     return len(a.shape) == len(b.shape) and key(a.shape) == key(b.shape)
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def run_atlas(
@@ -172,8 +169,12 @@ def run_atlas(
         report = resume.model_copy(update={"runtime": runtime.record()})
     else:
         net_a, net_b = capture_model(clf_a.model, names_a, runtime), capture_model(clf_b.model, names_b, runtime)
-        batch = len(first_a)
-        stage(estimate(infos_a, infos_b, config, _images(data, batch), batch, _seconds_per_image(net_a, net_b, first_a, first_b, runtime)))
+        batch, batches = len(first_a), _length(data)
+        onnx_cache = (cache_dir or default_cache_dir()) / "onnx"
+        threads = torch.get_num_threads()
+        net_a = choose_forward(net_a, names_a, first_a, runtime.device, config.forward, onnx_cache, "net A", threads, batches)
+        net_b = choose_forward(net_b, names_b, first_b, runtime.device, config.forward, onnx_cache, "net B", threads, batches)
+        stage(estimate(infos_a, infos_b, config, _images(data, batch), batch))
         stage(f"CKA of {len(names_a)} x {len(names_b)} layers on {config.split} images")
         result = stream_cka(net_a, net_b, names_a, names_b, paired_batches(data, data_b), runtime, positions=config.positions, total=_length(data))
         del net_a, net_b
@@ -207,7 +208,7 @@ def run_key(
 ) -> str:  # fmt: skip
     """What decides the atlas's numbers: both nets' weights, the settings (not the device), the layers, and the data
     (its first batch and length, the task): a re-run with the same key measures the same thing, so it may resume."""
-    settings = config.model_dump(mode="json", exclude={"runtime"})
+    settings = config.model_dump(mode="json", exclude={"runtime", "forward"})  # the forward changes values within RTOL only
     parts = [_record(clf_a), _record(clf_b), settings, names_a, names_b, task, batches, consistency, list(first_a.shape), list(first_b.shape)]
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
     for x in (first_a, first_b):
@@ -274,21 +275,6 @@ def _length(data: Batches) -> int | None:
 
 
 @torch.no_grad()
-def _seconds_per_image(net_a, net_b, first_a: Tensor, first_b: Tensor, runtime: Runtime) -> float:
-    """Time two images of the first batch through both captured nets (the second of two runs, so warm)."""
-    n = min(len(first_a), 2)
-    inputs = [next(runtime.to(x[:n].float())) for x in (first_a, first_b)]
-    for _ in range(2):
-        t0 = time.perf_counter()
-        with runtime.autocast():
-            net_a(inputs[0])
-            net_b(inputs[1])
-        if runtime.device.type == "cuda":
-            torch.cuda.synchronize(runtime.device)
-        spent = time.perf_counter() - t0
-    return spent / n
-
-
 def _num(v: float | None) -> float | None:
     return None if v is None or not np.isfinite(v) else float(v)
 

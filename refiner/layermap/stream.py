@@ -32,9 +32,10 @@ from refiner.data.samples import Preprocess, Sample
 from refiner.engine import distributed as dist
 from refiner.engine.device import Runtime
 from refiner.engine.features import check_in_order, images_of
+from refiner.engine.ortforward import OrtForward
 from refiner.errors import ConfigError, LayerError
 from refiner.models.layers import list_layers, trace_eval, tracer_kwargs
-from refiner.progress import bar
+from refiner.progress import bar, note
 
 __all__ = ["LayerInfo", "capture_model", "probe_layers", "choose_layers", "batch_sizes", "task_batches", "paired_batches", "StreamResult", "stream_cka"]
 
@@ -248,6 +249,9 @@ def stream_cka(
         _sync(runtime)
         seconds["forward"] += t1 - t0
         seconds["cka"] += time.perf_counter() - t1
+        if minibatch.batches == 1 and total:  # measured, not guessed: the first batch times the rest
+            each = time.perf_counter() - t0
+            note(f"the CKA pass takes about {_duration(each * total)} ({total} batches; the first: forward {t1 - t0:.2f} s, CKA {each - (t1 - t0):.2f} s)")
     for t in minibatch.state() + (position.state() if position is not None else []):
         _sum_over_processes(t)
     per_batch = [b for rank in dist.gather(minibatch.per_batch) for b in rank]  # every process's batches
@@ -276,13 +280,20 @@ class _Images(Dataset):
         return self.data[i][0]
 
 
-def _forward(net: GraphModule, x: Tensor, layers: list[str], runtime: Runtime) -> list[Tensor]:
+def _forward(net: GraphModule | OrtForward, x: Tensor, layers: list[str], runtime: Runtime) -> list[Tensor]:
+    if isinstance(net, OrtForward):  # the exported graph, on the CPU
+        out = net(x)
+        return [out[name] for name in layers]
     (x,) = runtime.to(x)
     if runtime.device.type != "mps":
         x = x.contiguous(memory_format=torch.channels_last)
     with runtime.autocast():
         out = net(x)
     return [out[name] for name in layers]
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def _same_positions(fa: list[Tensor], fb: list[Tensor]) -> list[tuple[int, int]]:
