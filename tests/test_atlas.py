@@ -379,3 +379,32 @@ def test_cka_intervals_cover_the_value_and_narrow_with_more_images():
     assert widths[1] < widths[0]  # four times the images: a narrower interval
     one = [(np.ones((1, 1)), np.ones(1), np.ones(1))] * 5
     assert bootstrap_interval(one)[0][0, 0] == bootstrap_interval(one)[1][0, 0] == 1.0  # identical batches: no spread
+
+
+class _InPlace(torch.nn.Module):
+    """A captured conv written in place three ways later: F.relu(x, True), a view's relu_(), and nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2, self.conv3 = (torch.nn.Conv2d(3 if i == 0 else 4, 4, 3, padding=1) for i in range(3))
+
+    def forward(self, x):
+        b = torch.nn.functional.relu(self.conv1(x), True)
+        c = self.conv2(b)
+        return self.conv3(c.view(c.shape).relu_())
+
+
+def test_only_layers_written_in_place_later_are_copied():
+    from refiner.layermap.stream import _kept
+
+    model, layers = _InPlace().eval(), ["conv1", "conv2", "conv3"]
+    x = torch.randn(2, 3, 8, 8)
+    captured = capture_model(model, layers, None)
+    copies = [n for n in captured.graph.nodes if n.op == "call_function" and n.target is _kept]
+    assert [n.args[0].name for n in copies] == ["conv1", "conv2"]  # conv3: nothing writes it, no copy
+    with torch.no_grad():
+        got = captured(x)
+        for name in layers:
+            alone = create_feature_extractor(model, {name: "f"})(x)["f"]
+            assert torch.allclose(got[name], alone, atol=1e-5), name
+    assert (got["conv1"] < 0).any() and (got["conv2"] < 0).any()  # as produced, before the in-place ReLUs

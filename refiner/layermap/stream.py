@@ -66,6 +66,9 @@ def capture_model(model: nn.Module, layers: list[str], runtime: Runtime | None =
     out = next(n for n in graph.nodes if n.op == "output")
     kept = {}
     for name, node in out.args[0].items():
+        if not _written_later(node, extractor):  # nothing in place reaches it: its value stays as produced
+            kept[name] = node
+            continue
         with graph.inserting_after(node):
             kept[name] = graph.call_function(_kept, (node,))
     out.args = (kept,)
@@ -81,6 +84,38 @@ def capture_model(model: nn.Module, layers: list[str], runtime: Runtime | None =
         if any(isinstance(m, nn.Conv2d) for m in captured.modules()):
             captured = captured.to(memory_format=torch.channels_last)
     return captured
+
+
+_VIEWS = {"view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "expand", "contiguous", "__getitem__", "chunk", "split", "unbind"}
+
+
+def _written_later(node, root: nn.Module) -> bool:
+    """Whether an in-place op may write `node`'s value (or a view of it) after it is produced: a module with
+    inplace=True, an augmented assignment (operator.iadd, ...), or a tensor method ending in "_". Unknown aliasing
+    counts as written, so a clone is only ever left out where it is certainly not needed."""
+    import operator
+
+    in_place_functions = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.iand, operator.ior}
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        for user in n.users:
+            if user in seen or user.op == "output":
+                continue
+            seen.add(user)
+            if user.op == "call_module" and getattr(root.get_submodule(user.target), "inplace", False):
+                return True
+            if user.op == "call_function" and (
+                user.target in in_place_functions or user.kwargs.get("inplace") is True or True in user.args[1:]  # F.relu(x, True)
+                or getattr(user.target, "__name__", "").endswith("_")  # torch.relu_, torch.add_
+            ):  # fmt: skip
+                return True
+            if user.op == "call_method" and user.target.endswith("_") and not user.target.endswith("__"):
+                return True
+            name = user.target if user.op == "call_method" else getattr(user.target, "__name__", "")
+            if name in _VIEWS:
+                todo.append(user)  # a view shares the memory: what writes it writes the node
+    return False
 
 
 def _kept(value):
