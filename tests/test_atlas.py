@@ -408,3 +408,27 @@ def test_only_layers_written_in_place_later_are_copied():
             alone = create_feature_extractor(model, {name: "f"})(x)["f"]
             assert torch.allclose(got[name], alone, atol=1e-5), name
     assert (got["conv1"] < 0).any() and (got["conv2"] < 0).any()  # as produced, before the in-place ReLUs
+
+
+def test_auto_position_cka_is_kept_when_cheap_and_left_out_with_its_line_when_not(monkeypatch, caplog):
+    import logging
+
+    import refiner.layermap.stream as stream
+
+    samples, pre = _digits(40)
+    model = create_model("small_vgg", 10).eval()
+    layers = ["features.2", "features.6"]
+    runtime = Runtime.resolve()
+
+    def run():
+        batches = task_batches(samples, pre, pre, runtime, 10)[0]
+        net = capture_model(model, layers, runtime)
+        return stream_cka(net, net, layers, layers, paired_batches(batches), runtime, positions="auto", total=4)
+
+    assert run().position_cka  # tiny maps: cheap, kept
+    monkeypatch.setattr(stream, "POSITIONS_FREE_S", 0.0)
+    monkeypatch.setattr(stream, "POSITIONS_CHEAP", 0.0)  # now nothing is cheap enough
+    with caplog.at_level(logging.INFO, logger="refiner"):
+        result = run()
+    assert result.position_cka == {} and result.images == 40  # the grid itself is whole
+    assert any(r.getMessage().startswith("position CKA left out: it would add about") and "--position-cka on" in r.getMessage() for r in caplog.records)

@@ -71,7 +71,7 @@ class Atlas:
         """The heatmap as a matplotlib Figure (`positions`: refiner's (image, position) CKA instead)."""
         grid = self.report.cka_positions if positions else self.report.cka
         if grid is None:
-            raise ValueError("this atlas has no position CKA (positions=False when it was measured)")
+            raise ValueError("this atlas has no position CKA (measured with positions=False, or left out by 'auto' as costly)")
         r = self.report
         marks = [(r.layers_a.index(c.layer_a), r.layers_b.index(c.layer_b)) for c in r.consistency]
         what = "position CKA (equal positions only)" if positions else f"minibatch CKA, {r.images} images"
@@ -111,7 +111,7 @@ def atlas(
     train_b: Batches | None = None,
     consistency: Literal["matched", "diagonal", "none"] = "matched",
     max_layers: int = 16,
-    positions: bool = True,
+    positions: bool | Literal["auto"] = "auto",
     steps: int | None = None,
     seed: int = 0,
     g_config: IsomorphismConfig | None = None,
@@ -144,6 +144,8 @@ def atlas(
         train: images to fit g on for the consistency rows (`train_b` as `data_b`); None: no rows.
         consistency: with `train`, fit g on each A layer and its best match in B ("matched"),
             on layer i of both ("diagonal"), or on none.
+        positions: also refiner's (image, position) CKA of the layer pairs with equal positions: True, False, or
+            "auto" (the default: kept when the first batch says it adds at most a quarter of the forward time).
         steps: budget of optimiser steps per g (default 2,000, as `refiner atlas --g-steps`).
         g_config: g's shape (`IsomorphismConfig`).
         fit_config: g's fitting (`FitConfig`).

@@ -83,7 +83,7 @@ def _export(captured: nn.Module, layers: list[str], example: Tensor, path: Path)
         )  # fmt: skip
 
 
-SAMPLE = 8  # images of the first batch the choice is checked and timed on
+SAMPLE = 8  # images of the first batch the export is checked on
 EXPORT_WORTH_S = 30.0  # "auto" exports only for a pass projected longer than this (an export costs a few seconds a net)
 
 
@@ -100,14 +100,15 @@ def choose_forward(
     if device.type != "cpu":
         note(f"forward of {who}: torch on {device} (onnxruntime's CUDA provider is not measured against torch here)")
         return captured
-    sample = first[:SAMPLE].float().cpu()  # checked and timed on a few images: a whole batch would cost a batch per run
-    x = sample.contiguous(memory_format=torch.channels_last)
-    want = captured(x)  # the reference, and torch's warm-up
+    sample = first[:SAMPLE].float().cpu()  # checked on a few images; "auto" times whole batches (speed depends on the batch)
+    want = captured(sample.contiguous(memory_format=torch.channels_last))  # the reference, and torch's warm-up
+    whole = first.float().cpu().contiguous(memory_format=torch.channels_last)
     t0 = time.perf_counter()
-    captured(x)
-    torch_s = (time.perf_counter() - t0) * len(first) / len(sample)  # per batch
+    if mode == "auto":
+        captured(whole)
+    torch_s = time.perf_counter() - t0  # per batch
     path = _path(captured, layers, first, cache_dir)
-    if mode == "auto" and not path.exists() and batches is not None and torch_s * batches < EXPORT_WORTH_S:
+    if mode == "auto" and not path.exists() and batches is not None and torch_s * batches < EXPORT_WORTH_S:  # (torch_s: a whole batch)
         note(f"forward of {who}: torch (a pass of about {torch_s * batches:.0f} s: exporting for onnxruntime would cost more than it saves)")
         return captured
     try:
@@ -130,9 +131,10 @@ def choose_forward(
     if mode == "onnxruntime":
         note(f"forward of {who}: onnxruntime (as asked; within {worst:.1g} of torch on {len(sample)} images)")
         return ort
+    ort(first)  # warm at the batch's size (onnxruntime plans its memory per shape)
     t0 = time.perf_counter()
-    ort(sample)
-    ort_s = (time.perf_counter() - t0) * len(first) / len(sample)
+    ort(first)
+    ort_s = time.perf_counter() - t0
     if ort_s >= torch_s:
         note(f"forward of {who}: torch (about {torch_s:.2f} s a batch against onnxruntime's {ort_s:.2f} s)")
         return captured

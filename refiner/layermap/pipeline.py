@@ -43,7 +43,7 @@ class AtlasConfig(BaseModel):
     split: str = "test"  # a task's split measured (the CLI), or the name the caller's batches are recorded under
     batch_size: int = Field(64, ge=1)  # images per minibatch (per process under torchrun)
     seed: int = 0  # draws the image subset and g's initialisation
-    positions: bool = True  # also refiner's (image, position) CKA for pairs with the same positions
+    positions: bool | Literal["auto"] = "auto"  # also refiner's (image, position) CKA for pairs with the same positions (auto: if cheap)
     consistency: Literal["none", "matched", "diagonal"] = "matched"  # which pairs get a fitted g
     forward: Literal["auto", "torch", "onnxruntime"] = "auto"  # the CKA pass's forward (auto: onnxruntime where measured faster)
     g: IsomorphismConfig = Field(default_factory=IsomorphismConfig)
@@ -179,7 +179,7 @@ def run_atlas(
         result = stream_cka(net_a, net_b, names_a, names_b, paired_batches(data, data_b), runtime, positions=config.positions, total=_length(data))
         del net_a, net_b
         positions = None
-        if config.positions:
+        if result.position_cka:
             positions = [[_num(result.position_cka.get((i, j))) for j in range(len(names_b))] for i in range(len(names_a))]
         low, high = result.cka_interval or (None, None)
         report = AtlasReport(

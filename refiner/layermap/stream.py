@@ -16,6 +16,7 @@ import itertools
 import time
 from collections.abc import Iterable, Iterator
 import warnings
+from typing import Literal
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -262,14 +263,16 @@ class StreamResult:
 @torch.no_grad()
 def stream_cka(
     net_a: GraphModule, net_b: GraphModule, layers_a: list[str], layers_b: list[str], pairs: Iterable[tuple[Tensor, Tensor]],
-    runtime: Runtime, positions: bool = True, total: int | None = None,
+    runtime: Runtime, positions: bool | Literal["auto"] = "auto", total: int | None = None,
 ) -> StreamResult:  # fmt: skip
     """Stream (x_A, x_B) batches through both captured nets (from `capture_model`) and accumulate CKA between every layer pair.
 
+    `positions`: also the (image, position) CKA of the pairs with equal positions; "auto" keeps it only when the
+    first batch says it adds at most POSITIONS_CHEAP of the pass's forward time (or under POSITIONS_FREE_S in all).
     Under torchrun each process streams its own block of images and the sums are added over processes.
     """
     minibatch, position = MinibatchCKA(), None
-    seconds = {"forward": 0.0, "cka": 0.0}
+    seconds, first_s = {"forward": 0.0, "cka": 0.0}, 0.0
     t_start = time.perf_counter()
     for xa, xb in bar(pairs, desc="atlas", unit="batch", total=total, leave=False):
         t0 = time.perf_counter()
@@ -277,16 +280,22 @@ def stream_cka(
         _sync(runtime)
         t1 = time.perf_counter()
         minibatch.add(torch.stack([gram(f) for f in fa]), torch.stack([gram(f) for f in fb]))
-        if positions and position is None:
+        if positions and position is None and minibatch.batches == 1:
             position = PositionCKA(_same_positions(fa, fb))
         if position is not None and position.pairs:
+            t_pos = time.perf_counter()
             position.add(fa, fb)
+            _sync(runtime)
+            if positions == "auto" and minibatch.batches == 1 and not _cheap(time.perf_counter() - t_pos, t1 - t0, total):
+                position = None
         _sync(runtime)
         seconds["forward"] += t1 - t0
         seconds["cka"] += time.perf_counter() - t1
-        if minibatch.batches == 1 and total:  # measured, not guessed: the first batch times the rest
+        if minibatch.batches == 1:
+            first_s = time.perf_counter() - t0
+        elif minibatch.batches == 2 and total:  # measured, not guessed: the second batch (warm) times the rest
             each = time.perf_counter() - t0
-            note(f"the CKA pass takes about {_duration(each * total)} ({total} batches; the first: forward {t1 - t0:.2f} s, CKA {each - (t1 - t0):.2f} s)")
+            note(f"the CKA pass takes about {_duration(first_s + each * (total - 1))} ({total} batches; the second: forward {t1 - t0:.2f} s, CKA {each - (t1 - t0):.2f} s)")
     for t in minibatch.state() + (position.state() if position is not None else []):
         _sum_over_processes(t)
     per_batch = [b for rank in dist.gather(minibatch.per_batch) for b in rank]  # every process's batches
@@ -325,6 +334,24 @@ def _forward(net: GraphModule | OrtForward, x: Tensor, layers: list[str], runtim
     with runtime.autocast():
         out = net(x)
     return [out[name] for name in layers]
+
+
+POSITIONS_CHEAP = 0.25  # "auto": the position CKA stays if it adds at most this share of the forward time ...
+POSITIONS_FREE_S = 5.0  # ... or less than this in all
+
+
+def _cheap(position_s: float, forward_s: float, total: int | None) -> bool:
+    """Whether the position CKA is cheap enough to keep by default, from its cost on the first batch (the same answer
+    on every process); if not, one line says what it would cost and how to ask for it."""
+    batches = total or 1
+    keep = position_s * batches < POSITIONS_FREE_S or position_s <= POSITIONS_CHEAP * forward_s
+    keep = dist.broadcast(keep)
+    if not keep:
+        note(
+            f"position CKA left out: it would add about {_duration(position_s * batches)} ({position_s / forward_s:.0%} of the "
+            "forward time) to the pass; --position-cka on computes it"
+        )  # fmt: skip
+    return keep
 
 
 def _duration(seconds: float) -> str:
