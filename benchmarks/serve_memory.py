@@ -29,27 +29,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the artifact builder the tests use
-from serving_support import crafted_artifact  # noqa: E402
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
-
-
-def _slow_client(port: int, stop: threading.Event) -> None:
-    """An infer request whose body comes a byte every 0.5 s: it never completes before the body timeout."""
-    while not stop.is_set():
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
-                s.sendall(b"POST /v2/models/big/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
-                while not stop.is_set():
-                    s.sendall(b" ")
-                    time.sleep(0.5)
-        except OSError:
-            time.sleep(0.1)  # answered 408 and closed: open another
+from serving_support import crafted_artifact, rss_mib, stalled_upload  # noqa: E402
 
 
 def _steady_client(url: str, stop: threading.Event, counts: dict[int, int]) -> None:
@@ -93,7 +73,7 @@ def main() -> None:
                 pass
             assert time.monotonic() < deadline and server.poll() is None, "the server did not start"
             time.sleep(0.2)
-        threads = [threading.Thread(target=_slow_client, args=(port, stop), daemon=True) for _ in range(args.slow)]
+        threads = [threading.Thread(target=stalled_upload, args=(port, stop, 0.5), daemon=True) for _ in range(args.slow)]
         threads.append(threading.Thread(target=_steady_client, args=(url, stop, counts), daemon=True))
         for t in threads:
             t.start()

@@ -181,3 +181,23 @@ def crafted_artifact(
     }  # fmt: skip
     (folder / "metadata.json").write_text(json.dumps(meta))
     return folder
+
+
+def rss_mib(pid: int) -> float:
+    """A process's resident memory (VmRSS of /proc/PID/status), in MiB."""
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def stalled_upload(port: int, stop: threading.Event, every_s: float = 0.2, model: str = "big") -> None:
+    """Infer requests whose bodies come a byte every `every_s` and never complete: each waits for its body (holding
+    no version meanwhile) until the server's body timeout closes it, then another opens, until `stop` is set."""
+    while not stop.is_set():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+                s.sendall(f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n".encode())
+                while not stop.is_set():
+                    s.sendall(b" ")
+                    time.sleep(every_s)
+        except OSError:
+            time.sleep(0.05)  # answered 408 and closed: open another

@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton_http
-from serving_support import Live, crafted_artifact
+from serving_support import Live, crafted_artifact, rss_mib, stalled_upload
 
 from serving.app import make_server
 from serving.settings import ServeSettings
@@ -400,24 +400,6 @@ def test_python_m_serving_reads_the_key_from_a_file_and_refuses_an_empty_one(tmp
 # --- bounded memory across versions ---------------------------------------------------------------
 
 
-def _rss_mib(pid: int) -> float:
-    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmRSS:"))
-    return int(line.split()[1]) / 1024
-
-
-def _trickle(port: int, stop: threading.Event) -> None:
-    """An infer request whose body never completes: it waits for its body, holding no version meanwhile."""
-    while not stop.is_set():
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-                s.sendall(b"POST /v2/models/big/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
-                while not stop.is_set():
-                    s.sendall(b" ")
-                    time.sleep(0.2)
-        except OSError:
-            time.sleep(0.05)
-
-
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the server's RSS from /proc")
 def test_memory_stays_bounded_across_load_unload_cycles_with_slow_clients(tmp_path):
     """20 cycles of a 24 MB model with 6 stalled uploads: the server stays within about two copies of the model
@@ -436,15 +418,15 @@ def test_memory_stays_bounded_across_load_unload_cycles_with_slow_clients(tmp_pa
     try:
         _wait(lambda: _ready(f"http://127.0.0.1:{port}"), "the server", timeout=60)
         for _ in range(6):
-            threading.Thread(target=_trickle, args=(port, stop), daemon=True).start()
+            threading.Thread(target=stalled_upload, args=(port, stop), daemon=True).start()
         time.sleep(0.5)
         assert httpx.post(f"{url}/unload").status_code == 200
         time.sleep(0.5)
-        unloaded = _rss_mib(process.pid)
+        unloaded = rss_mib(process.pid)
         rss = []
         for _ in range(20):
             assert httpx.post(f"{url}/load", timeout=60).status_code == 200
-            rss.append(_rss_mib(process.pid))
+            rss.append(rss_mib(process.pid))
             assert httpx.post(f"{url}/unload").status_code == 200
         over = (max(rss) - unloaded) / model_mib
         assert over < 2.5, f"RSS {unloaded:.0f} MiB unloaded, {[round(r) for r in rss]} MiB loaded: {over:.1f} models"
