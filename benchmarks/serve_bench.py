@@ -211,64 +211,60 @@ def _grpc_request(name: str, x: np.ndarray):
     return request
 
 
+async def _drive(call, concurrency: int, total: int) -> tuple[list[float], int, float]:
+    """`total` calls of `call` (an async () -> bool: answered well) from `concurrency` workers, after 20 to warm the
+    connections and the server; (latencies of successes in ms, errors, seconds)."""
+    latencies: list[float] = []
+    errors = 0
+    remaining = total
+    for _ in range(min(20, total)):
+        await call()
+
+    async def worker() -> None:
+        nonlocal remaining, errors
+        while remaining > 0:
+            remaining -= 1
+            t0 = time.perf_counter()
+            if await call():
+                latencies.append((time.perf_counter() - t0) * 1000)
+            else:
+                errors += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, errors, time.perf_counter() - start
+
+
 async def _load_grpc(target: str, request, concurrency: int, total: int) -> tuple[list[float], int, float]:
-    """`total` ModelInfer calls from `concurrency` workers on one channel (HTTP/2 multiplexes them), as _load."""
+    """ModelInfer calls on one channel (HTTP/2 multiplexes them), as _load."""
     import grpc
     from tritonclient.grpc import service_pb2_grpc
 
-    latencies: list[float] = []
-    errors = 0
-    remaining = total
     async with grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", 1 << 30)]) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        for _ in range(min(20, total)):
-            await stub.ModelInfer(request, timeout=30)
 
-        async def worker() -> None:
-            nonlocal remaining, errors
-            while remaining > 0:
-                remaining -= 1
-                t0 = time.perf_counter()
-                try:
-                    await stub.ModelInfer(request, timeout=30)
-                except grpc.aio.AioRpcError:
-                    errors += 1
-                else:
-                    latencies.append((time.perf_counter() - t0) * 1000)
+        async def call() -> bool:
+            try:
+                await stub.ModelInfer(request, timeout=30)
+            except grpc.aio.AioRpcError:
+                return False
+            return True
 
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return latencies, errors, time.perf_counter() - start
+        return await _drive(call, concurrency, total)
 
 
 async def _load(url: str, body: bytes, headers: dict[str, str], concurrency: int, total: int) -> tuple[list[float], int, float]:
-    """`total` POSTs from `concurrency` workers; (latencies of successes in ms, errors, seconds)."""
-    latencies: list[float] = []
-    errors = 0
-    remaining = total
+    """`total` POSTs from `concurrency` workers (one connection each); (latencies of successes in ms, errors, seconds)."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=30) as client:
-        for _ in range(min(20, total)):  # warm connections and the server
-            await client.post(url, content=body, headers=headers)
 
-        async def worker() -> None:
-            nonlocal remaining, errors
-            while remaining > 0:
-                remaining -= 1
-                t0 = time.perf_counter()
-                try:
-                    r = await client.post(url, content=body, headers=headers)
-                    ok = r.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                if ok:
-                    latencies.append((time.perf_counter() - t0) * 1000)
-                else:
-                    errors += 1
+        async def call() -> bool:
+            try:
+                return (await client.post(url, content=body, headers=headers)).status_code == 200
+            except httpx.HTTPError:
+                return False
 
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return latencies, errors, time.perf_counter() - start
+        return await _drive(call, concurrency, total)
 
 
 def main() -> None:
