@@ -27,7 +27,7 @@ from torch import nn
 
 from refiner.data.samples import Preprocess
 from refiner.errors import ConfigError, LayerError
-from refiner.models.registry import _REGISTRY, TIMM_PREFIX, ArchSpec, list_archs, register_arch
+from refiner.models.registry import _REGISTRY, TIMM_PREFIX, ArchSpec, check_arch, list_archs, register_arch
 
 __all__ = ["ArchSpec", "TIMM_PREFIX", "register_arch", "create_model", "get_arch", "list_archs", "timm_preprocess", "guess_default_layer"]
 
@@ -39,11 +39,7 @@ def get_arch(name: str) -> ArchSpec:
         elif name in _torchvision_classifiers():
             register_arch(_from_torchvision(name))
         else:
-            close = difflib.get_close_matches(name, sorted({*list_archs(), *_torchvision_classifiers()}), n=5, cutoff=0.6)
-            raise ConfigError(
-                f"unknown architecture {name!r}; similar names: {', '.join(close) or 'none'}; valid names: {', '.join(list_archs())}, any torchvision.models "
-                "classification model (torchvision.models.list_models()), or timm/<name> for any timm model (timm.list_models())"
-            )
+            check_arch(name, None)  # raises, naming the closest names
     return _REGISTRY[name]
 
 

@@ -93,7 +93,7 @@ def list_archs() -> list[str]:
     return sorted({*BUILTIN_ARCHS, *_REGISTRY})
 
 
-def check_arch(name: str, flag: str = "--arch") -> None:
+def check_arch(name: str, flag: str | None = "--arch") -> None:
     """Refuse (before torch loads) a name that is no registered architecture, torchvision classification model or
     timm/<name> (timm's own names are checked when timm loads), in the words `create_model` would use."""
     if name.startswith(TIMM_PREFIX) or name in _REGISTRY or name in BUILTIN_ARCHS or name in TORCHVISION_CLASSIFIERS:
@@ -102,6 +102,7 @@ def check_arch(name: str, flag: str = "--arch") -> None:
 
     close = difflib.get_close_matches(name, sorted({*BUILTIN_ARCHS, *_REGISTRY, *TORCHVISION_CLASSIFIERS}), n=5, cutoff=0.6)
     raise ConfigError(
-        f"unknown architecture {name!r} ({flag}); similar names: {', '.join(close) or 'none'}; valid names: {', '.join(list_archs())}, "
-        f"any torchvision classification model, or {TIMM_PREFIX}<name> for any timm model"
+        f"unknown architecture {name!r}{f' ({flag})' if flag else ''}; similar names: {', '.join(close) or 'none'}; valid names: {', '.join(list_archs())}, "
+        "any torchvision.models classification model (torchvision.models.list_models()), "
+        f"or {TIMM_PREFIX}<name> for any timm model (timm.list_models())"
     )
