@@ -4,11 +4,17 @@
       head fine-tuning on cached features vs re-running the frozen trunk (+ g) every epoch
   python benchmarks/build_bench.py latency --a A.pt --b B.pt --task cifar-animal --data $CIFAR
       the refined model in onnxruntime (ENABLE_ALL) vs PyTorch eager, batch 1 and 32
+  python benchmarks/build_bench.py features --task cifar10 --data $CIFAR --train-per-class 50 --test-per-class 50 --reps 3
+      the build's feature stage (A's and B's trunks over train, val and test, into a fresh feature cache) with
+      --forward torch, onnxruntime and auto; two untrained torchvision resnet18 (seeds 0, 1) at 224 px unless
+      --a/--b are given; each run in a fresh process, alternating; onnxruntime "cold" exports its trunks first,
+      "warm" finds them cached (the feature cache is emptied either way)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -108,6 +114,77 @@ def _latency(args) -> None:
         print(f"{batch:>5}  {t_torch:>9.2f}  {t_onnx:>8.2f}  {1000 * batch / t_torch:>11.0f}  {1000 * batch / t_onnx:>10.0f}  {t_torch / t_onnx:>7.2f}x")
 
 
+# One feature stage in a fresh interpreter: prints {"seconds": ..., "digest": [...]} (a checksum of each split's features).
+_FEATURES_CHILD = r"""
+import json, sys, time
+a, b, task, data, train_pc, test_pc, cache, forward, threads = sys.argv[1:10]
+import numpy as np, torch
+from refiner.data.tasks import SplitOptions, load_task
+from refiner.engine.device import Runtime, RuntimeConfig
+from refiner.engine.features import classifier_features
+from refiner.models.checkpoints import load_checkpoint
+from refiner.engine.comparison import default_layer
+runtime = Runtime.resolve(RuntimeConfig(device="cpu", threads=int(threads), forward=forward))
+nets = [load_checkpoint(p, arch="resnet18" if p.endswith("-untrained.pt") else None) for p in (a, b)]
+options = SplitOptions(train_per_class=int(train_pc), test_per_class=int(test_pc))
+split_data = load_task(task, data, target=True, options=options)
+t0 = time.perf_counter()
+digest = []
+for split in ("train", "val", "test"):
+    for clf in nets:
+        f = classifier_features(clf, default_layer(clf), split_data, split, cache, runtime=runtime)
+        digest.append(float(np.asarray(f.x, dtype=np.float64).sum()))
+print(json.dumps({"seconds": time.perf_counter() - t0, "digest": digest, "images": sum(len(split_data.split(s)) for s in ("train", "val", "test"))}))
+"""
+
+
+def _features(args) -> None:
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from refiner.models.architectures import create_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        nets = [args.a, args.b]
+        if args.a is None:
+            for i, name in enumerate(("a-untrained.pt", "b-untrained.pt")):
+                torch.manual_seed(i)
+                torch.save(create_model("resnet18", 1000).state_dict(), tmp / name)
+            nets = [tmp / "a-untrained.pt", tmp / "b-untrained.pt"]
+        cache = tmp / "cache"
+
+        def run(forward: str) -> dict:
+            for entry in cache.glob("*"):
+                if entry.name != "onnx":
+                    shutil.rmtree(entry)  # a fresh feature cache; the exports stay (cold: removed before the call)
+            cmd = [sys.executable, "-c", _FEATURES_CHILD, *map(str, nets), args.task, str(args.data), str(args.train_per_class),
+                   str(args.test_per_class), str(cache), forward, str(args.threads)]  # fmt: skip
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
+            return json.loads(out.stdout.strip().splitlines()[-1])
+
+        shutil.rmtree(cache / "onnx", ignore_errors=True)
+        cold = run("onnxruntime")
+        times: dict[str, list[float]] = {"torch": [], "onnxruntime": [], "auto": []}
+        digests = {}
+        for rep in range(args.reps):
+            for forward in (list(times) if rep % 2 == 0 else list(times)[::-1]):
+                result = run(forward)
+                times[forward].append(result["seconds"])
+                digests[forward] = result["digest"]
+    images = cold["images"]
+    print(f"feature stage of a build: {images} images of {args.task} (train, val, test) through A's and B's trunks, {args.threads} threads, {args.reps} reps")
+    print(f"onnxruntime, cold (exports its trunks first): {cold['seconds']:.1f} s")
+    for forward, values in times.items():
+        print(f"{forward:>12}: min {min(values):.1f} s, median {statistics.median(values):.1f} s")
+    print(f"torch / onnxruntime (min): {min(times['torch']) / min(times['onnxruntime']):.2f}x; torch / auto: {min(times['torch']) / min(times['auto']):.2f}x; "
+          f"torch / cold onnxruntime: {min(times['torch']) / cold['seconds']:.2f}x")  # fmt: skip
+    gap = max(abs(x - y) / max(abs(y), 1.0) for x, y in zip(digests["onnxruntime"], digests["torch"]))
+    print(f"largest relative difference of a split's feature sum (onnxruntime vs torch): {gap:.1e}")
+
+
 def _median_ms(fn, repeats: int) -> float:
     for _ in range(5):
         fn()
@@ -122,16 +199,18 @@ def _median_ms(fn, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
-    for name, fn in (("cache", _cache), ("latency", _latency)):
+    for name, fn in (("cache", _cache), ("latency", _latency), ("features", _features)):
         p = sub.add_parser(name)
-        p.add_argument("--a", type=Path, required=True)
-        p.add_argument("--b", type=Path, required=True)
+        p.add_argument("--a", type=Path, required=name != "features")
+        p.add_argument("--b", type=Path, required=name != "features")
         p.add_argument("--task", required=True)
         p.add_argument("--data", type=Path)
         p.add_argument("--epochs", type=int, default=3)
         p.add_argument("--train-per-class", type=int, help="keep at most N training images per class")
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--repeats", type=int, default=50)
+        p.add_argument("--test-per-class", type=int, default=50, help="features: test images per class")
+        p.add_argument("--reps", type=int, default=3, help="features: alternating repetitions")
         p.set_defaults(run=fn)
     args = parser.parse_args()
     args.run(args)

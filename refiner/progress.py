@@ -170,7 +170,11 @@ class CommandLineHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             message = self.format(record)
-            tqdm.write(f"== {message}" if getattr(record, "stage", False) else message, file=sys.stderr)
+            line = f"== {message}" if getattr(record, "stage", False) else message
+            if _terminal():
+                tqdm.write(line, file=sys.stderr)  # above the bars, which it clears and redraws
+            else:
+                sys.stderr.write(line + "\n")  # a log: plain lines (tqdm.write would clear the plain bars with carriage returns)
             sys.stderr.flush()
         except Exception:  # a handler never raises into the code that logged
             self.handleError(record)

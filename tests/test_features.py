@@ -14,6 +14,7 @@ from refiner.atomic import atomic_dir
 from refiner.data.samples import ArraySample, fingerprint
 from refiner.data.tasks import load_task
 from refiner.engine.comparison import CompareConfig, compare
+from refiner.engine.device import Runtime, RuntimeConfig
 from refiner.engine.features import cached_features, iter_batches
 from refiner.engine.fitting import FitConfig
 
@@ -34,16 +35,19 @@ def _dataset(n=10):
     return TensorDataset(torch.arange(n * 4, dtype=torch.float32).reshape(n, 4), torch.arange(n) % 3)
 
 
+TORCH = Runtime(config=RuntimeConfig(device="cpu", forward="torch"), device=torch.device("cpu"), workers=0)  # one call a batch ("auto" probes once more)
+
+
 def test_cache_is_reused(tmp_path):
     trunk = _Counting()
-    first = cached_features(trunk, _dataset(), {"k": 1}, tmp_path, batch_size=4)
+    first = cached_features(trunk, _dataset(), {"k": 1}, tmp_path, batch_size=4, runtime=TORCH)
     calls = trunk.calls
-    second = cached_features(trunk, _dataset(), {"k": 1}, tmp_path, batch_size=4)
+    second = cached_features(trunk, _dataset(), {"k": 1}, tmp_path, batch_size=4, runtime=TORCH)
     assert trunk.calls == calls == 3
     assert isinstance(second.x, np.memmap)
     np.testing.assert_array_equal(first.x, np.arange(40, dtype=np.float32).reshape(10, 4) * 2)
     np.testing.assert_array_equal(second.y, np.arange(10) % 3)
-    cached_features(trunk, _dataset(), {"k": 2}, tmp_path, batch_size=4)
+    cached_features(trunk, _dataset(), {"k": 2}, tmp_path, batch_size=4, runtime=TORCH)
     assert trunk.calls == 6  # another key computes anew
 
 

@@ -156,9 +156,10 @@ def atlas(
         threads: CPU threads (default: torch's).
         workers: data-loading processes for a task's images.
         cache_dir: the feature cache of a task's splits (`train` as task data).
-        forward: the CKA pass's forward passes: torch, onnxruntime (each net's captured graph exported to ONNX,
-            cached, checked against torch on the first batch; torch if it differs), or "auto": onnxruntime where
-            it is measured faster on the first batch (on a CPU, for a pass long enough to repay the export).
+        forward: the nets' forward passes (the CKA pass, the consistency rows' features): torch, onnxruntime (each
+            net's captured graph exported to ONNX, cached, checked against torch on the first batch; torch if it
+            differs), or "auto": onnxruntime where it is measured faster on the first batch (on a CPU, for a pass long
+            enough to repay the export).
         out: a report folder written as the run goes (atlas.json marked partial, cka.png, report.html after the CKA
             pass and after each pair) and resumed: a partial atlas there of the same nets, data and settings goes
             on from its last pair. Ctrl-C then raises `refiner.errors.Interrupted` saying what was kept.
@@ -179,8 +180,7 @@ def atlas(
         fit = fit.model_copy(update={"max_steps": steps})
     config = AtlasConfig(
         layers_a=layers_a, layers_b=layers_b, max_layers=max_layers, split=split, seed=seed, positions=positions,
-        consistency=consistency, g=g_config or IsomorphismConfig(), fit=fit, runtime=runtime_config(device, amp, threads, workers),
-        forward=forward,
+        consistency=consistency, g=g_config or IsomorphismConfig(), fit=fit, runtime=runtime_config(device, amp, threads, workers, forward),
     )  # fmt: skip
     train_sources = train if isinstance(train, TaskData) or train is None else {"train": (train, train_b)}
     clf_a, clf_b = Classifier.of(model_a), Classifier.of(model_b)

@@ -143,6 +143,7 @@ def fit(
     threads: int | None = None,
     workers: int | None = None,
     cache_dir: str | Path | None = None,
+    forward: Literal["auto", "torch", "onnxruntime"] = "auto",
 ) -> Fitted:
     """Fit g so that g(x_A) reconstructs x_B at two layers (paper Section 3), as `refiner fit` does; measure its Var table.
 
@@ -168,6 +169,10 @@ def fit(
         amp: autocast for the feature passes.
         threads: CPU threads (default: torch's).
         workers: data-loading processes for a task's images.
+        cache_dir: the feature cache of a task's splits, and the onnxruntime exports of the trunks.
+        forward: the trunks' forward: torch, onnxruntime (each trunk exported to ONNX once, checked against torch
+            on the first batch; torch if it differs), or "auto": onnxruntime where it is measured faster on the first
+            batch (on a CPU, for a pass long enough to repay the export).
 
     Examples:
         >>> import refiner, torch
@@ -182,7 +187,7 @@ def fit(
         True
     """
     g, fit_ = _configs(orders, steps, seed, g_config, fit_config)
-    config = CompareConfig(layer_a=layer_a, layer_b=layer_b, g=g, fit=fit_, runtime=runtime_config(device, amp, threads, workers), cache_dtype=cache_dtype)
+    config = CompareConfig(layer_a=layer_a, layer_b=layer_b, g=g, fit=fit_, runtime=runtime_config(device, amp, threads, workers, forward), cache_dtype=cache_dtype)
     clf_a, clf_b = Classifier.of(model_a), Classifier.of(model_b)
     cache = Path(cache_dir) if cache_dir is not None else None
     with kept_modes(clf_a.model, clf_b.model):

@@ -33,11 +33,6 @@ def register(sub) -> None:
     group.add_argument("--batch-size", type=int, default=64, help="images per minibatch of the CKA estimator, at least 4; memory grows with it, the CKA changes little (default: 64)")
     group.add_argument("--seed", type=int, default=0, help="draws the image subset and seeds g (default: 0)")
     group.add_argument(
-        "--forward", choices=["auto", "torch", "onnxruntime"], default="auto",
-        help="the CKA pass's forward: torch, onnxruntime (each net exported to ONNX once, cached, checked against torch on "
-        "the first batch, torch if it differs), or auto: onnxruntime where measured faster on the first batch (default: auto)",
-    )  # fmt: skip
-    group.add_argument(
         "--position-cka", choices=["auto", "on", "off"], default="auto",
         help="also refiner's (image, position) CKA for pairs with equal positions; auto: only if the first batch says it adds at "
         "most a quarter of the forward time or under 5 s in all (on two resnet18 at 224 px it would add 70 %% of the pass) (default: auto)",
@@ -75,7 +70,7 @@ def run(args) -> None:
         a, b, batches_a, layers_a, layers_b, data_b=batches_b, train=data if args.consistency != "none" else None,
         consistency=args.consistency, max_layers=args.max_layers, positions={"on": True, "off": False}.get(args.position_cka, "auto"), seed=args.seed,
         g_config=g, fit_config=fit, split=args.split, task=args.task, device=runtime.device, amp=runtime.amp,
-        threads=runtime.threads, workers=runtime.workers, cache_dir=args.cache, out=args.out, forward=args.forward,
+        threads=runtime.threads, workers=runtime.workers, cache_dir=args.cache, out=args.out, forward=runtime.forward,
     )  # fmt: skip
     if not dist.is_main():
         return

@@ -31,7 +31,7 @@ def arch_names() -> str:
     return f"{', '.join(list_archs())}, any torchvision classification model, or {TIMM_PREFIX}<name> for a timm model"
 
 
-def add_task(p: argparse.ArgumentParser) -> None:
+def add_task(p: argparse.ArgumentParser, forward: bool = True) -> None:
     p.add_argument("--task", required=True, help=f"a registered task: {task_names()}")
     p.add_argument("--data", type=Path, help="dataset folder in the task's standard layout (not needed for digits)")
     p.add_argument("--classes", help="comma-separated class subset (overrides the task's default classes)")
@@ -39,7 +39,7 @@ def add_task(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-per-class", type=int, help="keep at most N training images per class")
     p.add_argument("--skip-bad-images", action="store_true", help="leave out image files that do not decode (counted in a warning) instead of stopping")
     add_preprocess(p)
-    add_runtime(p)
+    add_runtime(p, forward)
 
 
 def add_preprocess(p: argparse.ArgumentParser) -> None:
@@ -223,13 +223,21 @@ def add_val_from(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def add_runtime(p: argparse.ArgumentParser) -> None:
-    """Where and how the engine computes; shared by train, fit, build and the analyses."""
+def add_runtime(p: argparse.ArgumentParser, forward: bool = True) -> None:
+    """Where and how the engine computes; shared by train, fit, build, atlas and the analyses (`forward`: the frozen
+    nets' forward, for the commands that run them)."""
     group = p.add_argument_group("device and speed (also under torchrun: one process per GPU)")
     group.add_argument("--device", default="auto", help="auto (first CUDA GPU, else CPU), cpu, cuda, cuda:N or mps; under torchrun auto/cuda give each process GPU LOCAL_RANK and cuda:N is refused (default: auto)")
     group.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision for trunks, fitting and fine-tuning; fp16 uses a GradScaler (default: off)")
     group.add_argument("--threads", type=int, help="torch CPU threads (default: $OMP_NUM_THREADS, else torch's default: all cores); use 1 when other jobs share the cores")
     group.add_argument("--workers", type=int, help="data-loading worker processes (default: 0 on a CPU with <= 2 cores, else from the core count)")
+    if forward:
+        group.add_argument(
+            "--forward", choices=["auto", "torch", "onnxruntime"], default="auto",
+            help="the frozen nets' forward (feature extraction, the atlas's pass): torch, onnxruntime (each trunk exported to "
+            "ONNX once, cached beside the features, checked against torch on the first batch, torch if it differs), or auto: "
+            "onnxruntime where measured faster on the first batch, for a pass long enough to repay the export (default: auto)",
+        )  # fmt: skip
 
 
 def add_pair(p: argparse.ArgumentParser, layers: bool = True) -> None:
@@ -320,7 +328,7 @@ def compare_config(args):
 def runtime(args):
     from refiner.engine.device import RuntimeConfig
 
-    return RuntimeConfig(device=args.device, amp=args.amp, threads=args.threads, workers=args.workers)
+    return RuntimeConfig(device=args.device, amp=args.amp, threads=args.threads, workers=args.workers, forward=getattr(args, "forward", "auto"))
 
 
 def split(args):

@@ -34,7 +34,7 @@ def register(sub) -> None:
         help="keep 1/R of each target class's training images, so the task's other classes are over-represented R times",
     )  # fmt: skip
     p.add_argument("--out", required=True, type=Path, help="checkpoint to write")
-    options.add_task(p)
+    options.add_task(p, forward=False)  # training runs torch (onnxruntime has no backward)
     options.add_val_from(p)
     p.set_defaults(run=run)
 

@@ -123,7 +123,7 @@ def compare(
     t0 = time.perf_counter()
     splits = list(dict.fromkeys(("train", *measure, *extra)))
     sides = ((clf_a, layer_a), (clf_b, layer_b))
-    pairs = _task_features(data, sides, splits, cache_dir, runtime, config) if isinstance(data, TaskData) else _batch_pairs(data, sides, splits, runtime)
+    pairs = _task_features(data, sides, splits, cache_dir, runtime, config) if isinstance(data, TaskData) else _batch_pairs(data, sides, splits, runtime, cache_dir)
     seconds["features"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     fa, fb = pairs["train"]
@@ -172,14 +172,14 @@ def _task_features(data: TaskData, sides, splits: list[str], cache_dir: Path | N
     return pairs
 
 
-def _batch_pairs(data: Sources, sides, splits: list[str], runtime: Runtime) -> dict:
+def _batch_pairs(data: Sources, sides, splits: list[str], runtime: Runtime, cache_dir: Path | None) -> dict:
     """Both nets' features of each split of the caller's batches, in one pass (B reads A's batches unless given its own)."""
     absent = [s for s in splits if s not in data]
     if absent:
         raise ConfigError(f"no batches given for {', '.join(absent)}; given: {', '.join(data) or 'none'}")
     pairs = {}
     for split in splits:
-        pairs[split] = batch_features(sides, *data[split], runtime=runtime, desc=split)
+        pairs[split] = batch_features(sides, *data[split], runtime=runtime, desc=split, cache_dir=cache_dir)
     return pairs
 
 

@@ -36,6 +36,7 @@ class RuntimeConfig(BaseModel):
     amp: Literal["off", "bf16", "fp16"] = "off"  # autocast dtype for trunks, fitting and fine-tuning
     threads: int | None = Field(None, ge=1)  # torch CPU threads; None: $OMP_NUM_THREADS, else torch's default
     workers: int | None = Field(None, ge=0)  # DataLoader worker processes; None: from the core count
+    forward: Literal["auto", "torch", "onnxruntime"] = "auto"  # frozen nets' forward (features, the atlas); auto: onnxruntime where measured faster
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -146,6 +147,7 @@ class Runtime:
             "amp": self.config.amp,
             "threads": torch.get_num_threads(),
             "workers": self.workers,
+            "forward": self.config.forward,
             "torch": torch.__version__,
         }
 

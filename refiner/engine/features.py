@@ -30,12 +30,13 @@ from refiner.data.samples import fingerprint
 from refiner.data.tasks import TaskData
 from refiner.engine import distributed as dist
 from refiner.engine.device import Runtime
+from refiner.engine.ortforward import trunk_forward
 from refiner.errors import ConfigError, DataError
 from refiner.models.checkpoints import Classifier
 from refiner.models.layers import split_model
 from refiner.progress import bar
 
-__all__ = ["Batches", "FeatureSet", "default_cache_dir", "cached_features", "classifier_features", "batch_features", "check_in_order", "paired", "features_cached", "inference_trunk", "images_of", "iter_batches"]
+__all__ = ["Batches", "FeatureSet", "default_cache_dir", "exports_dir", "cached_features", "classifier_features", "batch_features", "check_in_order", "paired", "features_cached", "inference_trunk", "images_of", "iter_batches"]
 
 
 @dataclass
@@ -53,6 +54,11 @@ def default_cache_dir() -> Path:
     """$REFINER_CACHE, else ~/.cache/refiner/features."""
     env = os.environ.get("REFINER_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "refiner" / "features"
+
+
+def exports_dir(cache_dir: Path | None) -> Path:
+    """Where the onnxruntime exports of trunks and captured graphs are kept in a feature cache (one per graph, not per split)."""
+    return (Path(cache_dir) if cache_dir else default_cache_dir()) / "onnx"
 
 
 def _key(parts: dict[str, object]) -> str:
@@ -160,15 +166,19 @@ def paired(batches: Batches, batches_b: Batches | None, what: str = "data") -> I
 @torch.no_grad()
 def batch_features(
     sides: tuple[tuple[Classifier, str], tuple[Classifier, str]], batches: Batches, batches_b: Batches | None = None, *,
-    runtime: Runtime, desc: str = "features",
+    runtime: Runtime, desc: str = "features", cache_dir: Path | None = None,
 ) -> tuple[FeatureSet, FeatureSet]:  # fmt: skip
     """Both nets' features at their layers over one pass of the caller's batches (x or (x, y, ...)); labels -1 when absent.
 
     One pass pairs A's and B's features by image even when a loader shuffles; with B's own
     batches (`batches_b`), both loaders must keep their order. Nothing is cached: the batches
-    carry no identity to key a cache by.
+    carry no identity to key a cache by (the onnxruntime exports of the trunks, keyed by their weights, are kept
+    under `cache_dir`).
     """
     trunks = [inference_trunk(split_model(clf.model, layer, clf.meta.preprocess.input_size)[0], runtime) for clf, layer in sides]
+    runs: list = [None, None]
+    exports = exports_dir(cache_dir)
+    batches_n = len(batches) if hasattr(batches, "__len__") else None
     feats: tuple[list, list] = ([], [])
     labels = []
     for n, pair in enumerate(bar(paired(batches, batches_b), desc=desc, unit="batch", leave=False), 1):
@@ -179,12 +189,14 @@ def batch_features(
         if (y >= 0).all() and (y_b >= 0).all() and not np.array_equal(y, y_b):
             raise DataError(f"batch {n}: the labels of data and data_b differ, so they are not the same images; B's batches must be A's images, in order")
         labels.append(y)
-        for trunk, x, out in zip(trunks, xs, feats):
+        for side, (trunk, x, out) in enumerate(zip(trunks, xs, feats)):
             (x,) = runtime.to(x)
             if x.dim() == 4 and runtime.device.type != "mps":
                 x = x.contiguous(memory_format=torch.channels_last)
+            if runs[side] is None:
+                runs[side] = trunk_forward(trunk, x, runtime, exports, f"{'AB'[side]}'s trunk ({desc})", batches_n)
             with runtime.autocast():
-                out.append(trunk(x).float().cpu().numpy())
+                out.append(runs[side](x).float().cpu().numpy())
     if not labels:
         raise DataError(f"cannot extract features of {desc}: the data gave no batches")
     y = np.concatenate(labels)
@@ -251,15 +263,16 @@ def _extract(
         Subset(dataset, rows), batch_size=batch_size, num_workers=runtime.workers, pin_memory=runtime.pin_memory,
         persistent_workers=False,
     )  # fmt: skip
-    feats = labels = None
+    feats = labels = run = None
     start = rows.start
     try:
         for x, y in loader if progress is not None else bar(loader, desc=desc, unit="batch", leave=False):
             (x,) = runtime.to(x)
             if x.dim() == 4 and runtime.device.type != "mps":
                 x = x.contiguous(memory_format=torch.channels_last)
+            run = run if run is not None else trunk_forward(trunk, x, runtime, exports_dir(out.parent), desc, len(loader))  # out: a folder in the cache
             with runtime.autocast():
-                f = trunk(x)
+                f = run(x)
             f = f.float().contiguous().cpu().numpy()
             if feats is None:
                 feats, labels = _open(out, len(dataset), f.shape[1:], dtype, create)

@@ -1,7 +1,7 @@
-"""Captured layers through onnxruntime, where that is faster: the captured graph (`capture_model`) exported once to
-ONNX with every captured layer an output, cached by its weights, layers and input size, checked against torch on
-the first batch, and timed against torch on it when the choice is "auto". Any failure falls back to torch with
-one line saying why."""
+"""Frozen forward passes through onnxruntime, where that is faster: the atlas's captured graph (`capture_model`, every
+captured layer an output) or a trunk cut at a layer (feature extraction) exported once to ONNX, cached by its graph,
+weights, layers and input size, checked against torch on the first batch, and timed against torch on it when the
+choice is "auto" (`RuntimeConfig.forward`). Any failure falls back to torch with one line saying why."""
 
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ import hashlib
 import io
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
-from refiner.progress import note
+from refiner.engine.device import Runtime
+from refiner.progress import LOGGER, note
 
-__all__ = ["Forward", "OrtForward", "choose_forward", "RTOL", "EXPORT_WORTH_S"]
+__all__ = ["OrtForward", "choose_forward", "trunk_forward", "RTOL", "EXPORT_WORTH_S"]
 
-Forward = Literal["auto", "torch", "onnxruntime"]
 RTOL = 1e-3  # largest |onnxruntime - torch| of a layer, relative to that layer's largest |value| (fp32 kernels differ ~1e-6)
 
 
@@ -55,8 +55,21 @@ class _Outputs(nn.Module):
         return tuple(out[name] for name in self.layers)
 
 
+class _Named(nn.Module):
+    """A trunk's single output as {name: output}, the captured graph's form."""
+
+    def __init__(self, trunk: nn.Module, name: str) -> None:
+        super().__init__()
+        self.trunk, self.name = trunk, name
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return {self.name: self.trunk(x)}
+
+
 def _key(captured: nn.Module, layers: list[str], size: tuple[int, ...]) -> str:
-    digest = hashlib.sha256(repr((layers, size, torch.__version__)).encode())
+    """The graph (modules and traced code: two cuts of one net share their weights), the weights, layers, size, torch."""
+    code = [m.code for m in captured.modules() if isinstance(m, fx.GraphModule)]
+    digest = hashlib.sha256(repr((layers, size, torch.__version__, str(captured), code)).encode())
     for name, value in captured.state_dict().items():
         digest.update(name.encode())
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())
@@ -89,27 +102,44 @@ EXPORT_WORTH_S = 30.0  # "auto" exports only for a pass projected longer than th
 
 @torch.no_grad()
 def choose_forward(
-    captured: nn.Module, layers: list[str], first: Tensor, device: torch.device, mode: Forward, cache_dir: Path, who: str,
-    threads: int, batches: int | None = None,
+    captured: nn.Module, layers: list[str], first: Tensor, runtime: Runtime, cache_dir: Path, who: str, batches: int | None = None,
+    say_short: bool = True,
 ):  # fmt: skip
-    """The forward to use for `captured` ({layer: output} of a batch): torch's, or onnxruntime's when asked for or
-    ("auto") faster on `first`; the choice, the difference and the timings said in one line. "auto" keeps torch for a
-    pass of `batches` projected under EXPORT_WORTH_S when no export is cached (exporting would cost more than it saves)."""
+    """The forward to use for `captured` ({layer: output} of a batch): torch's, or onnxruntime's when asked for
+    (`runtime.config.forward`) or ("auto") faster on `first`; the choice, the difference and the timings said in one
+    line. "auto" keeps torch for a pass of `batches` projected under EXPORT_WORTH_S when no export is cached
+    (exporting would cost more than it saves), saying so unless `say_short` is False (then only in the debug log)."""
+    mode, device, threads = runtime.config.forward, runtime.device, torch.get_num_threads()
     if mode == "torch":
         return captured
     if device.type != "cpu":
         note(f"forward of {who}: torch on {device} (onnxruntime's CUDA provider is not measured against torch here)")
         return captured
-    sample = first[:SAMPLE].float().cpu()  # checked on a few images; "auto" times whole batches (speed depends on the batch)
-    want = captured(sample.contiguous(memory_format=torch.channels_last))  # the reference, and torch's warm-up
-    whole = first.float().cpu().contiguous(memory_format=torch.channels_last)
+    if runtime.amp_dtype is not None:
+        note(f"forward of {who}: torch (--amp {runtime.config.amp} asked for; the onnxruntime export computes in float32)")
+        return captured
+    sample, whole = _layout(first[:SAMPLE]), _layout(first)  # checked on a few images; "auto" times whole batches (speed depends on the batch)
+    t0 = time.perf_counter()
+    want = captured(sample)  # the reference, and torch's warm-up (a lazy trunk is built by it)
+    guess = time.perf_counter() - t0  # cold: an overestimate
+    path = _path(captured, layers, first, cache_dir)
+    for again in (False, True):  # "auto": a first guess from the few images (cold, then warm) ends a short pass here
+        if mode != "auto" or path.exists() or batches is None:
+            break
+        if again:
+            t0 = time.perf_counter()
+            captured(sample)
+            guess = time.perf_counter() - t0
+        projected = guess * len(first) / len(sample) * batches
+        if projected < EXPORT_WORTH_S / 2:
+            (note if say_short else LOGGER.debug)(f"forward of {who}: torch (a pass of about {projected:.0f} s: exporting for onnxruntime would cost more than it saves)")
+            return captured
     t0 = time.perf_counter()
     if mode == "auto":
         captured(whole)
     torch_s = time.perf_counter() - t0  # per batch
-    path = _path(captured, layers, first, cache_dir)
-    if mode == "auto" and not path.exists() and batches is not None and torch_s * batches < EXPORT_WORTH_S:  # (torch_s: a whole batch)
-        note(f"forward of {who}: torch (a pass of about {torch_s * batches:.0f} s: exporting for onnxruntime would cost more than it saves)")
+    if mode == "auto" and not path.exists() and batches is not None and torch_s * batches < EXPORT_WORTH_S:
+        (note if say_short else LOGGER.debug)(f"forward of {who}: torch (a pass of about {torch_s * batches:.0f} s: exporting for onnxruntime would cost more than it saves)")
         return captured
     try:
         _export(captured, layers, first, path)
@@ -140,3 +170,17 @@ def choose_forward(
         return captured
     note(f"forward of {who}: onnxruntime (about {ort_s:.2f} s a batch against torch's {torch_s:.2f} s; within {worst:.1g} of torch)")
     return ort
+
+
+def _layout(x: Tensor) -> Tensor:
+    """Float32 on the CPU, channels_last for an image batch (the layout torch's folded trunks run fastest in)."""
+    x = x.float().cpu()
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x.contiguous()
+
+
+def trunk_forward(trunk: nn.Module, first: Tensor, runtime: Runtime, cache_dir: Path, who: str, batches: int | None = None) -> Callable[[Tensor], Tensor]:
+    """`trunk` (one output: the features at its cut), or its onnxruntime forward where choose_forward picks it; the
+    usual choice, torch for a short pass, is not said."""
+    named = _Named(trunk, "features")
+    chosen = choose_forward(named, ["features"], first, runtime, cache_dir, who, batches, say_short=False)  # (a line per split would be noise)
+    return trunk if chosen is named else lambda x: chosen(x)["features"]

@@ -17,7 +17,7 @@ from torch import Tensor
 from refiner.layermap.stream import LayerInfo, capture_model, choose_layers, paired_batches, probe_layers, stream_cka
 from refiner.data.tasks import TaskData
 from refiner.engine.comparison import CompareConfig, Sources, compare, default_layer
-from refiner.engine.features import Batches, default_cache_dir, images_of
+from refiner.engine.features import Batches, exports_dir, images_of
 from refiner.engine.ortforward import choose_forward
 from refiner.engine.device import Runtime, RuntimeConfig
 from refiner.engine.fitting import FitConfig
@@ -45,7 +45,6 @@ class AtlasConfig(BaseModel):
     seed: int = 0  # draws the image subset and g's initialisation
     positions: bool | Literal["auto"] = "auto"  # also refiner's (image, position) CKA for pairs with the same positions (auto: if cheap)
     consistency: Literal["none", "matched", "diagonal"] = "matched"  # which pairs get a fitted g
-    forward: Literal["auto", "torch", "onnxruntime"] = "auto"  # the CKA pass's forward (auto: onnxruntime where measured faster)
     g: IsomorphismConfig = Field(default_factory=IsomorphismConfig)
     fit: FitConfig = Field(default_factory=lambda: FitConfig(max_steps=2000))  # a bounded budget per pair
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
@@ -170,10 +169,9 @@ def run_atlas(
     else:
         net_a, net_b = capture_model(clf_a.model, names_a, runtime), capture_model(clf_b.model, names_b, runtime)
         batch, batches = len(first_a), _length(data)
-        onnx_cache = (cache_dir or default_cache_dir()) / "onnx"
-        threads = torch.get_num_threads()
-        net_a = choose_forward(net_a, names_a, first_a, runtime.device, config.forward, onnx_cache, "net A", threads, batches)
-        net_b = choose_forward(net_b, names_b, first_b, runtime.device, config.forward, onnx_cache, "net B", threads, batches)
+        onnx_cache = exports_dir(cache_dir)
+        net_a = choose_forward(net_a, names_a, first_a, runtime, onnx_cache, "net A", batches)
+        net_b = choose_forward(net_b, names_b, first_b, runtime, onnx_cache, "net B", batches)
         stage(estimate(infos_a, infos_b, config, _images(data, batch), batch))
         stage(f"CKA of {len(names_a)} x {len(names_b)} layers on {config.split} images")
         result = stream_cka(net_a, net_b, names_a, names_b, paired_batches(data, data_b), runtime, positions=config.positions, total=_length(data))
@@ -208,7 +206,7 @@ def run_key(
 ) -> str:  # fmt: skip
     """What decides the atlas's numbers: both nets' weights, the settings (not the device), the layers, and the data
     (its first batch and length, the task): a re-run with the same key measures the same thing, so it may resume."""
-    settings = config.model_dump(mode="json", exclude={"runtime", "forward"})  # the forward changes values within RTOL only
+    settings = config.model_dump(mode="json", exclude={"runtime"})  # the device and forward change values within float tolerance only
     parts = [_record(clf_a), _record(clf_b), settings, names_a, names_b, task, batches, consistency, list(first_a.shape), list(first_b.shape)]
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
     for x in (first_a, first_b):
