@@ -172,7 +172,7 @@ def batch_features(
 
     One pass pairs A's and B's features by image even when a loader shuffles; with B's own
     batches (`batches_b`), both loaders must keep their order. Nothing is cached: the batches
-    carry no identity to key a cache by (the onnxruntime exports of the trunks, keyed by their weights, are kept
+    carry no identity to key a cache by (the onnxruntime exports of the trunks, keyed by their graphs and weights, are kept
     under `cache_dir`).
     """
     trunks = [inference_trunk(split_model(clf.model, layer, clf.meta.preprocess.input_size)[0], runtime) for clf, layer in sides]

@@ -121,25 +121,23 @@ def choose_forward(
     sample, whole = _layout(first[:SAMPLE]), _layout(first)  # checked on a few images; "auto" times whole batches (speed depends on the batch)
     t0 = time.perf_counter()
     want = captured(sample)  # the reference, and torch's warm-up (a lazy trunk is built by it)
-    guess = time.perf_counter() - t0  # cold: an overestimate
+    per_batch = (time.perf_counter() - t0) * len(first) / len(sample)  # cold: an overestimate
     path = _path(captured, layers, first, cache_dir)
-    for again in (False, True):  # "auto": a first guess from the few images (cold, then warm) ends a short pass here
-        if mode != "auto" or path.exists() or batches is None:
-            break
-        if again:
-            t0 = time.perf_counter()
-            captured(sample)
-            guess = time.perf_counter() - t0
-        projected = guess * len(first) / len(sample) * batches
-        if projected < EXPORT_WORTH_S / 2:
-            (note if say_short else LOGGER.debug)(f"forward of {who}: torch (a pass of about {projected:.0f} s: exporting for onnxruntime would cost more than it saves)")
-            return captured
+    short = mode == "auto" and batches is not None and not path.exists()  # may the pass be too short to repay an export?
+    say = note if say_short else LOGGER.debug
+    if short and per_batch * batches >= EXPORT_WORTH_S / 2:  # the cold guess says long: the few images again, warm
+        t0 = time.perf_counter()
+        captured(sample)
+        per_batch = (time.perf_counter() - t0) * len(first) / len(sample)
+    if short and per_batch * batches < EXPORT_WORTH_S / 2:  # a first guess from the few images ends a short pass here
+        say(f"forward of {who}: torch (a pass of about {per_batch * batches:.0f} s: exporting for onnxruntime would cost more than it saves)")
+        return captured
     t0 = time.perf_counter()
     if mode == "auto":
         captured(whole)
     torch_s = time.perf_counter() - t0  # per batch
-    if mode == "auto" and not path.exists() and batches is not None and torch_s * batches < EXPORT_WORTH_S:
-        (note if say_short else LOGGER.debug)(f"forward of {who}: torch (a pass of about {torch_s * batches:.0f} s: exporting for onnxruntime would cost more than it saves)")
+    if short and torch_s * batches < EXPORT_WORTH_S:
+        say(f"forward of {who}: torch (a pass of about {torch_s * batches:.0f} s: exporting for onnxruntime would cost more than it saves)")
         return captured
     try:
         _export(captured, layers, first, path)
